@@ -1,0 +1,54 @@
+"""Exception types shared by every layer.
+
+They live at the bottom of the import graph so that the store, the ACME client and the
+CLI can all raise and catch the same classes without importing each other.
+"""
+
+from __future__ import annotations
+
+
+class AutocertError(Exception):
+    """Base class of every error autocert raises on purpose."""
+
+
+class InvalidName(AutocertError, ValueError):
+    """A host name or pattern a user gave cannot be used; the message says why in one line."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"{name!r}: {reason}")
+
+
+class ConfigError(AutocertError):
+    """A setting (option, environment variable, URL) is unusable."""
+
+
+class StoreError(AutocertError):
+    """The database could not be opened, migrated or written."""
+
+
+class AcmeError(AutocertError):
+    """The ACME server answered with a problem document or an unexpected response.
+
+    ``problem_type`` is the RFC 8555 problem URN (``urn:ietf:params:acme:error:...``) when the
+    server sent one, so that callers can record exactly what the CA said.
+    """
+
+    def __init__(self, detail: str, *, problem_type: str | None = None, status: int | None = None) -> None:
+        self.detail = detail
+        self.problem_type = problem_type
+        self.status = status
+        prefix = f"{problem_type}: " if problem_type else ""
+        super().__init__(f"{prefix}{detail}")
+
+
+class IssuanceError(AutocertError):
+    """Issuing a certificate for ``name`` failed; carries the ACME problem when there was one."""
+
+    def __init__(self, name: str, detail: str, *, problem_type: str | None = None) -> None:
+        self.name = name
+        self.detail = detail
+        self.problem_type = problem_type
+        prefix = f"{problem_type}: " if problem_type else ""
+        super().__init__(f"{name}: {prefix}{detail}")
