@@ -1,0 +1,182 @@
+"""Keys, CSRs, certificate parsing and the tls-alpn-01 challenge certificate.
+
+Everything that touches X.509 lives here so that the rest of the package handles opaque PEM/DER
+bytes plus a small :class:`CertificateInfo` summary, and never has to know `cryptography`'s API.
+This module sits at the bottom of the import graph: it imports only `cryptography` and stdlib.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+__all__ = [
+    "ACME_IDENTIFIER_OID",
+    "KEY_KINDS",
+    "CertificateInfo",
+    "generate_private_key",
+    "make_csr",
+    "parse_certificate_chain",
+    "tls_alpn_challenge_certificate",
+]
+
+#: id-pe-acmeIdentifier (RFC 8737 section 6.1).
+ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
+
+#: Key kinds accepted by :func:`generate_private_key`; ECDSA P-256 first because it is the default.
+KEY_KINDS = ("ec256", "rsa2048")
+
+# X.520 caps commonName at 64 characters; longer names can only live in the SAN.
+_CN_MAX = 64
+# The challenge certificate only has to survive one validation; a day covers clock skew.
+_CHALLENGE_VALIDITY = _dt.timedelta(days=1)
+_CLOCK_SKEW = _dt.timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What the rest of the package needs to know about a leaf certificate.
+
+    Plain values (no `cryptography` objects) so that it can be stored, compared and shown
+    without re-parsing.
+    """
+
+    serial: str
+    """Lower-case hex without colons or leading zeros, as CAs and ``openssl x509 -serial`` show it."""
+    issuer: str
+    """RFC 4514 string of the issuer DN."""
+    not_before: _dt.datetime
+    """Timezone-aware UTC."""
+    not_after: _dt.datetime
+    """Timezone-aware UTC."""
+    names: tuple[str, ...]
+    """DNS names from the subjectAltName extension, in certificate order."""
+
+
+def generate_private_key(kind: str = "ec256") -> bytes:
+    """A new private key as unencrypted PKCS#8 PEM.
+
+    PKCS#8 rather than the traditional formats so that one loader handles EC and RSA alike.
+    """
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    if kind == "ec256":
+        key = ec.generate_private_key(ec.SECP256R1())
+    elif kind == "rsa2048":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        raise ValueError(f"unknown key kind {kind!r}; expected one of {', '.join(KEY_KINDS)}")
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _load_signing_key(key_pem: bytes) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not an unencrypted PEM private key: {exc}") from exc
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        raise ValueError(f"unsupported private key type {type(key).__name__}; use ECDSA or RSA")
+    return key
+
+
+def _unique(names: Sequence[str]) -> list[str]:
+    # A repeated name would make the CA reject the order or the CSR; keep the first position.
+    return list(dict.fromkeys(names))
+
+
+def make_csr(key_pem: bytes, names: Sequence[str]) -> bytes:
+    """A DER CSR for ``names`` (already normalised A-labels), signed with ``key_pem``.
+
+    ACME ignores the subject, but the first name goes into the CN for tools that still look
+    there; it is left out when it is too long for a CN.
+    """
+    if isinstance(names, str):
+        raise TypeError("names must be a sequence of names, not a single string")
+    unique = _unique(names)
+    if not unique:
+        raise ValueError("a CSR needs at least one name")
+    key = _load_signing_key(key_pem)
+    subject = (
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, unique[0])])
+        if len(unique[0]) <= _CN_MAX
+        else x509.Name([])
+    )
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in unique]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def parse_certificate_chain(chain_pem: bytes) -> CertificateInfo:
+    """Describe the leaf (first certificate) of a PEM chain as the CA delivered it."""
+    try:
+        certs = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError as exc:
+        raise ValueError(f"not a PEM certificate chain: {exc}") from exc
+    if not certs:
+        raise ValueError("not a PEM certificate chain: no certificate found")
+    leaf = certs[0]
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = tuple(san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        names = ()
+    return CertificateInfo(
+        serial=format(leaf.serial_number, "x"),
+        issuer=leaf.issuer.rfc4514_string(),
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        names=names,
+    )
+
+
+def _der_octet_string(content: bytes) -> bytes:
+    # Short-form length is enough: the content is always a 32-byte digest.
+    if len(content) > 127:
+        raise ValueError("octet string too long for short-form DER length")
+    return bytes([0x04, len(content)]) + content
+
+
+def tls_alpn_challenge_certificate(name: str, key_authorization: str) -> tuple[bytes, bytes]:
+    """A self-signed certificate that answers tls-alpn-01 for ``name`` (RFC 8737).
+
+    Returns ``(cert_pem, key_pem)``. The validator checks that the only SAN is ``name`` and that
+    the critical acmeIdentifier extension holds SHA-256 of the key authorization; a fresh
+    P-256 key each time keeps it unrelated to any real certificate key.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
+    subject = (
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]) if len(name) <= _CN_MAX else x509.Name([])
+    )
+    now = _dt.datetime.now(_dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + _CHALLENGE_VALIDITY)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(
+            x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, _der_octet_string(digest)), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert_pem, key_pem
