@@ -1,0 +1,180 @@
+"""Database schema as SQLAlchemy 2 declarative models.
+
+These classes are the schema's single source of truth: Alembic migrations are checked against
+them in the tests, and :mod:`autocert.store` is the only module that queries them. Nothing
+outside the store sees a model instance; the store hands out frozen dataclasses instead, so
+that no caller can trigger lazy SQL from the event loop or hold a session open by accident.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "AccountRow",
+    "AllowedRow",
+    "AttemptRow",
+    "Base",
+    "CertificateRow",
+    "ChallengeRow",
+    "NAME_LENGTH",
+    "NameStateRow",
+    "UTCDateTime",
+    "utcnow",
+]
+
+# Deterministic constraint names let later migrations drop or alter constraints by name on
+# every backend (SQLite batch mode needs them to rebuild tables).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: A DNS name is at most 253 octets; 255 leaves room for a ``*.`` pattern prefix.
+NAME_LENGTH = 255
+URL_LENGTH = 1024
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime, the only kind the schema stores."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always an aware UTC datetime in Python, on every backend.
+
+    PostgreSQL keeps time zones (``timestamptz``); SQLite stores text and would hand back
+    naive datetimes, which then compare wrongly or raise against aware ones. Values are
+    stored as naive UTC text on SQLite so that string order equals time order in SQL, and
+    naive datetimes are refused on the way in because guessing their zone hides bugs.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime, got {type(value).__name__}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given: pass an aware UTC datetime")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base carrying the shared naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+class AccountRow(Base):
+    """One ACME account per directory URL; the key is the account's identity at the CA."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    directory: Mapped[str] = mapped_column(String(URL_LENGTH), unique=True)
+    key_pem: Mapped[bytes] = mapped_column(LargeBinary)
+    url: Mapped[str | None] = mapped_column(Text)
+    contact: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AllowedRow(Base):
+    """An allowlist entry: a normalised host name, or a ``*.base`` pattern."""
+
+    __tablename__ = "allowed"
+
+    entry: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    added_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CertificateRow(Base):
+    """An issued certificate; rows are never rewritten except to mark revocation.
+
+    Ids only grow (AUTOINCREMENT on SQLite, a sequence on PostgreSQL) so that running servers
+    can pick up certificates written by other processes by remembering the last id they saw.
+    """
+
+    __tablename__ = "certificates"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
+    names: Mapped[list[str]] = mapped_column(JSON)
+    key_pem: Mapped[bytes] = mapped_column(LargeBinary)
+    chain_pem: Mapped[bytes] = mapped_column(LargeBinary)
+    serial: Mapped[str] = mapped_column(String(128))
+    issuer: Mapped[str] = mapped_column(Text)
+    not_before: Mapped[datetime]
+    not_after: Mapped[datetime]
+    renew_at: Mapped[datetime]
+    directory: Mapped[str] = mapped_column(String(URL_LENGTH))
+    order_url: Mapped[str | None] = mapped_column(Text)
+    profile: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class AttemptRow(Base):
+    """One issuance attempt, kept as history for the status page and for rate budgets."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
+    directory: Mapped[str] = mapped_column(String(URL_LENGTH))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    result: Mapped[str] = mapped_column(String(16), default="running")
+    problem_type: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class NameStateRow(Base):
+    """Per-name scheduling state: backoff after failures, and the lease guarding orders.
+
+    The lease lives in the database rather than in a process so that two processes (or two
+    servers sharing PostgreSQL) never order the same name at once.
+    """
+
+    __tablename__ = "name_states"
+
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    lease_until: Mapped[datetime | None]
+
+
+class ChallengeRow(Base):
+    """A pending http-01 answer, shared so that any instance behind the name can serve it."""
+
+    __tablename__ = "challenges"
+
+    token: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    key_authorization: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
