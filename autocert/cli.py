@@ -1,0 +1,405 @@
+"""The ``autocert`` command line: parsing, output formatting and exit codes.
+
+Exit codes: 0 success, 1 an operation failed (e.g. issuance), 2 bad usage or bad input.
+Bad input is always detected before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+
+from ._version import __version__
+from .config import (
+    LETS_ENCRYPT_DIRECTORY,
+    check_ca_bundle,
+    default_db_url,
+    parse_bool_env,
+    parse_listen,
+    parse_positive_float,
+    parse_positive_int,
+)
+from .errors import AutocertError, ConfigError, InvalidName, IssuanceError
+from .manager import Manager
+from .names import normalize_entry, normalize_name
+from .status import isoformat, status_report
+from .server import ListenError, ServeOptions, TlsFront, check_admin_binding, http_app, listening_socket, serve, tls_app
+from .store import Store
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("autocert")
+
+
+class UsageError(AutocertError):
+    """Bad input from the user: reported in one line with exit code 2."""
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name) or default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Global options are accepted before or after the subcommand; SUPPRESS keeps a value
+    # given in one place from being reset by the other parser's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=argparse.SUPPRESS, help="database URL (env AUTOCERT_DB)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+
+    acme = argparse.ArgumentParser(add_help=False)
+    acme.add_argument("--directory", default=env("AUTOCERT_DIRECTORY", LETS_ENCRYPT_DIRECTORY), help="ACME directory URL")
+    acme.add_argument("--ca-bundle", default=env("AUTOCERT_CA_BUNDLE"), help="PEM trusted for the ACME server")
+    acme.add_argument("--email", default=env("AUTOCERT_EMAIL"), help="ACME account contact")
+    acme.add_argument("--agree-tos", action="store_true", default=parse_bool_env("AUTOCERT_AGREE_TOS"), help="accept the CA's terms")
+    acme.add_argument("--profile", default=env("AUTOCERT_PROFILE"), help="ACME certificate profile")
+    acme.add_argument("--http", default=env("AUTOCERT_HTTP", "0.0.0.0:80"), help="plain listener HOST:PORT or none")
+    acme.add_argument("--https", default=env("AUTOCERT_HTTPS", "0.0.0.0:443"), help="TLS listener HOST:PORT or none")
+
+    parser = argparse.ArgumentParser(prog="autocert", description="Automatic HTTPS: ACME certificates on demand, served by SNI.", parents=[common])
+    parser.add_argument("--version", action="version", version=f"autocert {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    db = commands.add_parser("db", help="database maintenance", parents=[common])
+    db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    db_commands.add_parser("upgrade", help="create or migrate the schema to the newest revision", parents=[common])
+
+    allow = commands.add_parser("allow", help="allow names or *.patterns", parents=[common])
+    allow.add_argument("names", nargs="+", metavar="NAME")
+    disallow = commands.add_parser("disallow", help="remove names or patterns", parents=[common])
+    disallow.add_argument("names", nargs="+", metavar="NAME")
+    commands.add_parser("list", help="show the allowlist", parents=[common])
+    status = commands.add_parser("status", help="issuance status of every known name", parents=[common])
+    status.add_argument("names", nargs="*", metavar="NAME")
+
+    issue = commands.add_parser("issue", help="order certificates now", parents=[common, acme])
+    issue.add_argument("names", nargs="+", metavar="NAME")
+    issue.add_argument("--wait", metavar="SECONDS", help="give up after SECONDS; exit 0 only if all are valid")
+
+    serve = commands.add_parser("serve", help="run the server", parents=[common, acme])
+    serve.add_argument("--admin", default=env("AUTOCERT_ADMIN", "127.0.0.1:8081"), help="admin listener HOST:PORT or none")
+    serve.add_argument("--admin-token", default=env("AUTOCERT_ADMIN_TOKEN"), help="bearer token for the admin listener")
+    serve.add_argument("--upstream", default=env("AUTOCERT_UPSTREAM"), help="reverse-proxy TLS requests to this URL")
+    serve.add_argument("--first-contact-wait", default=env("AUTOCERT_FIRST_CONTACT_WAIT", "10"), metavar="SECONDS")
+    serve.add_argument("--cache-size", default=env("AUTOCERT_CACHE_SIZE", "10000"), metavar="N")
+    serve.add_argument("--default-name", default=None, metavar="NAME", help="certificate for clients without SNI")
+    serve.add_argument("--hsts", action="store_true", help="add Strict-Transport-Security to proxied responses")
+    serve.add_argument("--log-format", choices=("text", "json"), default=env("AUTOCERT_LOG_FORMAT", "text"))
+    return parser
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def db_url(args: argparse.Namespace) -> str:
+    return getattr(args, "db", None) or env("AUTOCERT_DB") or default_db_url()
+
+
+def wants_json(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False))
+
+
+def emit_json(payload: Any) -> None:
+    print(json.dumps(payload, indent=2))
+
+
+def normalise_all(raw_names: Sequence[str], *, patterns: bool) -> list[str]:
+    """Normalise every name before anything is written, so one bad name writes nothing."""
+    normaliser = normalize_entry if patterns else normalize_name
+    result: list[str] = []
+    for raw in raw_names:
+        name = normaliser(raw)
+        if name not in result:
+            result.append(name)
+    return result
+
+
+@contextlib.asynccontextmanager
+async def open_store(args: argparse.Namespace) -> AsyncIterator[Store]:
+    store = await Store.open(db_url(args))
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def print_table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) if rows else len(headers[i]) for i in range(len(headers))]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+async def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    store = await Store.open(db_url(args), migrate=False)
+    try:
+        revision = await store.upgrade()
+    finally:
+        await store.close()
+    print(f"database is at revision {revision}")
+    return EXIT_OK
+
+
+async def cmd_allow(args: argparse.Namespace) -> int:
+    entries = normalise_all(args.names, patterns=True)
+    async with open_store(args) as store:
+        added = await store.allow(entries)
+    if wants_json(args):
+        emit_json({"allowed": entries, "added": added})
+    else:
+        for entry in entries:
+            print(f"allowed {entry}" + ("" if entry in added else " (already allowed)"))
+    return EXIT_OK
+
+
+async def cmd_disallow(args: argparse.Namespace) -> int:
+    entries = normalise_all(args.names, patterns=True)
+    async with open_store(args) as store:
+        removed = await store.disallow(entries)
+    if wants_json(args):
+        emit_json({"disallowed": entries, "removed": removed})
+    else:
+        for entry in entries:
+            print(f"disallowed {entry}" + ("" if entry in removed else " (was not allowed)"))
+    return EXIT_OK
+
+
+async def cmd_list(args: argparse.Namespace) -> int:
+    async with open_store(args) as store:
+        entries = await store.allowed()
+    if wants_json(args):
+        emit_json({"allowed": [{"name": e.entry, "added_at": isoformat(e.added_at)} for e in entries]})
+    else:
+        print_table([[e.entry, isoformat(e.added_at) or ""] for e in entries], ["NAME", "ADDED"])
+    return EXIT_OK
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    names = normalise_all(args.names, patterns=False) if args.names else None
+    directory = env("AUTOCERT_DIRECTORY", LETS_ENCRYPT_DIRECTORY) or LETS_ENCRYPT_DIRECTORY
+    async with open_store(args) as store:
+        report = await status_report(store, directory=directory, names=names)
+    if wants_json(args):
+        emit_json({"certificates": report})
+        return EXIT_OK
+    print_status(report)
+    return EXIT_OK
+
+
+def print_status(report: list[dict[str, Any]]) -> None:
+    rows = [
+        [
+            item["name"],
+            item["state"],
+            (item["not_after"] or "-"),
+            (item["renew_at"] or "-"),
+            str(item["attempts"]),
+            (item["next_attempt_at"] or "-"),
+            (item["last_error"] or "-"),
+        ]
+        for item in report
+    ]
+    print_table(rows, ["NAME", "STATE", "NOT AFTER", "RENEW AT", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"])
+
+
+def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str], **extra: Any) -> Manager:
+    return Manager(
+        db=db_url(args),
+        directory=args.directory,
+        email=args.email,
+        agree_tos=args.agree_tos,
+        ca_bundle=check_ca_bundle(args.ca_bundle),
+        profile=args.profile,
+        challenge_types=challenge_types,
+        **extra,
+    )
+
+
+async def cmd_issue(args: argparse.Namespace) -> int:
+    names = normalise_all(args.names, patterns=False)
+    wait = parse_positive_float(args.wait, option="--wait") if args.wait is not None else None
+    options = listener_options(args)
+    manager = manager_from_args(args, challenge_types=challenge_types_for(options))
+    async with manager:
+        not_allowed = [name for name in names if not manager.is_allowed(name)]
+        if not_allowed:
+            raise UsageError(f"{not_allowed[0]}: not allowed; run `autocert allow {not_allowed[0]}` first")
+        async with challenge_listeners(manager, options):
+            try:
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(manager.issue(name) for name in names), return_exceptions=True), timeout=wait
+                )
+            except asyncio.TimeoutError:
+                results = [IssuanceError(name, f"not finished within {args.wait} s") for name in names]
+        report = await manager.status(names)
+    failures = {name: result for name, result in zip(names, results) if isinstance(result, BaseException)}
+    if wants_json(args):
+        emit_json({"certificates": report})
+    else:
+        for item in report:
+            if item["name"] in failures:
+                print(f"{item['name']}: failed: {failures[item['name']]}")
+            else:
+                print(f"{item['name']}: valid, serial {item['serial']}, until {item['not_after']}")
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def listener_options(args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(
+        https=parse_listen(args.https, option="--https"),
+        http=parse_listen(args.http, option="--http"),
+        admin=parse_listen(args.admin, option="--admin") if hasattr(args, "admin") else None,
+    )
+
+
+def challenge_types_for(options: ServeOptions) -> list[str]:
+    """http-01 whenever the http listener is on; tls-alpn-01 on the https listener otherwise."""
+    if options.http is not None:
+        return ["http-01"]
+    if options.https is not None:
+        return ["tls-alpn-01"]
+    raise ConfigError("--http none and --https none: no listener could answer ACME challenges")
+
+
+@contextlib.asynccontextmanager
+async def challenge_listeners(manager: Manager, options: ServeOptions) -> AsyncIterator[None]:
+    """Answer challenges while the CLI orders; defer to a running ``serve`` holding the port."""
+    listen = options.http if options.http is not None else options.https
+    assert listen is not None
+    try:
+        sock = listening_socket(listen)
+    except ListenError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        log.warning("%s is in use; assuming a running `autocert serve` on this database answers challenges", listen)
+        yield
+        return
+    if options.http is not None:
+        runner = web.AppRunner(http_app(manager, options), access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        try:
+            yield
+        finally:
+            await runner.cleanup()
+    else:
+        runner = web.AppRunner(tls_app(options), access_log=None)
+        await runner.setup()
+        assert runner.server is not None
+        front = TlsFront(manager, runner.server, options)
+        accepting = asyncio.get_running_loop().create_task(front.serve(sock))
+        try:
+            yield
+        finally:
+            accepting.cancel()
+            await asyncio.gather(accepting, return_exceptions=True)
+            sock.close()
+            await front.close()
+            await runner.cleanup()
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    options = listener_options(args)
+    options.admin_token = args.admin_token
+    options.upstream = args.upstream
+    options.first_contact_wait = parse_positive_float(args.first_contact_wait, option="--first-contact-wait")
+    options.hsts = args.hsts
+    check_admin_binding(options)
+    challenge_types = challenge_types_for(options)
+    if options.http is not None and options.https is not None:
+        challenge_types.append("tls-alpn-01")
+    cache_size = parse_positive_int(args.cache_size, option="--cache-size")
+    default_name = normalize_name(args.default_name) if args.default_name else None
+    manager = manager_from_args(args, challenge_types=challenge_types, cache_size=cache_size, default_name=default_name)
+    await serve(manager, options)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "allow": cmd_allow,
+    "disallow": cmd_disallow,
+    "list": cmd_list,
+    "status": cmd_status,
+    "issue": cmd_issue,
+    "serve": cmd_serve,
+}
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "log_format", "text"), logging.INFO if args.command == "serve" else logging.WARNING)
+    handler = cmd_db_upgrade if args.command == "db" else COMMANDS[args.command]
+    try:
+        return run_async(handler(args), use_uvloop=args.command == "serve")
+    except (InvalidName, ConfigError, UsageError) as exc:
+        print(f"autocert: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except IssuanceError as exc:
+        print(f"autocert: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except AutocertError as exc:
+        print(f"autocert: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_async(coroutine: Any, *, use_uvloop: bool) -> int:
+    """Run on uvloop where installed (the server's hot path is ~20% cheaper), else asyncio."""
+    if use_uvloop and os.environ.get("AUTOCERT_EVENT_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(coroutine)
+    return asyncio.run(coroutine)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            code = EXIT_OK
+        else:
+            raise
+    sys.exit(code)

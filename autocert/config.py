@@ -1,0 +1,88 @@
+"""Settings shared by the CLI, the server and embedders, with their defaults and parsing.
+
+Every option of the contract lives here once: its default, its environment variable and how
+its text is checked, so that ``serve``, ``issue`` and the ``Manager`` never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+LETS_ENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+def autocert_home() -> Path:
+    """Where the default SQLite database lives (``$AUTOCERT_HOME``, else XDG data home)."""
+    home = os.environ.get("AUTOCERT_HOME")
+    if home:
+        return Path(home).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "autocert"
+
+
+def default_db_url() -> str:
+    return f"sqlite:///{autocert_home() / 'autocert.db'}"
+
+
+@dataclass(frozen=True)
+class Listen:
+    """A ``HOST:PORT`` listener address; ``None`` stands for a disabled listener."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_listen(value: str, *, option: str) -> Listen | None:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) or ``none``."""
+    text = value.strip()
+    if text.lower() == "none":
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(f"{option} {value!r}: expected HOST:PORT or 'none'")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{option} {value!r}: port must be between 0 and 65535")
+    host = host.strip("[]") or "0.0.0.0"
+    return Listen(host, port)
+
+
+def parse_bool_env(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def parse_positive_float(value: str, *, option: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{option} {value!r}: expected a number of seconds") from None
+    if number < 0:
+        raise ConfigError(f"{option} {value!r}: must not be negative")
+    return number
+
+
+def parse_positive_int(value: str, *, option: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{option} {value!r}: expected a whole number") from None
+    if number < 1:
+        raise ConfigError(f"{option} {value!r}: must be at least 1")
+    return number
+
+
+def check_ca_bundle(path: str | None) -> str | None:
+    """A trust-anchor file must exist and be readable before any ACME request is attempted."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"--ca-bundle {path!r}: no such file")
+    return path

@@ -1,0 +1,275 @@
+"""``Manager``: the object an embedder holds. It owns the store, the context cache and the
+worker, and decides on every handshake what to serve.
+
+The handshake path (``_sni_callback``) never waits for I/O: it answers from memory (the
+allowlist snapshot and the context cache) and hands anything slower to a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from .config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
+from .errors import AutocertError, IssuanceError
+from .names import normalize_entry, normalize_name
+from .status import is_allowed, status_report
+from .store import Store, StoredCertificate
+from .tls import ContextCache, build_context, install_alert_flush_fix, new_server_context
+from .worker import ChallengeBook, Worker
+
+log = logging.getLogger(__name__)
+
+
+class Manager:
+    """Automatic certificates for the names in the allowlist, served through ``ssl_context()``.
+
+    Parameters:
+        db: SQLAlchemy URL of the database (``sqlite:///path`` or ``postgresql://...``);
+            defaults to ``autocert.db`` under ``$AUTOCERT_HOME``.
+        directory: ACME directory URL of the CA.
+        email: contact address for the ACME account.
+        agree_tos: accept the CA's terms of service (most CAs require it).
+        ca_bundle: PEM file trusted for the ACME server's own TLS (None: system store).
+        profile: ACME certificate profile, when the CA offers profiles.
+        cache_size: how many TLS contexts stay in memory; others are rebuilt on demand.
+        default_name: certificate for clients that send no SNI (else they get alert 112).
+        challenge_types: challenge types to answer, in order of preference.
+        poll_interval: how often (seconds) the allowlist and certificates written by other
+            processes are re-read, so ``allow``/``disallow``/``issue`` apply without a restart.
+        concurrency: orders running at once.
+    """
+
+    def __init__(
+        self,
+        db: str | None = None,
+        directory: str = LETS_ENCRYPT_DIRECTORY,
+        *,
+        email: str | None = None,
+        agree_tos: bool = False,
+        ca_bundle: str | None = None,
+        profile: str | None = None,
+        cache_size: int = 10_000,
+        default_name: str | None = None,
+        challenge_types: Sequence[str] = ("http-01",),
+        poll_interval: float = 1.0,
+        concurrency: int = 4,
+    ) -> None:
+        self.db_url = db or default_db_url()
+        self.directory = directory
+        self.email = email
+        self.agree_tos = agree_tos
+        self.ca_bundle = check_ca_bundle(ca_bundle)
+        self.profile = profile
+        self.default_name = normalize_name(default_name) if default_name else None
+        self.challenge_types = tuple(challenge_types)
+        self.poll_interval = poll_interval
+        self.concurrency = concurrency
+        self.cache = ContextCache(cache_size)
+        self._allowed: frozenset[str] = frozenset()
+        self._store: Store | None = None
+        self._worker: Worker | None = None
+        self._challenges: ChallengeBook | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lookups: dict[str, asyncio.Task[ssl.SSLContext | None]] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self._last_certificate_id = 0
+        self._started = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the database (migrating it if needed) and start watching for changes."""
+        if self._started:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._store = await Store.open(self.db_url)
+        self._challenges = ChallengeBook(self._store, self.challenge_types)
+        self._worker = Worker(
+            self._store,
+            directory=self.directory,
+            challenges=self._challenges,
+            email=self.email,
+            agree_tos=self.agree_tos,
+            ca_bundle=self.ca_bundle,
+            profile=self.profile,
+            concurrency=self.concurrency,
+            on_issued=self._install,
+        )
+        self._allowed = await self._store.allowed_entries()
+        self._last_certificate_id = await self._store.latest_certificate_id()
+        self._started = True
+        if self.default_name:
+            await self.context_for(self.default_name, wait=0)
+        self._watcher = self._loop.create_task(self._watch(), name="autocert-watch")
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        tasks = [t for t in [self._watcher, *self._lookups.values()] if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._worker is not None:
+            await self._worker.close()
+        if self._store is not None:
+            await self._store.close()
+        self._store = self._worker = None
+
+    async def __aenter__(self) -> Manager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise AutocertError("the manager is not started: await manager.start() first")
+        return self._store
+
+    @property
+    def worker(self) -> Worker:
+        if self._worker is None:
+            raise AutocertError("the manager is not started: await manager.start() first")
+        return self._worker
+
+    @property
+    def challenges(self) -> ChallengeBook:
+        if self._challenges is None:
+            raise AutocertError("the manager is not started: await manager.start() first")
+        return self._challenges
+
+    # -- allowlist and issuance ------------------------------------------------------------
+
+    def is_allowed(self, name: str) -> bool:
+        """Whether ``name`` (already normalised) may get a certificate, from memory."""
+        return is_allowed(name, self._allowed)
+
+    async def allow(self, *entries: str) -> list[str]:
+        normalised = [normalize_entry(entry) for entry in entries]
+        added = await self.store.allow(normalised)
+        await self._refresh_allowlist()
+        return added
+
+    async def disallow(self, *entries: str) -> list[str]:
+        normalised = [normalize_entry(entry) for entry in entries]
+        removed = await self.store.disallow(normalised)
+        await self._refresh_allowlist()
+        return removed
+
+    async def issue(self, name: str) -> StoredCertificate:
+        """Order a certificate for an allowed name now and wait for it."""
+        name = normalize_name(name)
+        if not self.is_allowed(name):
+            raise IssuanceError(name, "not allowed: add it with `autocert allow` first")
+        return await self.worker.issue(name)
+
+    async def status(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        return await status_report(self.store, directory=self.directory, names=names, in_flight=self.worker.in_flight)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server context that picks each connection's certificate by SNI.
+
+        Safe to call before ``start()``: until then every name is refused with alert 112.
+        """
+        install_alert_flush_fix()
+        context = new_server_context()
+        context.sni_callback = self._sni_callback
+        return context
+
+    def _sni_callback(self, ssl_object: Any, server_name: str | None, _context: ssl.SSLContext) -> int | None:
+        name = (server_name or self.default_name or "").rstrip(".").lower()
+        if not name or not self._started or not self.is_allowed(name):
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        context = self.cache.get(name)
+        if context is None:
+            self._lookup(name)
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        ssl_object.context = context
+        return None
+
+    async def context_for(self, name: str, *, wait: float = 0.0) -> ssl.SSLContext | None:
+        """The context for an allowed ``name``, loading it or issuing it if needed.
+
+        Waits at most ``wait`` seconds for a first issuance; issuance goes on after that.
+        """
+        if not self.is_allowed(name):
+            return None
+        context = self.cache.get(name)
+        if context is not None:
+            return context
+        lookup = self._lookup(name)
+        try:
+            return await asyncio.wait_for(asyncio.shield(lookup), timeout=wait or None)
+        except (asyncio.TimeoutError, AutocertError):
+            return None
+
+    def _lookup(self, name: str) -> asyncio.Task[ssl.SSLContext | None]:
+        task = self._lookups.get(name)
+        if task is None:
+            assert self._loop is not None
+            task = self._loop.create_task(self._load_or_issue(name), name=f"autocert-lookup-{name}")
+            self._lookups[name] = task
+            task.add_done_callback(lambda done, name=name: self._lookup_done(name, done))
+        return task
+
+    def _lookup_done(self, name: str, task: asyncio.Task[ssl.SSLContext | None]) -> None:
+        if self._lookups.get(name) is task:
+            del self._lookups[name]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not get a certificate for %s: %s", name, task.exception())
+
+    async def _load_or_issue(self, name: str) -> ssl.SSLContext | None:
+        now = datetime.now(timezone.utc)
+        certificate = await self.store.current_certificate(name)
+        if certificate is None or certificate.not_after <= now:
+            state = await self.store.name_state(name)
+            if state is not None and state.next_attempt_at is not None and state.next_attempt_at > now:
+                log.debug("%s failed recently; next attempt at %s", name, state.next_attempt_at)
+                return None
+            certificate = await self.worker.issue(name)
+        return await self._install(certificate)
+
+    async def _install(self, certificate: StoredCertificate) -> ssl.SSLContext | None:
+        """Hot-insert a certificate: the next handshake for its name gets it."""
+        if certificate.revoked_at is not None or not self.is_allowed(certificate.name):
+            return None
+        context = await asyncio.to_thread(build_context, certificate.chain_pem, certificate.key_pem)
+        self.cache.put(certificate.name, context)
+        self._last_certificate_id = max(self._last_certificate_id, certificate.id)
+        return context
+
+    # -- watching other processes ----------------------------------------------------------
+
+    async def _refresh_allowlist(self) -> None:
+        allowed = await self.store.allowed_entries()
+        if allowed != self._allowed:
+            self._allowed = allowed
+            for name in self.cache.names():
+                if not self.is_allowed(name):
+                    self.cache.discard(name)
+                    log.info("%s is no longer allowed; stopped serving it", name)
+
+    async def _watch(self) -> None:
+        """Pick up allowlist changes and certificates written by other processes."""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self._refresh_allowlist()
+                for certificate in await self.store.certificates_since(self._last_certificate_id):
+                    self._last_certificate_id = max(self._last_certificate_id, certificate.id)
+                    if certificate.name in self.cache:
+                        await self._install(certificate)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database may be briefly unavailable; keep serving
+                log.exception("could not refresh from the database; will retry")

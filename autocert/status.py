@@ -1,0 +1,81 @@
+"""The per-name status report behind ``autocert status --json`` and ``/status.json``.
+
+One function builds it for both, so the CLI and the admin listener can never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from .names import pattern_for
+from .store import Store
+
+STATES = ("pending", "issuing", "valid", "renewing", "failed", "expired", "disallowed")
+
+
+def isoformat(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def is_allowed(name: str, allowed_entries: Collection[str]) -> bool:
+    if name in allowed_entries:
+        return True
+    pattern = pattern_for(name)
+    return pattern is not None and pattern in allowed_entries
+
+
+async def status_report(
+    store: Store,
+    *,
+    directory: str,
+    names: Sequence[str] | None = None,
+    in_flight: Collection[str] = (),
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """STATUS objects (see the contract) for every known name, or for ``names``."""
+    now = now or datetime.now(timezone.utc)
+    allowed_entries = await store.allowed_entries()
+    report: list[dict[str, Any]] = []
+    for name in await store.status_names(names):
+        allowed = is_allowed(name, allowed_entries)
+        certificate = await store.current_certificate(name)
+        state_row = await store.name_state(name)
+        leased = (
+            state_row is not None
+            and state_row.lease_owner is not None
+            and state_row.lease_until is not None
+            and state_row.lease_until > now
+        )
+        ordering = leased or name in in_flight
+        if not allowed:
+            state = "disallowed"
+        elif certificate is not None and certificate.not_after <= now:
+            state = "renewing" if ordering else "expired"
+        elif certificate is not None:
+            state = "renewing" if ordering else "valid"
+        elif ordering:
+            state = "issuing"
+        elif state_row is not None and state_row.failures > 0:
+            state = "failed"
+        else:
+            state = "pending"
+        report.append(
+            {
+                "name": name,
+                "state": state,
+                "not_before": isoformat(certificate.not_before) if certificate else None,
+                "not_after": isoformat(certificate.not_after) if certificate else None,
+                "renew_at": isoformat(certificate.renew_at) if certificate else None,
+                "serial": certificate.serial if certificate else None,
+                "issuer": certificate.issuer if certificate else None,
+                "directory": certificate.directory if certificate else directory,
+                "attempts": await store.attempt_count(name),
+                "last_error": state_row.last_error if state_row else None,
+                "next_attempt_at": isoformat(state_row.next_attempt_at) if state_row else None,
+            }
+        )
+    return report

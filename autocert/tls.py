@@ -1,0 +1,265 @@
+"""TLS building blocks: per-host contexts built from memory, the LRU context cache, and the
+asyncio fix that lets a client actually receive the ``unrecognized_name`` alert.
+
+Nothing here touches the database or the network; the manager decides *what* to serve and
+this module only knows *how* to serve it cheaply.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import ssl
+from collections import OrderedDict
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+#: The fatal ``unrecognized_name`` alert record, as a server would send it in plaintext before
+#: any TLS state exists: content type alert (21), legacy version TLS 1.2, length 2, level fatal
+#: (2), description unrecognized_name (112).
+UNRECOGNIZED_NAME_ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70])
+
+DEFAULT_ALPN = ("http/1.1",)
+
+
+def new_server_context(alpn: Sequence[str] = DEFAULT_ALPN) -> ssl.SSLContext:
+    """A server context with our baseline policy (TLS 1.2+, no compression, ALPN)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    return context
+
+
+def build_context(chain_pem: bytes, key_pem: bytes, alpn: Sequence[str] = DEFAULT_ALPN) -> ssl.SSLContext:
+    """Build a server context for one certificate without writing the key to any file.
+
+    ``SSLContext.load_cert_chain`` only reads paths, so the key and chain go into an anonymous
+    in-memory file (``memfd_create``) that is read through ``/proc/self/fd``: nothing lands on
+    disk and no other user can open it.
+    """
+    context = new_server_context(alpn)
+    fd = os.memfd_create("autocert-context", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, key_pem.rstrip(b"\n") + b"\n" + chain_pem)
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+    return context
+
+
+class ContextCache:
+    """A bounded LRU map from host name to its live ``SSLContext``.
+
+    One context costs about 24 KiB and 0.65 ms to build, so holding every certificate of a
+    large deployment in memory is neither cheap nor needed: the least recently served names
+    are dropped and rebuilt from the database on their next handshake.
+    """
+
+    def __init__(self, max_size: int = 10_000) -> None:
+        if max_size < 1:
+            raise ValueError("the context cache needs room for at least one context")
+        self.max_size = max_size
+        self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, name: str) -> ssl.SSLContext | None:
+        context = self._contexts.get(name)
+        if context is None:
+            self.misses += 1
+            return None
+        self._contexts.move_to_end(name)
+        self.hits += 1
+        return context
+
+    def put(self, name: str, context: ssl.SSLContext) -> None:
+        self._contexts[name] = context
+        self._contexts.move_to_end(name)
+        while len(self._contexts) > self.max_size:
+            self._contexts.popitem(last=False)
+
+    def discard(self, name: str) -> None:
+        self._contexts.pop(name, None)
+
+    def names(self) -> list[str]:
+        return list(self._contexts)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._contexts
+
+    def __len__(self) -> int:
+        return len(self._contexts)
+
+
+def _handshake_flushes_alerts() -> bool:
+    """Whether this Python's asyncio already sends the alert OpenSSL writes on a failed handshake.
+
+    CPython's ``SSLProtocol._do_handshake`` closed the transport without writing the pending
+    outgoing TLS records (gh-98078), so clients saw a reset instead of ``unrecognized_name``.
+    The fixed version flushes in its error branch; we look for that rather than trusting
+    version numbers, which backports make unreliable.
+    """
+    from asyncio import sslproto
+
+    try:
+        source = inspect.getsource(sslproto.SSLProtocol._do_handshake)
+    except (OSError, TypeError):
+        return False
+    error_branch = source.split("except ssl.SSLError", 1)
+    return len(error_branch) == 2 and "_process_outgoing" in error_branch[1].split("except", 1)[0]
+
+
+_alert_fix_installed = False
+
+
+def install_alert_flush_fix() -> bool:
+    """Make asyncio deliver the fatal alert of a failed server handshake; returns True if patched.
+
+    Idempotent, and a no-op on a Python whose asyncio is already fixed. uvloop has its own
+    TLS implementation, which this cannot change; ``serve`` avoids the problem there by
+    rejecting unknown names before TLS starts.
+    """
+    global _alert_fix_installed
+    if _alert_fix_installed:
+        return True
+    if _handshake_flushes_alerts():
+        return False
+    from asyncio import sslproto
+
+    again_errors = sslproto.SSLAgainErrors
+
+    def _do_handshake(self: sslproto.SSLProtocol) -> None:
+        try:
+            self._sslobj.do_handshake()
+        except again_errors:
+            self._process_outgoing()
+        except ssl.SSLError as exc:
+            # Write the alert record OpenSSL produced before the transport is torn down.
+            self._process_outgoing()
+            self._on_handshake_complete(exc)
+        else:
+            self._on_handshake_complete(None)
+
+    sslproto.SSLProtocol._do_handshake = _do_handshake  # type: ignore[method-assign]
+    _alert_fix_installed = True
+    log.debug("installed the asyncio TLS alert flush fix")
+    return True
+
+
+class ClientHello:
+    """What the front needs from a ClientHello: the SNI host name and the offered ALPN list."""
+
+    __slots__ = ("server_name", "alpn")
+
+    def __init__(self, server_name: str | None, alpn: tuple[str, ...]) -> None:
+        self.server_name = server_name
+        self.alpn = alpn
+
+    def __repr__(self) -> str:
+        return f"ClientHello(server_name={self.server_name!r}, alpn={self.alpn!r})"
+
+
+class NotClientHello(ValueError):
+    """The bytes can never become a TLS ClientHello; the connection should be dropped."""
+
+
+#: Upper bound on the ClientHello we are willing to buffer (several records' worth).
+MAX_CLIENT_HELLO = 64 * 1024
+
+
+def parse_client_hello(data: bytes) -> ClientHello | None:
+    """Parse the TLS records at the start of a connection.
+
+    Returns None while more bytes are needed, raises ``NotClientHello`` for anything that
+    is not (the start of) a well-formed ClientHello. Handles a ClientHello split across
+    several handshake records. Never raises anything else, whatever the input.
+    """
+    handshake = bytearray()
+    offset = 0
+    needed: int | None = None
+    while needed is None or len(handshake) < needed:
+        if len(data) - offset < 5:
+            return None
+        content_type, major = data[offset], data[offset + 1]
+        length = int.from_bytes(data[offset + 3 : offset + 5], "big")
+        if content_type != 0x16 or major != 3:
+            raise NotClientHello("not a TLS handshake record")
+        if length == 0 or length > 16384 + 256:
+            raise NotClientHello("bad TLS record length")
+        if len(data) - offset - 5 < length:
+            return None
+        handshake += data[offset + 5 : offset + 5 + length]
+        offset += 5 + length
+        if needed is None and len(handshake) >= 4:
+            if handshake[0] != 0x01:
+                raise NotClientHello("first handshake message is not a ClientHello")
+            needed = 4 + int.from_bytes(handshake[1:4], "big")
+            if needed > MAX_CLIENT_HELLO:
+                raise NotClientHello("ClientHello too large")
+        if offset > MAX_CLIENT_HELLO:
+            raise NotClientHello("ClientHello too large")
+    try:
+        return _parse_hello_body(memoryview(bytes(handshake[4:needed])))
+    except (IndexError, ValueError) as exc:
+        raise NotClientHello(f"malformed ClientHello: {exc}") from None
+
+
+def _take(body: memoryview, position: int, length_bytes: int) -> tuple[memoryview, int]:
+    """A length-prefixed vector starting at ``position``; returns it and the next position."""
+    end = position + length_bytes
+    if end > len(body):
+        raise ValueError("truncated length")
+    length = int.from_bytes(body[position:end], "big")
+    if end + length > len(body):
+        raise ValueError("truncated vector")
+    return body[end : end + length], end + length
+
+
+def _parse_hello_body(body: memoryview) -> ClientHello:
+    position = 2 + 32  # legacy_version, random
+    _, position = _take(body, position, 1)  # legacy_session_id
+    _, position = _take(body, position, 2)  # cipher_suites
+    _, position = _take(body, position, 1)  # legacy_compression_methods
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
+    if position == len(body):
+        return ClientHello(None, ())
+    extensions, _ = _take(body, position, 2)
+    cursor = 0
+    while cursor < len(extensions):
+        if cursor + 2 > len(extensions):
+            raise ValueError("truncated extension")
+        extension_type = int.from_bytes(extensions[cursor : cursor + 2], "big")
+        data, cursor = _take(extensions, cursor + 2, 2)
+        if extension_type == 0:  # server_name
+            names, _ = _take(data, 0, 2)
+            inner = 0
+            while inner < len(names):
+                name_type = names[inner]
+                host, inner = _take(names, inner + 1, 2)
+                if name_type == 0:
+                    server_name = _decode_host(bytes(host))
+                    break
+        elif extension_type == 16:  # application_layer_protocol_negotiation
+            protocols, _ = _take(data, 0, 2)
+            inner = 0
+            found = []
+            while inner < len(protocols):
+                protocol, inner = _take(protocols, inner, 1)
+                found.append(bytes(protocol).decode("ascii", "replace"))
+            alpn = tuple(found)
+    return ClientHello(server_name, alpn)
+
+
+def _decode_host(raw: bytes) -> str | None:
+    """SNI host names are ASCII (A-labels); anything else cannot match an allowed name."""
+    try:
+        host = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    host = host.rstrip(".").lower()
+    return host or None

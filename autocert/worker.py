@@ -1,0 +1,253 @@
+"""The issuance worker: one order per name at a time, a concurrency limit, every attempt recorded.
+
+The first caller for a name starts the work and every later caller awaits the same task
+(Go's autocert certState pattern). Across processes the database lease does the same job:
+a second instance that finds the name leased waits for the holder's result instead of
+ordering again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta, timezone
+
+from .acme_client import AcmeClient, ChallengeResponder
+from .crypto import generate_private_key, tls_alpn_challenge_certificate
+from .errors import AcmeError, AutocertError, IssuanceError
+from .store import StoredCertificate, Store
+
+log = logging.getLogger(__name__)
+
+#: Waits before retrying a name whose last attempt failed, indexed by the number of
+#: consecutive failures (the last entry repeats). Grows quickly so a dead name never burns
+#: the CA's failed-validation limit (Let's Encrypt: 5 per name per hour).
+RETRY_DELAYS = (
+    timedelta(minutes=1),
+    timedelta(minutes=2),
+    timedelta(minutes=5),
+    timedelta(minutes=10),
+    timedelta(minutes=30),
+    timedelta(hours=1),
+    timedelta(hours=3),
+    timedelta(hours=6),
+)
+
+#: How long an order may hold its lease before another process may take the name over.
+LEASE_SECONDS = 300.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def retry_delay(failures: int) -> timedelta:
+    """The wait after ``failures`` consecutive failed attempts."""
+    if failures <= 0:
+        return timedelta(0)
+    return RETRY_DELAYS[min(failures, len(RETRY_DELAYS)) - 1]
+
+
+def renewal_time(not_before: datetime, not_after: datetime) -> datetime:
+    """When to renew: a third of the lifetime before expiry, half for lifetimes under 10 days."""
+    lifetime = not_after - not_before
+    remaining = lifetime / 2 if lifetime < timedelta(days=10) else lifetime / 3
+    return not_after - remaining
+
+
+def new_owner_id() -> str:
+    """Identifies this process in leases, so an operator can tell who holds a name."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class ChallengeBook:
+    """Challenge answers for the current orders, reachable by every listener.
+
+    http-01 tokens go to the database so any instance sharing it (or a ``serve`` already
+    holding port 80 while the CLI orders) can answer; tls-alpn-01 certificates stay in this
+    process, which owns the TLS listener that the CA connects to.
+    """
+
+    def __init__(self, store: Store, challenge_types: Sequence[str]) -> None:
+        self._store = store
+        self.challenge_types: Sequence[str] = tuple(challenge_types)
+        self.tls_alpn: dict[str, tuple[bytes, bytes]] = {}
+
+    async def present(self, name: str, challenge_type: str, token: str, key_authorization: str) -> None:
+        if challenge_type == "http-01":
+            await self._store.put_challenge(token, name, key_authorization)
+        elif challenge_type == "tls-alpn-01":
+            self.tls_alpn[name] = await asyncio.to_thread(tls_alpn_challenge_certificate, name, key_authorization)
+        else:
+            raise AcmeError(f"challenge type {challenge_type} is not supported")
+
+    async def cleanup(self, name: str, challenge_type: str, token: str) -> None:
+        if challenge_type == "http-01":
+            await self._store.delete_challenge(token)
+        else:
+            self.tls_alpn.pop(name, None)
+
+
+class Worker:
+    """Orders certificates from one ACME directory and stores them."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        directory: str,
+        challenges: ChallengeBook,
+        email: str | None = None,
+        agree_tos: bool = False,
+        ca_bundle: str | None = None,
+        profile: str | None = None,
+        concurrency: int = 4,
+        on_issued: Callable[[StoredCertificate], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self._store = store
+        self.directory = directory
+        self._challenges = challenges
+        self._email = email
+        self._agree_tos = agree_tos
+        self._ca_bundle = ca_bundle
+        self._profile = profile
+        self._limit = asyncio.Semaphore(concurrency)
+        self._on_issued = on_issued
+        self.owner = new_owner_id()
+        self._in_flight: dict[str, asyncio.Task[StoredCertificate]] = {}
+        self._client: AcmeClient | None = None
+        self._client_lock = asyncio.Lock()
+
+    @property
+    def in_flight(self) -> frozenset[str]:
+        return frozenset(self._in_flight)
+
+    def request(self, name: str) -> asyncio.Task[StoredCertificate]:
+        """Start issuing ``name`` unless it is already under way; returns the shared task."""
+        task = self._in_flight.get(name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._issue_once(name), name=f"autocert-issue-{name}")
+            self._in_flight[name] = task
+            task.add_done_callback(lambda done, name=name: self._forget(name, done))
+        return task
+
+    async def issue(self, name: str) -> StoredCertificate:
+        """Issue ``name`` (or join the issuance already running) and return the stored certificate."""
+        return await asyncio.shield(self.request(name))
+
+    def _forget(self, name: str, task: asyncio.Task[StoredCertificate]) -> None:
+        if self._in_flight.get(name) is task:
+            del self._in_flight[name]
+        if not task.cancelled() and task.exception() is not None:
+            # Retrieved here so an unawaited background failure is not reported as lost.
+            log.debug("issuance task for %s ended with %r", name, task.exception())
+
+    async def close(self) -> None:
+        tasks = list(self._in_flight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def _acme(self) -> AcmeClient:
+        """The account-bound client, created once; the account key is stored before first use."""
+        async with self._client_lock:
+            if self._client is not None:
+                return self._client
+            account = await self._store.get_account(self.directory)
+            if account is None:
+                key_pem = await asyncio.to_thread(generate_private_key)
+                account = await self._store.save_account(self.directory, key_pem, None, self._email)
+            client = AcmeClient(self.directory, account.key_pem, ca_bundle=self._ca_bundle, account_url=account.url)
+            try:
+                if account.url is None:
+                    url = await client.register(self._email, self._agree_tos)
+                    await self._store.save_account(self.directory, account.key_pem, url, self._email)
+            except BaseException:
+                await client.close()
+                raise
+            self._client = client
+            return client
+
+    async def _issue_once(self, name: str) -> StoredCertificate:
+        async with self._limit:
+            if not await self._store.try_lease(name, self.owner, LEASE_SECONDS):
+                return await self._await_other_owner(name)
+            try:
+                return await self._order(name)
+            finally:
+                await self._store.release_lease(name, self.owner)
+
+    async def _order(self, name: str) -> StoredCertificate:
+        attempt_id = await self._store.start_attempt(name, self.directory)
+        started = asyncio.get_running_loop().time()
+        log.info("issuing %s from %s", name, self.directory)
+        try:
+            client = await self._acme()
+            key_pem = await asyncio.to_thread(generate_private_key)
+            issued = await client.issue([name], key_pem, self._challenges, profile=self._profile)
+        except (AutocertError, OSError, asyncio.TimeoutError) as exc:
+            await self._record_failure(name, attempt_id, exc)
+            raise self._as_issuance_error(name, exc) from exc
+        except asyncio.CancelledError:
+            await asyncio.shield(self._store.finish_attempt(attempt_id, "failed", None, "interrupted"))
+            raise
+        info = issued.info
+        certificate = await self._store.save_certificate(
+            name=name,
+            names=list(info.names) or [name],
+            key_pem=key_pem,
+            chain_pem=issued.chain_pem,
+            serial=info.serial,
+            issuer=info.issuer,
+            not_before=info.not_before,
+            not_after=info.not_after,
+            renew_at=renewal_time(info.not_before, info.not_after),
+            directory=self.directory,
+            order_url=issued.order_url,
+            profile=self._profile,
+        )
+        await self._store.finish_attempt(attempt_id, "valid")
+        elapsed = asyncio.get_running_loop().time() - started
+        log.info("issued %s serial %s valid until %s (%.0f ms)", name, info.serial, info.not_after.isoformat(), elapsed * 1000)
+        if self._on_issued is not None:
+            result = self._on_issued(certificate)
+            if result is not None:
+                await result
+        return certificate
+
+    @staticmethod
+    def _as_issuance_error(name: str, exc: BaseException) -> IssuanceError:
+        if isinstance(exc, AcmeError):
+            return IssuanceError(name, exc.detail, problem_type=exc.problem_type)
+        return IssuanceError(name, str(exc) or type(exc).__name__)
+
+    async def _record_failure(self, name: str, attempt_id: int, exc: BaseException) -> None:
+        error = self._as_issuance_error(name, exc)
+        await self._store.finish_attempt(attempt_id, "failed", error.problem_type, error.detail)
+        state = await self._store.name_state(name)
+        failures = state.failures if state is not None else 1
+        await self._store.set_next_attempt(name, utcnow() + retry_delay(failures))
+        log.warning("issuing %s failed: %s", name, error)
+
+    async def _await_other_owner(self, name: str) -> StoredCertificate:
+        """Another process holds the lease: wait for its outcome rather than ordering twice."""
+        log.info("%s is being ordered by another process; waiting for it", name)
+        delay = 0.05
+        while True:
+            state = await self._store.name_state(name)
+            if state is None or state.lease_owner is None or state.lease_until is None or state.lease_until <= utcnow():
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        certificate = await self._store.current_certificate(name)
+        if certificate is not None and certificate.not_after > utcnow():
+            return certificate
+        last_error = state.last_error if state is not None else None
+        raise IssuanceError(name, last_error or "the other process ended without a certificate")

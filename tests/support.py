@@ -1,0 +1,177 @@
+"""Helpers for end-to-end tests: run the real CLI and server as processes, make real TLS
+handshakes, and wait on conditions with generous bounds instead of sleeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from pebble import Pebble, free_port, wait_for
+
+__all__ = ["ServeProcess", "free_port", "run_cli", "handshake", "wait_for", "served_certificate", "openssl_s_client"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("AUTOCERT_DB", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args: str, db: str | None = None, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m autocert`` as a user would and capture its output."""
+    argv = [sys.executable, "-m", "autocert", *(["--db", db] if db else []), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=cli_env(env), cwd=REPO)
+
+
+def cli_json(*args: str, db: str) -> Any:
+    result = run_cli(*args, "--json", db=db)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def acme_args(pebble: Pebble) -> list[str]:
+    return ["--directory", pebble.directory_url, "--ca-bundle", pebble.ca_bundle, "--agree-tos", "--email", "ops@example.test"]
+
+
+class ServeProcess:
+    """``autocert serve`` in a child process, listening where Pebble validates challenges."""
+
+    def __init__(self, db: str, pebble: Pebble, workdir: Path, *, extra: Sequence[str] = (), env: dict[str, str] | None = None,
+                 https_port: int | None = None, http_port: int | None = None, admin_port: int | None = None) -> None:
+        self.db = db
+        self.https_port = https_port or pebble.tlsalpn01_port
+        self.http_port = http_port or pebble.http01_port
+        self.admin_port = admin_port or free_port()
+        self.argv = [
+            sys.executable, "-m", "autocert", "--db", db, "serve",
+            "--https", f"127.0.0.1:{self.https_port}",
+            "--http", f"127.0.0.1:{self.http_port}",
+            "--admin", f"127.0.0.1:{self.admin_port}",
+            *acme_args(pebble), *extra,
+        ]
+        self.env = cli_env(env)
+        self.workdir = workdir
+        self.stdout_path = workdir / f"serve-{id(self)}.out"
+        self.stderr_path = workdir / f"serve-{id(self)}.err"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, timeout: float = 60) -> ServeProcess:
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.process = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self.env, cwd=REPO, start_new_session=True)
+        wanted = sum(1 for flag in ("--https", "--http", "--admin") if self._enabled(flag))
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.output()}")
+            return self.stdout_path.read_text().count("listening on") >= wanted
+
+        wait_for(ready, timeout=timeout, what="autocert serve to listen")
+        return self
+
+    def _enabled(self, flag: str) -> bool:
+        index = max(i for i, arg in enumerate(self.argv) if arg == flag)
+        return self.argv[index + 1] != "none"
+
+    def output(self) -> str:
+        return f"--- stdout\n{self.stdout_path.read_text()}\n--- stderr\n{self.stderr_path.read_text()[-6000:]}"
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, *, timeout: float = 15) -> int:
+        """SIGTERM, then wait; kill only if it does not stop within ``timeout``."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            raise AssertionError(f"serve did not stop within {timeout} s after SIGTERM:\n{self.output()}")
+
+    def __enter__(self) -> ServeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def client_context(cafile: str | None, alpn: Sequence[str] | None = None) -> ssl.SSLContext:
+    if cafile is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(cafile=cafile)
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    return context
+
+
+def handshake(port: int, server_name: str | None, *, cafile: str | None = None, alpn: Sequence[str] | None = None,
+              timeout: float = 30) -> x509.Certificate:
+    """Make a real TLS handshake and return the certificate the server presented."""
+    context = client_context(cafile, alpn)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der)
+
+
+def served_certificate(port: int, server_name: str, cafile: str, *, timeout: float = 60) -> x509.Certificate:
+    """Retry handshakes until the server presents a certificate that verifies (bounded)."""
+    result: list[x509.Certificate] = []
+
+    def attempt() -> bool:
+        try:
+            result.append(handshake(port, server_name, cafile=cafile, timeout=10))
+            return True
+        except (ssl.SSLError, OSError):
+            return False
+
+    wait_for(attempt, timeout=timeout, what=f"a verified certificate for {server_name}", interval=0.1)
+    return result[-1]
+
+
+def openssl_s_client(port: int, server_name: str | None, *, extra: Sequence[str] = ()) -> str:
+    argv = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", *(["-servername", server_name] if server_name else ["-noservername"]), *extra]
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    return result.stdout + result.stderr
+
+
+def eventually(check: Callable[[], Any], *, timeout: float = 30, what: str = "condition") -> Any:
+    """Call ``check`` until it returns a truthy value, and return that value."""
+    box: list[Any] = []
+
+    def probe() -> bool:
+        value = check()
+        if value:
+            box.append(value)
+            return True
+        return False
+
+    wait_for(probe, timeout=timeout, what=what, interval=0.1)
+    return box[-1]
+
+
+def monotonic() -> float:
+    return time.monotonic()

@@ -1,0 +1,151 @@
+"""``autocert serve`` end to end against a real Pebble, with real TLS clients."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtensionOID
+
+from support import ServeProcess, cli_json, eventually, handshake, openssl_s_client, run_cli, served_certificate
+
+
+@pytest.fixture()
+def root_ca(pebble, tmp_path: Path) -> str:
+    path = tmp_path / "pebble-root.pem"
+    path.write_bytes(pebble.root_pem())
+    return str(path)
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'autocert.db'}"
+
+
+def sans(certificate: x509.Certificate) -> list[str]:
+    return certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value.get_values_for_type(x509.DNSName)
+
+
+def table_counts(db: str) -> dict[str, int]:
+    path = db.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as connection:
+        tables = [row[0] for row in connection.execute("select name from sqlite_master where type='table'")]
+        return {table: connection.execute(f"select count(*) from {table}").fetchone()[0] for table in tables}
+
+
+def test_issue_on_first_contact_serve_and_restart(pebble, root_ca: str, db: str, tmp_path: Path) -> None:
+    assert run_cli("allow", "shop.example.test", db=db).returncode == 0
+    server = ServeProcess(db, pebble, tmp_path).start()
+    try:
+        # The very first handshake waits for issuance and gets a certificate that verifies
+        # to Pebble's root for exactly this name.
+        first = handshake(server.https_port, "shop.example.test", cafile=root_ca, timeout=60)
+        assert sans(first) == ["shop.example.test"]
+
+        report = cli_json("status", db=db)["certificates"]
+        (entry,) = [item for item in report if item["name"] == "shop.example.test"]
+        assert entry["state"] == "valid"
+        assert entry["serial"] == format(first.serial_number, "x")
+        assert entry["attempts"] == 1 and entry["last_error"] is None
+        assert entry["directory"] == pebble.directory_url
+        for field in ("not_before", "not_after", "renew_at", "issuer"):
+            assert entry[field]
+
+        # The admin listener reports the same data.
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/status.json", timeout=10) as response:
+            import json
+
+            assert json.load(response)["certificates"] == report
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/healthz", timeout=10) as response:
+            assert response.status == 200
+
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 5, "SIGTERM should stop serve within a few seconds"
+    finally:
+        server.stop()
+
+    restarted = ServeProcess(db, pebble, tmp_path).start()
+    try:
+        again = handshake(restarted.https_port, "shop.example.test", cafile=root_ca, timeout=30)
+        assert again.serial_number == first.serial_number, "a restart must serve the stored certificate"
+        assert cli_json("status", db=db)["certificates"][0]["attempts"] == 1, "no re-issuance after restart"
+    finally:
+        restarted.stop()
+
+
+def test_unknown_name_gets_alert_112_and_leaves_no_trace(pebble, db: str, tmp_path: Path) -> None:
+    assert run_cli("allow", "known.example.test", db=db).returncode == 0
+    with ServeProcess(db, pebble, tmp_path) as server:
+        before = table_counts(db)
+        output = openssl_s_client(server.https_port, "unknown.example.test")
+        assert "alert number 112" in output, output
+        # No SNI at all: an alert too, not a silent close.
+        assert "alert number 112" in openssl_s_client(server.https_port, None), "no-SNI client must get alert 112"
+        with pytest.raises(Exception, match="UNRECOGNIZED_NAME"):
+            handshake(server.https_port, "unknown.example.test")
+        assert table_counts(db) == before, "an unknown name must not create any row"
+        report = cli_json("status", db=db)["certificates"]
+        assert [item["name"] for item in report] == ["known.example.test"]
+        assert report[0]["state"] == "pending"
+    assert "unknown.example.test" not in pebble.logs()
+
+
+def test_http_listener_redirects_and_answers_challenges(pebble, db: str, tmp_path: Path) -> None:
+    with ServeProcess(db, pebble, tmp_path) as server:
+        request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/some/path?q=1", headers={"Host": "www.example.test"})
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                return None
+
+        opener = urllib.request.build_opener(NoRedirect)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            opener.open(request, timeout=10)
+        assert caught.value.code == 308
+        assert caught.value.headers["Location"] == f"https://www.example.test:{server.https_port}/some/path?q=1"
+
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/.well-known/acme-challenge/nope", timeout=10)
+        assert missing.value.code == 404
+
+
+def test_issue_command_while_serve_runs_is_picked_up_without_restart(pebble, root_ca: str, db: str, tmp_path: Path) -> None:
+    """The CLI orders while serve holds the ports: serve answers the stored http-01 token and
+    the next handshake gets the new certificate."""
+    assert run_cli("allow", "cli.example.test", db=db).returncode == 0
+    with ServeProcess(db, pebble, tmp_path) as server:
+        result = run_cli("issue", "cli.example.test", "--wait", "60", "--http", f"127.0.0.1:{server.http_port}",
+                         "--directory", pebble.directory_url, "--ca-bundle", pebble.ca_bundle, "--agree-tos", db=db)
+        assert result.returncode == 0, result.stderr
+        serial = cli_json("status", "cli.example.test", db=db)["certificates"][0]["serial"]
+        certificate = served_certificate(server.https_port, "cli.example.test", root_ca)
+        assert format(certificate.serial_number, "x") == serial
+
+
+def test_sigint_stops_cleanly(pebble, db: str, tmp_path: Path) -> None:
+    server = ServeProcess(db, pebble, tmp_path).start()
+    server.signal(signal.SIGINT)
+    assert server.process is not None
+    assert server.process.wait(timeout=10) == 0
+    assert "Traceback" not in server.stderr_path.read_text()
+
+
+def test_disallow_stops_serving_without_restart(pebble, root_ca: str, db: str, tmp_path: Path) -> None:
+    assert run_cli("allow", "gone.example.test", db=db).returncode == 0
+    with ServeProcess(db, pebble, tmp_path) as server:
+        handshake(server.https_port, "gone.example.test", cafile=root_ca, timeout=60)
+        assert run_cli("disallow", "gone.example.test", db=db).returncode == 0
+
+        def refused() -> bool:
+            return "alert number 112" in openssl_s_client(server.https_port, "gone.example.test")
+
+        eventually(refused, timeout=5, what="the disallowed name to be refused")
+        state = cli_json("status", "gone.example.test", db=db)["certificates"][0]["state"]
+        assert state == "disallowed"
