@@ -22,6 +22,7 @@ __all__ = [
     "KEY_KINDS",
     "CertificateInfo",
     "generate_private_key",
+    "leaf_certificate_der",
     "make_csr",
     "parse_certificate_chain",
     "tls_alpn_challenge_certificate",
@@ -118,15 +119,19 @@ def make_csr(key_pem: bytes, names: Sequence[str]) -> bytes:
     return csr.public_bytes(serialization.Encoding.DER)
 
 
-def parse_certificate_chain(chain_pem: bytes) -> CertificateInfo:
-    """Describe the leaf (first certificate) of a PEM chain as the CA delivered it."""
+def _load_leaf(chain_pem: bytes) -> x509.Certificate:
     try:
         certs = x509.load_pem_x509_certificates(chain_pem)
     except ValueError as exc:
         raise ValueError(f"not a PEM certificate chain: {exc}") from exc
-    if not certs:
+    if not certs:  # pragma: no cover - cryptography raises on empty input, kept for safety
         raise ValueError("not a PEM certificate chain: no certificate found")
-    leaf = certs[0]
+    return certs[0]
+
+
+def parse_certificate_chain(chain_pem: bytes) -> CertificateInfo:
+    """Describe the leaf (first certificate) of a PEM chain as the CA delivered it."""
+    leaf = _load_leaf(chain_pem)
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = tuple(san.get_values_for_type(x509.DNSName))
@@ -139,6 +144,11 @@ def parse_certificate_chain(chain_pem: bytes) -> CertificateInfo:
         not_after=leaf.not_valid_after_utc,
         names=names,
     )
+
+
+def leaf_certificate_der(chain_pem: bytes) -> bytes:
+    """DER of the first certificate of a PEM chain: what ACME revocation requests carry."""
+    return _load_leaf(chain_pem).public_bytes(serialization.Encoding.DER)
 
 
 def _der_octet_string(content: bytes) -> bytes:

@@ -11,6 +11,7 @@ everything, so the validator always connects to loopback on ``http01_port``/``tl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -27,8 +28,9 @@ from types import TracebackType
 from typing import Any
 
 import trustme
+from aiohttp import web
 
-__all__ = ["Pebble", "PebbleError", "free_port", "wait_for"]
+__all__ = ["Http01Responder", "Pebble", "PebbleError", "TlsAlpn01Responder", "free_port", "wait_for"]
 
 PEBBLE = os.environ.get("PEBBLE_BIN", "pebble")
 CHALLTESTSRV = os.environ.get("PEBBLE_CHALLTESTSRV_BIN", "pebble-challtestsrv")
@@ -280,3 +282,129 @@ def _tail(path: Path) -> str:
     except OSError:
         return "(no output)"
     return data[-_TAIL_BYTES:].decode(errors="replace")
+
+
+# -- answering Pebble's validator -------------------------------------------------------------
+#
+# Minimal ChallengeResponder implementations that serve real sockets on the ports Pebble
+# validates against, so tests exercise the same path a deployment does.
+
+
+class Http01Responder:
+    """Serves ``/.well-known/acme-challenge/<token>`` on 127.0.0.1:``port`` (aiohttp)."""
+
+    challenge_types: tuple[str, ...] = ("http-01",)
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port
+        self.answers: dict[str, str] = {}
+        self.presented: list[tuple[str, str]] = []
+        self.cleaned: list[tuple[str, str]] = []
+        self.hits = 0
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> Http01Responder:
+        async def handle(request: web.Request) -> web.Response:
+            self.hits += 1
+            answer = self.answers.get(request.match_info["token"])
+            if answer is None:
+                raise web.HTTPNotFound()
+            return web.Response(text=answer)
+
+        app = web.Application()
+        app.router.add_get("/.well-known/acme-challenge/{token}", handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def answer_for(self, token: str, key_authorization: str) -> str:
+        """What to serve; override to serve something wrong."""
+        return key_authorization
+
+    async def present(self, name: str, challenge_type: str, token: str, key_authorization: str) -> None:
+        self.presented.append((name, token))
+        self.answers[token] = self.answer_for(token, key_authorization)
+
+    async def cleanup(self, name: str, challenge_type: str, token: str) -> None:
+        self.cleaned.append((name, token))
+        self.answers.pop(token, None)
+
+
+class TlsAlpn01Responder:
+    """Answers tls-alpn-01 on 127.0.0.1:``port``: ALPN ``acme-tls/1`` with a per-name challenge cert."""
+
+    challenge_types: tuple[str, ...] = ("tls-alpn-01",)
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port
+        self.contexts: dict[str, ssl.SSLContext] = {}
+        self.presented: list[tuple[str, str]] = []
+        self.cleaned: list[tuple[str, str]] = []
+        self.handshakes = 0
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._server: asyncio.Server | None = None
+
+    @staticmethod
+    def _context() -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols(["acme-tls/1"])
+        return ctx
+
+    async def __aenter__(self) -> TlsAlpn01Responder:
+        self._dir = tempfile.TemporaryDirectory(prefix="tls-alpn-")
+        base = self._context()
+
+        def pick(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
+            ctx = self.contexts.get(server_name or "")
+            if ctx is None:
+                return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            sslobj.context = ctx
+            return None
+
+        base.sni_callback = pick  # type: ignore[assignment]
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.handshakes += 1
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (OSError, ssl.SSLError):
+                pass
+
+        self._server = await asyncio.start_server(on_connect, self.host, self.port, ssl=base)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    async def present(self, name: str, challenge_type: str, token: str, key_authorization: str) -> None:
+        # Imported here so that the harness itself does not need the package importable.
+        from autocert.crypto import tls_alpn_challenge_certificate
+
+        assert self._dir is not None, "use the responder as an async context manager"
+        cert_pem, key_pem = tls_alpn_challenge_certificate(name, key_authorization)
+        path = Path(self._dir.name) / f"{name}.pem"
+        path.write_bytes(key_pem + cert_pem)
+        ctx = self._context()
+        ctx.load_cert_chain(path)
+        self.presented.append((name, token))
+        self.contexts[name] = ctx
+
+    async def cleanup(self, name: str, challenge_type: str, token: str) -> None:
+        self.cleaned.append((name, token))
+        self.contexts.pop(name, None)
