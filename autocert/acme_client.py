@@ -65,8 +65,11 @@ class ChallengeResponder(Protocol):
     afterwards, whatever the outcome.
     """
 
-    challenge_types: Sequence[str]
-    """Challenge types this responder can answer, in order of preference."""
+    # A read-only property so that implementations may declare it as a tuple class attribute.
+    @property
+    def challenge_types(self) -> Sequence[str]:
+        """Challenge types this responder can answer, in order of preference."""
+        ...
 
     async def present(self, name: str, challenge_type: str, token: str, key_authorization: str) -> None: ...
 
@@ -465,7 +468,7 @@ class AcmeClient:
             async with self._http().request(method, url, data=data, headers=headers) as r:
                 body = await r.read()
                 response = _Response(method, url, r.status, r.headers, body)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise AcmeError(f"{method} {url} failed: {exc or type(exc).__name__}") from exc
         nonce = response.headers.get("Replay-Nonce")
         if nonce:
@@ -494,7 +497,7 @@ class AcmeClient:
         except jose.DeserializationError as exc:
             raise AcmeError(f"the CA sent a malformed nonce {nonce!r}") from exc
         signed = jws.JWS.sign(payload, key=self._key, alg=self._alg, nonce=nonce_bytes, url=url, kid=kid)
-        return signed.json_dumps().encode()
+        return str(signed.json_dumps()).encode()
 
     async def _post(
         self, url: str, payload: Mapping[str, Any] | None, *, use_kid: bool = True, accept: str | None = None
@@ -572,7 +575,7 @@ class AcmeClient:
     @staticmethod
     def _decode_json(cls: type[_T], data: dict[str, Any], url: str) -> _T:
         try:
-            return cls.from_json(data)  # type: ignore[return-value]
+            return cls.from_json(data)
         except (jose.DeserializationError, TypeError, ValueError) as exc:
             raise AcmeError(f"malformed {cls.__name__} from {url}: {exc}") from exc
 

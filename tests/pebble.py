@@ -370,7 +370,7 @@ class TlsAlpn01Responder:
             sslobj.context = ctx
             return None
 
-        base.sni_callback = pick  # type: ignore[assignment]
+        base.sni_callback = pick
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.handshakes += 1

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from pebble import Http01Responder, Pebble, TlsAlpn01Responder
 
 from autocert.acme_client import AcmeClient, IssuedCertificate, parse_retry_after
 from autocert.crypto import (
@@ -33,7 +34,6 @@ from autocert.crypto import (
     tls_alpn_challenge_certificate,
 )
 from autocert.errors import AcmeError
-from pebble import Http01Responder, Pebble, TlsAlpn01Responder
 
 ACME_URN = "urn:ietf:params:acme:error:"
 
@@ -181,6 +181,7 @@ def test_tls_alpn_challenge_certificate() -> None:
 
     ext = cert.extensions.get_extension_for_oid(ACME_IDENTIFIER_OID)
     assert ext.critical
+    assert isinstance(ext.value, x509.UnrecognizedExtension)
     digest = hashlib.sha256(key_authorization.encode()).digest()
     assert ext.value.value == b"\x04\x20" + digest  # DER OCTET STRING of SHA-256(key authorization)
 
