@@ -673,6 +673,12 @@ class Store:
             rows = (await session.execute(stmt)).all()
         return [_certificate(row) for row in rows]
 
+    async def latest_certificate_id(self) -> int:
+        """The highest certificate id so far (0 when there is none): the starting point for
+        :meth:`certificates_since` in a server that loads certificates lazily."""
+        async with self._reading() as session:
+            return int((await session.execute(select(func.coalesce(func.max(_certificates.c.id), 0)))).scalar_one())
+
     async def certificate_names(self) -> list[str]:
         """Names that have at least one unrevoked certificate, sorted."""
         stmt = select(_certificates.c.name).where(_certificates.c.revoked_at.is_(None)).distinct()

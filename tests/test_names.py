@@ -1,0 +1,174 @@
+"""Name normalisation: what is accepted, its canonical form, and every reason for refusal."""
+
+from __future__ import annotations
+
+import pytest
+
+from autocert.errors import InvalidName
+from autocert.names import is_pattern, matches, normalize_entry, normalize_name, pattern_for
+
+LONG_LABEL = "a" * 63
+# 3 labels of 63 + one of 61, with 3 dots: exactly 253 octets.
+MAX_NAME = ".".join([LONG_LABEL] * 3 + ["b" * 61])
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("example.com", "example.com"),
+        ("EXAMPLE.Com", "example.com"),
+        ("example.com.", "example.com"),
+        ("  example.com  ", "example.com"),
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("Bücher.Example.", "xn--bcher-kva.example"),
+        ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+        ("XN--BCHER-KVA.example", "xn--bcher-kva.example"),
+        ("faß.de", "xn--fa-hia.de"),  # non-transitional: ß is kept, not mapped to ss
+        ("例え.テスト", "xn--r8jz45g.xn--zckzah"),
+        ("a\u3002b\uff0ec", "a.b.c"),  # ideographic and full-width full stops are dots
+        ("Ⅻ.example", "xii.example"),  # UTS 46 mapping
+        ("localhost", "localhost"),
+        ("LOCALHOST.", "localhost"),
+        ("a-b.example", "a-b.example"),
+        ("1a.example", "1a.example"),
+        ("www.123.example", "www.123.example"),
+        (f"{LONG_LABEL}.example", f"{LONG_LABEL}.example"),
+        (MAX_NAME, MAX_NAME),
+        (MAX_NAME + ".", MAX_NAME),
+    ],
+)
+def test_normalize_name_accepts(raw: str, expected: str) -> None:
+    assert normalize_name(raw) == expected
+    assert normalize_name(expected) == expected  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("", "empty name"),
+        ("   ", "empty name"),
+        (".", "empty name"),
+        ("a..b", "empty label"),
+        (".example.com", "empty label"),
+        ("example.com..", "empty label"),
+        ("1.2.3.4", "IP address"),
+        ("1.2.3.4.", "IP address"),
+        ("::1", "IP address"),
+        ("2001:db8::1", "IP address"),
+        ("[::1]", "IP address"),
+        ("[2001:db8::1]", "IP address"),
+        ("[example.com]", "brackets"),
+        ("127.1", "IPv4"),
+        ("example.123", "IPv4"),
+        ("example.com:443", "':'"),
+        (f"{LONG_LABEL}a.example", "over the 63-octet limit"),
+        ("ü" * 60 + ".example", "over the 63-octet limit"),  # A-label length counts, not characters
+        (MAX_NAME + "b", "over the 253-octet limit"),
+        ("a." * 600 + "com", "over the 253-octet limit"),
+        ("under_score.example", "not valid IDNA"),
+        ("space here.example", "not valid IDNA"),
+        ("-leading.example", "not valid IDNA"),
+        ("trailing-.example", "not valid IDNA"),
+        ("ab--cd.example", "not valid IDNA"),
+        ("xn--zz.example", "not valid IDNA"),
+        ("exa\u200dmple.com", "not valid IDNA"),  # a joiner outside its allowed context
+        ("a/b.example", "not valid IDNA"),
+        ("*.example.com", "wildcard"),
+        ("*", "wildcard"),
+        ("a.*.example", "wildcard"),
+        ("f*o.example", "wildcard"),
+    ],
+)
+def test_normalize_name_rejects(raw: str, reason: str) -> None:
+    with pytest.raises(InvalidName) as caught:
+        normalize_name(raw)
+    assert caught.value.name == raw
+    assert reason in caught.value.reason
+    assert "\n" not in caught.value.reason
+
+
+def test_invalid_name_is_a_value_error_with_the_input_in_the_message() -> None:
+    with pytest.raises(ValueError, match="a..b"):
+        normalize_name("a..b")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("example.com", "example.com"),
+        ("*.example.com", "*.example.com"),
+        ("*.EXAMPLE.com.", "*.example.com"),
+        ("*.bücher.example", "*.xn--bcher-kva.example"),
+        ("*.a.b.example", "*.a.b.example"),
+        (" *.example.com ", "*.example.com"),
+    ],
+)
+def test_normalize_entry_accepts(raw: str, expected: str) -> None:
+    assert normalize_entry(raw) == expected
+    assert normalize_entry(expected) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("*", "wildcard"),
+        ("*.", "empty name"),
+        ("*.com", "at least two labels"),
+        ("*.localhost", "at least two labels"),
+        ("*.*.example.com", "wildcard"),
+        ("**.example.com", "wildcard"),
+        ("a*.example.com", "wildcard"),
+        ("a.*.example.com", "wildcard"),
+        ("example.*", "wildcard"),
+        ("*.1.2.3.4", "IP address"),
+        ("*.a..example", "empty label"),
+        ("*." + MAX_NAME, "over the 253-octet limit"),
+        ("*.under_score.example", "not valid IDNA"),
+        ("", "empty name"),
+        ("1.2.3.4", "IP address"),
+    ],
+)
+def test_normalize_entry_rejects(raw: str, reason: str) -> None:
+    with pytest.raises(InvalidName) as caught:
+        normalize_entry(raw)
+    assert caught.value.name == raw
+    assert reason in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [("*.example.com", True), ("example.com", False), ("a.example.com", False)],
+)
+def test_is_pattern(entry: str, expected: bool) -> None:
+    assert is_pattern(entry) is expected
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("a.b.c", "*.b.c"),
+        ("www.example.com", "*.example.com"),
+        ("x.y.example.com", "*.y.example.com"),
+        ("example.com", None),
+        ("localhost", None),
+    ],
+)
+def test_pattern_for(name: str, expected: str | None) -> None:
+    assert pattern_for(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("entry", "name", "expected"),
+    [
+        ("example.com", "example.com", True),
+        ("example.com", "www.example.com", False),
+        ("*.example.com", "www.example.com", True),
+        ("*.example.com", "example.com", False),  # a pattern does not cover its base
+        ("*.example.com", "a.b.example.com", False),  # nor more than one label
+        ("*.example.com", "wwwexample.com", False),
+        ("*.example.com", "www.example.org", False),
+        ("www.example.com", "www.example.com", True),
+    ],
+)
+def test_matches(entry: str, name: str, expected: bool) -> None:
+    assert matches(entry, name) is expected
