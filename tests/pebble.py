@@ -107,6 +107,7 @@ class Pebble:
         for tool in (PEBBLE, CHALLTESTSRV):
             if shutil.which(tool) is None:
                 raise PebbleError(f"{tool} is not installed")
+        self.workdir.mkdir(parents=True, exist_ok=True)  # stop() removes a workdir we created
         config = self._write_config()
         try:
             self._challtestsrv = self._spawn(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import json
 import statistics
 import subprocess
 import time
@@ -16,7 +17,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import josepy as jose
 import pytest
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -413,3 +416,145 @@ async def test_issuance_latency(pebble: Pebble, capsys: pytest.CaptureFixture[st
         )
     # Generous bound for loaded machines; a client with a fixed 1 s poll needs >= 2 s here.
     assert median < 1.5
+
+
+# ---------------------------------------------------------------------------------------------
+# A scripted CA on loopback, for answers Pebble 2.4 never gives: 429/503 with Retry-After,
+# Retry-After on polls, advertised profiles and renewalInfo. It speaks real HTTP; it only skips
+# checking signatures, which the Pebble tests above cover.
+# ---------------------------------------------------------------------------------------------
+
+Scripted = tuple[int, dict[str, str], object]
+
+
+class ScriptedCA:
+    def __init__(self, meta: dict[str, object] | None = None, *, renewal_info: bool = False) -> None:
+        self.meta = meta or {}
+        self.renewal_info = renewal_info
+        self.script: dict[str, list[Scripted]] = {}
+        self.requests: list[tuple[float, str, object]] = []  # (monotonic time, path, JWS payload)
+        self.base = ""
+        self._runner: web.AppRunner | None = None
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    async def __aenter__(self) -> ScriptedCA:
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = "/" + request.match_info["path"]
+        headers = {"Replay-Nonce": jose.encode_b64jose(uuid.uuid4().bytes)}
+        if path == "/dir":
+            directory: dict[str, object] = {
+                "newNonce": self.url("/nonce"), "newAccount": self.url("/account"),
+                "newOrder": self.url("/order"), "revokeCert": self.url("/revoke"), "meta": self.meta,
+            }
+            if self.renewal_info:
+                directory["renewalInfo"] = self.url("/renewal-info")
+            return web.json_response(directory)
+        if path == "/nonce":
+            return web.Response(headers=headers)
+        body = await request.json()
+        payload = json.loads(jose.decode_b64jose(body["payload"])) if body["payload"] else None
+        self.requests.append((time.monotonic(), path, payload))
+        status, extra, answer = self.script[path].pop(0)
+        content_type = "application/problem+json" if status >= 400 else "application/json"
+        return web.Response(status=status, headers={**headers, **extra}, text=json.dumps(answer),
+                            content_type=content_type)
+
+    def times(self, path: str) -> list[float]:
+        return [t for t, p, _ in self.requests if p == path]
+
+
+class RecordingResponder:
+    challenge_types = ("http-01",)
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def present(self, name: str, challenge_type: str, token: str, key_authorization: str) -> None:
+        self.calls.append("present")
+
+    async def cleanup(self, name: str, challenge_type: str, token: str) -> None:
+        self.calls.append("cleanup")
+
+
+def problem(kind: str, detail: str) -> dict[str, str]:
+    return {"type": ACME_URN + kind, "detail": detail}
+
+
+async def test_busy_answer_is_retried_after_retry_after() -> None:
+    async with ScriptedCA() as ca:
+        ca.script["/account"] = [
+            (503, {"Retry-After": "0"}, problem("serverInternal", "busy")),
+            (503, {"Retry-After": "Thu, 01 Jan 1970 00:00:00 GMT"}, problem("serverInternal", "busy")),
+            (201, {"Location": ca.url("/acct/1")}, {"status": "valid"}),
+        ]
+        async with AcmeClient(ca.url("/dir"), generate_private_key()) as client:
+            assert await client.register(None, agree_tos=True) == ca.url("/acct/1")
+        assert len(ca.times("/account")) == 3
+
+
+async def test_long_retry_after_is_not_waited_out() -> None:
+    async with ScriptedCA() as ca:
+        ca.script["/account"] = [(429, {"Retry-After": "3600"}, problem("rateLimited", "too many"))]
+        started = time.monotonic()
+        async with AcmeClient(ca.url("/dir"), generate_private_key()) as client:
+            with pytest.raises(AcmeError, match="too many") as info:
+                await client.register(None, agree_tos=True)
+        assert time.monotonic() - started < 5  # raised for the caller's backoff, not slept on
+    assert (info.value.problem_type, info.value.status) == (ACME_URN + "rateLimited", 429)
+
+
+async def test_polling_honours_retry_after() -> None:
+    token = jose.encode_b64jose(b"t" * 16)
+    authz: dict[str, object] = {
+        "identifier": {"type": "dns", "value": "a.example.com"},
+        "challenges": [{"type": "http-01", "url": "", "token": token, "status": "pending"}],
+    }
+    async with ScriptedCA() as ca:
+        authz["challenges"][0]["url"] = ca.url("/chall")  # type: ignore[index]
+        ca.script["/authz"] = [
+            (200, {}, {**authz, "status": "pending"}),
+            (200, {"Retry-After": "1"}, {**authz, "status": "pending"}),
+            (200, {}, {**authz, "status": "valid"}),
+        ]
+        ca.script["/chall"] = [(200, {}, {"type": "http-01", "status": "processing"})]
+        responder = RecordingResponder()
+        async with AcmeClient(ca.url("/dir"), generate_private_key(), account_url=ca.url("/acct/1"),
+                              poll_initial=0.01) as client:
+            await client.authorize(ca.url("/authz"), responder)
+        first_poll, second_poll = ca.times("/authz")[1:]
+        assert first_poll - ca.times("/chall")[0] < 0.5  # starts fast...
+        assert second_poll - first_poll >= 0.95  # ...but never sooner than the CA asked
+        assert responder.calls == ["present", "cleanup"]
+
+
+async def test_profile_and_replaces_when_the_directory_offers_them() -> None:
+    order = {"status": "pending", "identifiers": [{"type": "dns", "value": "a.example.com"}],
+             "authorizations": [], "finalize": ""}
+    async with ScriptedCA({"profiles": {"classic": "90 days", "shortlived": "6 days"}}, renewal_info=True) as ca:
+        ca.script["/order"] = [(201, {"Location": ca.url("/order/1")}, order)]
+        async with AcmeClient(ca.url("/dir"), generate_private_key(), account_url=ca.url("/acct/1")) as client:
+            with pytest.raises(AcmeError, match="'tlsserver'.*classic, shortlived"):
+                await client.new_order(["a.example.com"], profile="tlsserver")
+            url, _ = await client.new_order(["a.example.com"], profile="shortlived", replaces="aki.serial")
+        assert url == ca.url("/order/1")
+        assert ca.requests[-1][2] == {
+            "identifiers": [{"type": "dns", "value": "a.example.com"}],
+            "profile": "shortlived",
+            "replaces": "aki.serial",
+        }
