@@ -22,8 +22,10 @@ import asyncio
 import functools
 import logging
 import os
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -179,8 +181,10 @@ def _parse_url(url: str) -> URL:
         raise ConfigError(f"database URL is not a valid URL: {hint}") from None
     driver = parsed.drivername
     if driver in ("sqlite", "sqlite+aiosqlite"):
-        database = parsed.database or ":memory:"
-        if database != ":memory:" and not database.startswith("file:"):
+        database = parsed.database
+        if not database or database == ":memory:":
+            return URL.create("sqlite+aiosqlite", query=parsed.query)  # in-memory
+        if not database.startswith("file:"):
             database = os.path.expanduser(database)
         return parsed.set(drivername="sqlite+aiosqlite", database=database)
     if driver in ("postgresql", "postgres", "postgresql+asyncpg", "postgres+asyncpg"):
@@ -246,7 +250,13 @@ def _known_revision(revision: str) -> bool:
 
 
 def _prepare_sqlite_file(database: str) -> None:
-    """Create the database file owner-only before SQLite does, since it holds private keys."""
+    """Create the database file owner-only before SQLite does, and switch it to WAL once.
+
+    The file holds private keys, so it must never exist with a wider mode, even briefly.
+    WAL (readers never block the writer) is a property of the file, set here rather than on
+    every connection: switching needs an exclusive lock, for which SQLite does not always
+    wait, so processes opening a new file together retry here, in a worker thread.
+    """
     if database == ":memory:" or database.startswith("file:"):
         return
     path = Path(database)
@@ -256,10 +266,24 @@ def _prepare_sqlite_file(database: str) -> None:
         os.close(fd)
     except OSError as exc:
         raise StoreError(f"cannot create database file {path}: {exc.strerror or exc}") from None
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
+    while True:
+        try:
+            with closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT)) as connection:
+                (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
+                if str(mode).lower() != "wal":
+                    connection.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise StoreError(f"cannot open database file {path}: {exc}") from None
+            time.sleep(0.01)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open database file {path}: {exc}") from None
 
 
 def _install_sqlite_hooks(engine: AsyncEngine) -> None:
-    """WAL + busy timeout for sharing the file; our own BEGIN so transactions really isolate.
+    """Busy timeout for sharing the file; our own BEGIN so transactions really isolate.
 
     Python's sqlite3 module only begins transactions before DML, which makes read-then-write
     sequences racy and DDL non-transactional; taking BEGIN over fixes both, and lets write
@@ -272,7 +296,6 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
-            cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:

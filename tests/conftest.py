@@ -47,3 +47,88 @@ def pebble_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
 
 
 # --- end of the ACME test CA section ---
+
+
+# ---------------------------------------------------------------------------------------------
+# Databases: SQLite files and a scratch PostgreSQL database (used by tests/test_store.py)
+# ---------------------------------------------------------------------------------------------
+
+import asyncio as _asyncio  # noqa: E402
+import os as _os  # noqa: E402
+import secrets as _secrets  # noqa: E402
+
+POSTGRES_URL_ENV = "AUTOCERT_TEST_POSTGRES_URL"
+POSTGRES_SKIP_REASON = f"{POSTGRES_URL_ENV} is not set: PostgreSQL store tests skipped"
+
+
+def _plain_postgres_dsn(url: str, database: str | None = None) -> str:
+    """The libpq-style DSN asyncpg accepts, from any spelling of a PostgreSQL URL."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url).set(drivername="postgresql")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+async def _postgres_execute(dsn: str, *statements: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def _drop_autocert_tables(dsn: str) -> None:
+    from autocert.models import Base
+
+    tables = ", ".join(f'"{name}"' for name in [*Base.metadata.tables, "alembic_version"])
+    await _postgres_execute(dsn, f"DROP TABLE IF EXISTS {tables} CASCADE")
+
+
+@pytest.fixture(scope="session")
+def postgres_database_url() -> Iterator[str]:
+    """A database of its own on the server named by AUTOCERT_TEST_POSTGRES_URL, for this session.
+
+    A scratch database keeps concurrent test runs (and anyone else using the named database)
+    apart. When the role may not create databases, the named database itself is used and only
+    autocert's tables are ever dropped in it.
+    """
+    base = _os.environ.get(POSTGRES_URL_ENV)
+    if not base:
+        pytest.skip(POSTGRES_SKIP_REASON)
+    scratch = f"autocert_test_{_os.getpid()}_{_secrets.token_hex(4)}"
+    admin_dsn = _plain_postgres_dsn(base)
+    try:
+        _asyncio.run(_postgres_execute(admin_dsn, f'CREATE DATABASE "{scratch}"'))
+    except Exception as exc:  # no CREATEDB privilege: fall back to the named database
+        if "permission denied" not in str(exc).lower():
+            raise
+        yield _plain_postgres_dsn(base)
+        return
+    try:
+        yield _plain_postgres_dsn(base, scratch)
+    finally:
+        _asyncio.run(_postgres_execute(admin_dsn, f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def postgres_url(postgres_database_url: str) -> Iterator[str]:
+    """An empty PostgreSQL database (no autocert tables, no alembic_version) for one test."""
+    _asyncio.run(_drop_autocert_tables(postgres_database_url))
+    yield postgres_database_url
+    _asyncio.run(_drop_autocert_tables(postgres_database_url))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database URL as users write it: an SQLite file, then PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db' / 'autocert.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+# --- end of the databases section ---
