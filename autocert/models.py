@@ -9,7 +9,7 @@ that no caller can trigger lazy SQL from the event loop or hold a session open b
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import JSON, DateTime, Integer, LargeBinary, MetaData, String, Text
 from sqlalchemy.engine import Dialect
@@ -17,13 +17,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "NAME_LENGTH",
     "AccountRow",
     "AllowedRow",
     "AttemptRow",
     "Base",
     "CertificateRow",
     "ChallengeRow",
-    "NAME_LENGTH",
     "NameStateRow",
     "UTCDateTime",
     "utcnow",
@@ -85,7 +85,7 @@ class Base(DeclarativeBase):
     """Declarative base carrying the shared naming convention."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime()}
 
 
 class AccountRow(Base):
@@ -118,7 +118,7 @@ class CertificateRow(Base):
     """
 
     __tablename__ = "certificates"
-    __table_args__ = {"sqlite_autoincrement": True}
+    __table_args__ = ({"sqlite_autoincrement": True},)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)

@@ -50,8 +50,7 @@ def normalize_name(raw: str) -> str:
         mapped = idna.uts46_remap(text, std3_rules=False, transitional=False)
     except idna.IDNAError as exc:
         raise InvalidName(raw, f"character outside IDNA: {exc}") from None
-    if mapped.endswith("."):
-        mapped = mapped[:-1]
+    mapped = mapped.removesuffix(".")
     if not mapped:
         raise InvalidName(raw, "empty name")
 

@@ -29,14 +29,19 @@ from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from sqlalchemy import Row, Table, delete, event, func, or_, select, text, union, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from autocert.errors import ConfigError, StoreError
 from autocert.models import (
@@ -239,9 +244,12 @@ def _upgrade_to_head(connection: Connection) -> None:
 
 
 def _known_revision(revision: str) -> bool:
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+
     try:
         return _script_directory().get_revision(revision) is not None
-    except Exception:  # alembic raises several resolution errors for unknown ids
+    except (RevisionError, CommandError):
         return False
 
 
@@ -438,7 +446,7 @@ class Store:
         """Close every pooled connection."""
         await self._engine.dispose()
 
-    async def __aenter__(self) -> Store:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -466,14 +474,13 @@ class Store:
             )
         log.info("migrating database %s from %s to %s", self.url, current or "empty", head)
         try:
-            async with self._write_engine.connect() as connection:
-                async with connection.begin():
-                    if self.dialect == "postgresql":
-                        # Held until commit: a second process waits here, then finds nothing to do.
-                        await connection.execute(
-                            text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
-                        )
-                    await connection.run_sync(_upgrade_to_head)
+            async with self._write_engine.connect() as connection, connection.begin():
+                if self.dialect == "postgresql":
+                    # Held until commit: a second process waits here, then finds nothing to do.
+                    await connection.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+                    )
+                await connection.run_sync(_upgrade_to_head)
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot migrate database {self.url}: {_short_error(exc)}") from exc
         except Exception as exc:

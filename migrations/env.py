@@ -12,6 +12,7 @@ revision); an async engine is then created here, since autocert ships only async
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from alembic import context
 from sqlalchemy.engine import Connection
@@ -22,7 +23,7 @@ config = context.config
 target_metadata = Base.metadata
 
 
-def _configure(**kwargs: object) -> None:
+def _configure(**kwargs: Any) -> None:
     # Batch mode lets later migrations alter tables on SQLite, which lacks most ALTER TABLE.
     context.configure(target_metadata=target_metadata, render_as_batch=True, compare_type=True, **kwargs)
 

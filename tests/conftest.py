@@ -53,10 +53,6 @@ def pebble_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
 # Databases: SQLite files and a scratch PostgreSQL database (used by tests/test_store.py)
 # ---------------------------------------------------------------------------------------------
 
-import asyncio as _asyncio  # noqa: E402
-import os as _os  # noqa: E402
-import secrets as _secrets  # noqa: E402
-
 POSTGRES_URL_ENV = "AUTOCERT_TEST_POSTGRES_URL"
 POSTGRES_SKIP_REASON = f"{POSTGRES_URL_ENV} is not set: PostgreSQL store tests skipped"
 
@@ -72,7 +68,7 @@ def _plain_postgres_dsn(url: str, database: str | None = None) -> str:
 
 
 async def _postgres_execute(dsn: str, *statements: str) -> None:
-    import asyncpg
+    import asyncpg  # imported here: only the PostgreSQL tests need it
 
     connection = await asyncpg.connect(dsn)
     try:
@@ -97,13 +93,17 @@ def postgres_database_url() -> Iterator[str]:
     apart. When the role may not create databases, the named database itself is used and only
     autocert's tables are ever dropped in it.
     """
-    base = _os.environ.get(POSTGRES_URL_ENV)
+    import asyncio
+    import os
+    import secrets
+
+    base = os.environ.get(POSTGRES_URL_ENV)
     if not base:
         pytest.skip(POSTGRES_SKIP_REASON)
-    scratch = f"autocert_test_{_os.getpid()}_{_secrets.token_hex(4)}"
+    scratch = f"autocert_test_{os.getpid()}_{secrets.token_hex(4)}"
     admin_dsn = _plain_postgres_dsn(base)
     try:
-        _asyncio.run(_postgres_execute(admin_dsn, f'CREATE DATABASE "{scratch}"'))
+        asyncio.run(_postgres_execute(admin_dsn, f'CREATE DATABASE "{scratch}"'))
     except Exception as exc:  # no CREATEDB privilege: fall back to the named database
         if "permission denied" not in str(exc).lower():
             raise
@@ -112,15 +112,17 @@ def postgres_database_url() -> Iterator[str]:
     try:
         yield _plain_postgres_dsn(base, scratch)
     finally:
-        _asyncio.run(_postgres_execute(admin_dsn, f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
+        asyncio.run(_postgres_execute(admin_dsn, f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
 
 
 @pytest.fixture
 def postgres_url(postgres_database_url: str) -> Iterator[str]:
     """An empty PostgreSQL database (no autocert tables, no alembic_version) for one test."""
-    _asyncio.run(_drop_autocert_tables(postgres_database_url))
+    import asyncio
+
+    asyncio.run(_drop_autocert_tables(postgres_database_url))
     yield postgres_database_url
-    _asyncio.run(_drop_autocert_tables(postgres_database_url))
+    asyncio.run(_drop_autocert_tables(postgres_database_url))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

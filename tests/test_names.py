@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from autocert.errors import InvalidName
-from autocert.names import is_pattern, matches, normalize_entry, normalize_name, pattern_for
+from autocert.names import (
+    is_pattern,
+    matches,
+    normalize_entry,
+    normalize_name,
+    pattern_for,
+)
 
 LONG_LABEL = "a" * 63
 # 3 labels of 63 + one of 61, with 3 dots: exactly 253 octets.
