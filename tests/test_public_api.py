@@ -1,0 +1,42 @@
+"""The public API is exactly what ``autocert.__all__`` lists; everything else is internal."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import autocert
+import autocert.web
+
+PACKAGE = Path(autocert.__file__).parent
+
+# Imports flow one way: a module may import only modules of its own layer or below.
+LAYERS = {
+    "errors": 0, "names": 0, "config": 0, "_version": 0, "models": 0, "crypto": 0,
+    "store": 1,
+    "acme_client": 2, "tls": 2,
+    "worker": 3, "status": 3,
+    "manager": 4,
+    "web": 5, "proxy": 5,
+    "server": 6,
+    "cli": 7, "__main__": 8, "__init__": 8,
+}
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(autocert.__all__) == [
+        "AcmeError", "AutocertError", "ConfigError", "InvalidName", "IssuanceError", "Manager", "StoreError", "__version__",
+    ]
+    for name in autocert.__all__:
+        assert hasattr(autocert, name)
+    assert sorted(autocert.web.__all__) == ["MANAGER_KEY", "middleware", "setup", "status_app"]
+
+
+def test_imports_flow_one_way() -> None:
+    for path in PACKAGE.glob("*.py"):
+        module = path.stem
+        assert module in LAYERS, f"add {module} to the layer table"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                target = node.module.split(".")[0]
+                assert LAYERS[target] <= LAYERS[module], f"{module} imports {target}, which sits above it"
