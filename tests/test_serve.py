@@ -149,3 +149,15 @@ def test_disallow_stops_serving_without_restart(pebble, root_ca: str, db: str, t
         eventually(refused, timeout=5, what="the disallowed name to be refused")
         state = cli_json("status", "gone.example.test", db=db)["certificates"][0]["state"]
         assert state == "disallowed"
+
+
+def test_concurrent_first_contacts_share_one_order(pebble, root_ca: str, db: str, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert run_cli("allow", "*.crowd.example.test", db=db).returncode == 0
+    with ServeProcess(db, pebble, tmp_path) as server:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            certificates = list(pool.map(lambda _: handshake(server.https_port, "one.crowd.example.test", cafile=root_ca, timeout=60), range(8)))
+        assert len({c.serial_number for c in certificates}) == 1, "all first contacts must get the same certificate"
+        (entry,) = cli_json("status", "one.crowd.example.test", db=db)["certificates"]
+        assert entry["attempts"] == 1 and entry["state"] == "valid"
