@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
 
-from sqlalchemy import Row, Table, delete, event, func, or_, select, text, union, update
+from sqlalchemy import Row, Select, Table, delete, event, func, or_, select, text, union, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, make_url
@@ -397,6 +397,20 @@ def _name_state(row: Row[Any]) -> NameState:
 # The store
 
 
+def _current_certificates_query(names: Sequence[str] | None) -> Select[Any]:
+    """The newest-lasting unrevoked certificate per name (optionally only for ``names``)."""
+    rank = (
+        func.row_number()
+        .over(partition_by=_certificates.c.name, order_by=(_certificates.c.not_after.desc(), _certificates.c.id.desc()))
+        .label("rank")
+    )
+    ranked = select(*_certificates.c, rank).where(_certificates.c.revoked_at.is_(None))
+    if names is not None:
+        ranked = ranked.where(_certificates.c.name.in_(names))
+    sub = ranked.subquery()
+    return select(*(sub.c[column.name] for column in _certificates.c)).where(sub.c.rank == 1)
+
+
 class Store:
     """Async access to autocert's database; create it with :meth:`open`, end with :meth:`close`."""
 
@@ -673,22 +687,46 @@ class Store:
         found: list[StoredCertificate] = []
         async with self._reading() as session:
             for chunk in chunks:
-                rank = (
-                    func.row_number()
-                    .over(
-                        partition_by=_certificates.c.name,
-                        order_by=(_certificates.c.not_after.desc(), _certificates.c.id.desc()),
-                    )
-                    .label("rank")
-                )
-                ranked = select(*_certificates.c, rank).where(_certificates.c.revoked_at.is_(None))
-                if chunk is not None:
-                    ranked = ranked.where(_certificates.c.name.in_(chunk))
-                sub = ranked.subquery()
-                stmt = select(*(sub.c[column.name] for column in _certificates.c)).where(sub.c.rank == 1)
-                found.extend(_certificate(row) for row in (await session.execute(stmt)).all())
+                current = _current_certificates_query(chunk)
+                found.extend(_certificate(row) for row in (await session.execute(current)).all())
         found.sort(key=lambda cert: cert.name)
         return found
+
+    async def renewals_due(self, before: datetime, limit: int = 100) -> list[StoredCertificate]:
+        """Current certificates whose ``renew_at`` is not after ``before``, soonest first."""
+        current = _current_certificates_query(None).subquery()
+        stmt = (
+            select(current)
+            .where(current.c.renew_at <= _aware(before, "before"))
+            .order_by(current.c.renew_at, current.c.id)
+            .limit(limit)
+        )
+        async with self._reading() as session:
+            rows = (await session.execute(stmt)).all()
+        return [_certificate(row) for row in rows]
+
+    async def retries_due(self, before: datetime, limit: int = 100) -> list[NameState]:
+        """Names whose last attempt failed and whose backoff ends by ``before``, soonest first."""
+        stmt = (
+            select(_name_states)
+            .where(_name_states.c.failures > 0, _name_states.c.next_attempt_at <= _aware(before, "before"))
+            .order_by(_name_states.c.next_attempt_at)
+            .limit(limit)
+        )
+        async with self._reading() as session:
+            rows = (await session.execute(stmt)).all()
+        return [_name_state(row) for row in rows]
+
+    async def next_due(self) -> datetime | None:
+        """The earliest renewal or retry time: when the scheduler next has work."""
+        current = _current_certificates_query(None).subquery()
+        async with self._reading() as session:
+            renew = (await session.execute(select(func.min(current.c.renew_at)))).scalar_one()
+            retry = (
+                await session.execute(select(func.min(_name_states.c.next_attempt_at)).where(_name_states.c.failures > 0))
+            ).scalar_one()
+        times = [value for value in (renew, retry) if value is not None]
+        return min(times) if times else None
 
     async def certificates_since(self, last_id: int, limit: int | None = None) -> list[StoredCertificate]:
         """Certificates with an id above ``last_id``, oldest first.
