@@ -188,6 +188,7 @@ class AcmeClient:
         poll_max: float = 2.0,
         poll_timeout: float = 120.0,
         request_timeout: float = 30.0,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
     ) -> None:
         self.directory_url = directory_url
         self._key = jose.JWK.load(account_key_pem)
@@ -204,6 +205,8 @@ class AcmeClient:
         self._directory: messages.Directory | None = None
         self._directory_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        # Request hooks from the caller (e.g. latency metrics); the client itself stays generic.
+        self._trace_configs = trace_configs
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -458,6 +461,7 @@ class AcmeClient:
                 connector=aiohttp.TCPConnector(ssl=context),
                 timeout=aiohttp.ClientTimeout(total=self._request_timeout),
                 headers={"User-Agent": f"autocert/{__version__} aiohttp/{aiohttp.__version__}"},
+                trace_configs=list(self._trace_configs) or None,
             )
         return self._session
 

@@ -8,6 +8,7 @@ allowlist snapshot and the context cache) and hands anything slower to a task.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from typing import Any
 
 from .config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
 from .errors import AutocertError, IssuanceError
+from .events import Event, EventBus, log_event
 from .names import normalize_entry, normalize_name
 from .status import is_allowed, status_report
 from .store import Store, StoredCertificate
@@ -70,6 +72,13 @@ class Manager:
         self.poll_interval = poll_interval
         self.concurrency = concurrency
         self.cache = ContextCache(cache_size)
+        #: What happened to which name (issued, failed, ...), for logs, notifications, status page.
+        self.events = EventBus()
+        self.events.subscribe(log_event)
+        #: Handshakes by outcome (served, unknown_name, pending, challenge); plain ints, read by metrics.
+        self.handshakes: collections.Counter[str] = collections.Counter()
+        #: aiohttp TraceConfigs given to the ACME client (request latency metrics); add before start().
+        self.acme_trace_configs: list[Any] = []
         self._allowed: frozenset[str] = frozenset()
         self._store: Store | None = None
         self._worker: Worker | None = None
@@ -99,6 +108,8 @@ class Manager:
             profile=self.profile,
             concurrency=self.concurrency,
             on_issued=self._install,
+            events=self.events,
+            trace_configs=self.acme_trace_configs,
         )
         self._allowed = await self._store.allowed_entries()
         self._last_certificate_id = await self._store.latest_certificate_id()
@@ -189,11 +200,14 @@ class Manager:
     def _sni_callback(self, ssl_object: Any, server_name: str | None, _context: ssl.SSLContext) -> int | None:
         name = (server_name or self.default_name or "").rstrip(".").lower()
         if not name or not self._started or not self.is_allowed(name):
+            self.handshakes["unknown_name"] += 1
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         context = self.cache.get(name)
         if context is None:
+            self.handshakes["pending"] += 1
             self._lookup(name)
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        self.handshakes["served"] += 1
         ssl_object.context = context
         return None
 
@@ -253,7 +267,12 @@ class Manager:
     async def _refresh_allowlist(self) -> None:
         allowed = await self.store.allowed_entries()
         if allowed != self._allowed:
+            added, removed = sorted(allowed - self._allowed), sorted(self._allowed - allowed)
             self._allowed = allowed
+            for entry in added:
+                self.events.emit(Event("allowed", entry, "pending", previous="disallowed"))
+            for entry in removed:
+                self.events.emit(Event("disallowed", entry, "disallowed"))
             for name in self.cache.names():
                 if not self.is_allowed(name):
                     self.cache.discard(name)

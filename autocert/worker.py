@@ -16,9 +16,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta, timezone
 
+import aiohttp
+
 from .acme_client import AcmeClient, ChallengeResponder
 from .crypto import generate_private_key, tls_alpn_challenge_certificate
 from .errors import AcmeError, AutocertError, IssuanceError
+from .events import Event, EventBus
 from .store import StoredCertificate, Store
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,8 @@ class Worker:
         profile: str | None = None,
         concurrency: int = 4,
         on_issued: Callable[[StoredCertificate], Awaitable[None] | None] | None = None,
+        events: EventBus | None = None,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
     ) -> None:
         self._store = store
         self.directory = directory
@@ -117,6 +122,8 @@ class Worker:
         self._profile = profile
         self._limit = asyncio.Semaphore(concurrency)
         self._on_issued = on_issued
+        self._events = events or EventBus()
+        self._trace_configs = trace_configs  # aiohttp TraceConfigs for the ACME client (metrics)
         self.owner = new_owner_id()
         self._in_flight: dict[str, asyncio.Task[StoredCertificate]] = {}
         self._client: AcmeClient | None = None
@@ -164,7 +171,8 @@ class Worker:
             if account is None:
                 key_pem = await asyncio.to_thread(generate_private_key)
                 account = await self._store.save_account(self.directory, key_pem, None, self._email)
-            client = AcmeClient(self.directory, account.key_pem, ca_bundle=self._ca_bundle, account_url=account.url)
+            client = AcmeClient(self.directory, account.key_pem, ca_bundle=self._ca_bundle, account_url=account.url,
+                                trace_configs=self._trace_configs)
             try:
                 if account.url is None:
                     url = await client.register(self._email, self._agree_tos)
@@ -185,6 +193,7 @@ class Worker:
                 await self._store.release_lease(name, self.owner)
 
     async def _order(self, name: str) -> StoredCertificate:
+        renewing = await self._store.current_certificate(name) is not None
         attempt_id = await self._store.start_attempt(name, self.directory)
         started = asyncio.get_running_loop().time()
         log.info("issuing %s from %s", name, self.directory)
@@ -193,7 +202,7 @@ class Worker:
             key_pem = await asyncio.to_thread(generate_private_key)
             issued = await client.issue([name], key_pem, self._challenges, profile=self._profile)
         except (AutocertError, OSError, asyncio.TimeoutError) as exc:
-            await self._record_failure(name, attempt_id, exc)
+            await self._record_failure(name, attempt_id, exc, renewing=renewing)
             raise self._as_issuance_error(name, exc) from exc
         except asyncio.CancelledError:
             await asyncio.shield(self._store.finish_attempt(attempt_id, "failed", None, "interrupted"))
@@ -220,6 +229,7 @@ class Worker:
             result = self._on_issued(certificate)
             if result is not None:
                 await result
+        self._events.emit(Event("renewed" if renewing else "issued", name, "valid", previous="renewing" if renewing else "issuing"))
         return certificate
 
     @staticmethod
@@ -228,13 +238,15 @@ class Worker:
             return IssuanceError(name, exc.detail, problem_type=exc.problem_type)
         return IssuanceError(name, str(exc) or type(exc).__name__)
 
-    async def _record_failure(self, name: str, attempt_id: int, exc: BaseException) -> None:
+    async def _record_failure(self, name: str, attempt_id: int, exc: BaseException, *, renewing: bool = False) -> None:
         error = self._as_issuance_error(name, exc)
         await self._store.finish_attempt(attempt_id, "failed", error.problem_type, error.detail)
         state = await self._store.name_state(name)
         failures = state.failures if state is not None else 1
         await self._store.set_next_attempt(name, utcnow() + retry_delay(failures))
         log.warning("issuing %s failed: %s", name, error)
+        problem = f"{error.problem_type}: {error.detail}" if error.problem_type else error.detail
+        self._events.emit(Event("failed", name, "failed", error=problem, previous="renewing" if renewing else "issuing"))
 
     async def _await_other_owner(self, name: str) -> StoredCertificate:
         """Another process holds the lease: wait for its outcome rather than ordering twice."""
