@@ -12,7 +12,7 @@ import collections
 import logging
 import ssl
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
@@ -22,9 +22,12 @@ from .names import normalize_entry, normalize_name
 from .status import is_allowed, status_report
 from .store import Store, StoredCertificate
 from .tls import ContextCache, build_context, install_alert_flush_fix, new_server_context
+from .scheduler import Scheduler
 from .worker import ChallengeBook, Worker
 
 log = logging.getLogger(__name__)
+
+REVOCATION_OVERLAP = timedelta(seconds=10)
 
 
 class Manager:
@@ -44,6 +47,8 @@ class Manager:
         poll_interval: how often (seconds) the allowlist and certificates written by other
             processes are re-read, so ``allow``/``disallow``/``issue`` apply without a restart.
         concurrency: orders running at once.
+        renew: run the scheduler that renews certificates and retries failed names (a
+            one-shot command such as ``autocert issue`` turns it off).
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class Manager:
         challenge_types: Sequence[str] = ("http-01",),
         poll_interval: float = 1.0,
         concurrency: int = 4,
+        renew: bool = True,
     ) -> None:
         self.db_url = db or default_db_url()
         self.directory = directory
@@ -86,6 +92,11 @@ class Manager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lookups: dict[str, asyncio.Task[ssl.SSLContext | None]] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self.schedules_renewals = renew
+        self._scheduler: Scheduler | None = None
+        self._served_ids: dict[str, int] = {}
+        self._scheduler_task: asyncio.Task[None] | None = None
+        self._revocations_checked = datetime.now(timezone.utc)
         self._last_certificate_id = 0
         self._started = False
 
@@ -117,12 +128,17 @@ class Manager:
         if self.default_name:
             await self.context_for(self.default_name, wait=0)
         self._watcher = self._loop.create_task(self._watch(), name="autocert-watch")
+        self._revocations_checked = datetime.now(timezone.utc)
+        self._served_ids.clear()
+        if self.schedules_renewals:
+            self._scheduler = Scheduler(self._store, self._worker, is_allowed=self.is_allowed)
+            self._scheduler_task = self._loop.create_task(self._scheduler.run(), name="autocert-scheduler")
 
     async def stop(self) -> None:
         if not self._started:
             return
         self._started = False
-        tasks = [t for t in [self._watcher, *self._lookups.values()] if t is not None]
+        tasks = [t for t in [self._watcher, self._scheduler_task, *self._lookups.values()] if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -181,6 +197,43 @@ class Manager:
         if not self.is_allowed(name):
             raise IssuanceError(name, "not allowed: add it with `autocert allow` first")
         return await self.worker.issue(name)
+
+    async def renew(self, names: Sequence[str] | None = None, *, force: bool = False) -> dict[str, StoredCertificate | BaseException]:
+        """Renew what is due (or ``names``); ``force`` renews now whatever ``renew_at`` says.
+
+        Returns each name's new certificate, or the error that stopped it. Names not due are
+        left out unless forced.
+        """
+        now = datetime.now(timezone.utc)
+        if names is None:
+            candidates = await self.store.current_certificates() if force else await self.store.renewals_due(now, limit=1_000_000)
+        else:
+            wanted = [normalize_name(name) for name in names]
+            candidates = await self.store.current_certificates(wanted)
+            missing = set(wanted) - {c.name for c in candidates}
+            if missing:
+                raise IssuanceError(sorted(missing)[0], "has no certificate to renew; use `autocert issue`")
+        due = [c.name for c in candidates if force or c.renew_at <= now]
+        results: dict[str, StoredCertificate | BaseException] = {}
+        for name in due:
+            if not self.is_allowed(name):
+                results[name] = IssuanceError(name, "no longer allowed; not renewed")
+        pending = [name for name in due if name not in results]
+        outcomes = await asyncio.gather(*(self.worker.issue(name) for name in pending), return_exceptions=True)
+        results.update(zip(pending, outcomes))
+        return results
+
+    async def revoke(self, name: str, reason: int = 0) -> StoredCertificate:
+        """Revoke the current certificate of ``name`` at the CA; every server stops serving it."""
+        name = normalize_name(name)
+        certificate = await self.store.current_certificate(name)
+        if certificate is None:
+            raise IssuanceError(name, "has no certificate to revoke")
+        await self.worker.revoke(certificate, reason)
+        if self._served_ids.get(name) == certificate.id:
+            self.cache.discard(name)
+            del self._served_ids[name]
+        return certificate
 
     async def status(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
         return await status_report(self.store, directory=self.directory, names=names, in_flight=self.worker.in_flight)
@@ -259,6 +312,7 @@ class Manager:
             return None
         context = await asyncio.to_thread(build_context, certificate.chain_pem, certificate.key_pem)
         self.cache.put(certificate.name, context)
+        self._served_ids[certificate.name] = certificate.id
         self._last_certificate_id = max(self._last_certificate_id, certificate.id)
         return context
 
@@ -278,6 +332,17 @@ class Manager:
                     self.cache.discard(name)
                     log.info("%s is no longer allowed; stopped serving it", name)
 
+    async def _drop_revoked(self) -> None:
+        """Stop serving certificates revoked by any process (``autocert revoke``)."""
+        checked = datetime.now(timezone.utc)
+        # Overlap the previous window a little: another host's clock may lag ours.
+        for certificate in await self.store.revoked_since(self._revocations_checked - REVOCATION_OVERLAP):
+            if self._served_ids.get(certificate.name) == certificate.id:
+                self.cache.discard(certificate.name)
+                del self._served_ids[certificate.name]
+                log.info("%s serial %s was revoked; stopped serving it", certificate.name, certificate.serial)
+        self._revocations_checked = checked
+
     async def _watch(self) -> None:
         """Pick up allowlist changes and certificates written by other processes."""
         while True:
@@ -288,6 +353,7 @@ class Manager:
                     self._last_certificate_id = max(self._last_certificate_id, certificate.id)
                     if certificate.name in self.cache:
                         await self._install(certificate)
+                await self._drop_revoked()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the database may be briefly unavailable; keep serving

@@ -741,6 +741,13 @@ class Store:
             rows = (await session.execute(stmt)).all()
         return [_certificate(row) for row in rows]
 
+    async def revoked_since(self, when: datetime) -> list[StoredCertificate]:
+        """Certificates revoked after ``when``, so running servers stop serving them."""
+        stmt = select(_certificates).where(_certificates.c.revoked_at > _aware(when, "when")).order_by(_certificates.c.revoked_at)
+        async with self._reading() as session:
+            rows = (await session.execute(stmt)).all()
+        return [_certificate(row) for row in rows]
+
     async def latest_certificate_id(self) -> int:
         """The highest certificate id so far (0 when there is none): the starting point for
         :meth:`certificates_since` in a server that loads certificates lazily."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +41,8 @@ RETRY_DELAYS = (
     timedelta(hours=6),
 )
 
+ACCOUNT_GONE = "urn:ietf:params:acme:error:accountDoesNotExist"
+
 #: How long an order may hold its lease before another process may take the name over.
 LEASE_SECONDS = 300.0
 
@@ -55,11 +58,23 @@ def retry_delay(failures: int) -> timedelta:
     return RETRY_DELAYS[min(failures, len(RETRY_DELAYS)) - 1]
 
 
-def renewal_time(not_before: datetime, not_after: datetime) -> datetime:
-    """When to renew: a third of the lifetime before expiry, half for lifetimes under 10 days."""
+#: Renewals are spread over a window before the nominal time, so certificates issued together
+#: (a migration, a batch of tenants) do not all renew in the same minute.
+JITTER_FRACTION = 0.05
+JITTER_CAP = timedelta(hours=12)
+
+
+def renewal_time(not_before: datetime, not_after: datetime, *, jitter: float | None = None) -> datetime:
+    """When to renew: a third of the lifetime before expiry, half for lifetimes under 10 days
+    (so 6-day certificates keep days of slack), minus a random share of a small window.
+
+    ``jitter`` in [0, 1] picks the point in that window (None: random); tests pass it.
+    """
     lifetime = not_after - not_before
     remaining = lifetime / 2 if lifetime < timedelta(days=10) else lifetime / 3
-    return not_after - remaining
+    window = min(lifetime * JITTER_FRACTION, JITTER_CAP)
+    share = random.random() if jitter is None else min(max(jitter, 0.0), 1.0)
+    return not_after - remaining - window * share
 
 
 def new_owner_id() -> str:
@@ -162,19 +177,27 @@ class Worker:
             await self._client.close()
             self._client = None
 
-    async def _acme(self) -> AcmeClient:
-        """The account-bound client, created once; the account key is stored before first use."""
+    async def _acme(self, *, stale: AcmeClient | None = None) -> AcmeClient:
+        """The account-bound client, created once; the account key is stored before first use.
+
+        ``stale`` is a client whose account the CA no longer knows (a test CA restarted, an
+        account deactivated): it is replaced by one that registers the same key again.
+        """
         async with self._client_lock:
-            if self._client is not None:
+            if self._client is not None and self._client is not stale:
                 return self._client
+            if self._client is not None:
+                await self._client.close()
+                self._client = None
             account = await self._store.get_account(self.directory)
             if account is None:
                 key_pem = await asyncio.to_thread(generate_private_key)
                 account = await self._store.save_account(self.directory, key_pem, None, self._email)
-            client = AcmeClient(self.directory, account.key_pem, ca_bundle=self._ca_bundle, account_url=account.url,
+            account_url = None if stale is not None else account.url
+            client = AcmeClient(self.directory, account.key_pem, ca_bundle=self._ca_bundle, account_url=account_url,
                                 trace_configs=self._trace_configs)
             try:
-                if account.url is None:
+                if account_url is None:
                     url = await client.register(self._email, self._agree_tos)
                     await self._store.save_account(self.directory, account.key_pem, url, self._email)
             except BaseException:
@@ -193,14 +216,24 @@ class Worker:
                 await self._store.release_lease(name, self.owner)
 
     async def _order(self, name: str) -> StoredCertificate:
-        renewing = await self._store.current_certificate(name) is not None
+        previous = await self._store.current_certificate(name)
+        renewing = previous is not None
+        # A renewal keeps the profile its certificate was ordered with.
+        profile = previous.profile if previous is not None and previous.profile else self._profile
         attempt_id = await self._store.start_attempt(name, self.directory)
         started = asyncio.get_running_loop().time()
         log.info("issuing %s from %s", name, self.directory)
         try:
             client = await self._acme()
             key_pem = await asyncio.to_thread(generate_private_key)
-            issued = await client.issue([name], key_pem, self._challenges, profile=self._profile)
+            try:
+                issued = await client.issue([name], key_pem, self._challenges, profile=profile)
+            except AcmeError as exc:
+                if exc.problem_type != ACCOUNT_GONE:
+                    raise
+                log.warning("the CA no longer knows our account; registering the same key again")
+                client = await self._acme(stale=client)
+                issued = await client.issue([name], key_pem, self._challenges, profile=profile)
         except (AutocertError, OSError, asyncio.TimeoutError) as exc:
             await self._record_failure(name, attempt_id, exc, renewing=renewing)
             raise self._as_issuance_error(name, exc) from exc
@@ -220,7 +253,7 @@ class Worker:
             renew_at=renewal_time(info.not_before, info.not_after),
             directory=self.directory,
             order_url=issued.order_url,
-            profile=self._profile,
+            profile=profile,
         )
         await self._store.finish_attempt(attempt_id, "valid")
         elapsed = asyncio.get_running_loop().time() - started
@@ -231,6 +264,17 @@ class Worker:
                 await result
         self._events.emit(Event("renewed" if renewing else "issued", name, "valid", previous="renewing" if renewing else "issuing"))
         return certificate
+
+    async def revoke(self, certificate: StoredCertificate, reason: int = 0) -> None:
+        """Revoke at the CA, then record it so no server serves the certificate again."""
+        client = await self._acme()
+        try:
+            await client.revoke(certificate.chain_pem, reason)
+        except AcmeError as exc:
+            if exc.problem_type != "urn:ietf:params:acme:error:alreadyRevoked":
+                raise
+        await self._store.mark_revoked(certificate.id)
+        log.info("revoked %s serial %s", certificate.name, certificate.serial)
 
     @staticmethod
     def _as_issuance_error(name: str, exc: BaseException) -> IssuanceError:

@@ -88,6 +88,7 @@ class Pebble:
         self._pebble_log = self.workdir / "pebble.log"
         self._challtestsrv_log = self.workdir / "challtestsrv.log"
         self._ssl: ssl.SSLContext | None = None
+        self._listener: tuple[trustme.CA, trustme.LeafCert] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -188,8 +189,11 @@ class Pebble:
     # -- internals ---------------------------------------------------------------------
 
     def _write_config(self) -> Path:
-        ca = trustme.CA()
-        server = ca.issue_cert("localhost", "127.0.0.1")
+        # The listener identity survives a stop/start, as a real CA's does across an outage.
+        if self._listener is None:
+            listener_ca = trustme.CA()
+            self._listener = (listener_ca, listener_ca.issue_cert("localhost", "127.0.0.1"))
+        ca, server = self._listener
         ca.cert_pem.write_to_path(self.ca_bundle)
         cert_path = self.workdir / "listener-cert.pem"
         key_path = self.workdir / "listener-key.pem"

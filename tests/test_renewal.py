@@ -1,0 +1,169 @@
+"""Renewal timing, the scheduler, forced renewal, revocation and CA trouble, against real Pebble."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from autocert import Manager
+from autocert.config import Listen
+from autocert.scheduler import Scheduler
+from autocert.server import ServeOptions, http_app, listening_socket
+from autocert.worker import RETRY_DELAYS, renewal_time, retry_delay
+from support import ServeProcess, acme_args, cli_json, eventually, handshake, openssl_s_client, run_cli, served_certificate
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "remaining"),
+    [(timedelta(days=90), timedelta(days=30)), (timedelta(days=45), timedelta(days=15)), (timedelta(days=6), timedelta(days=3)),
+     (timedelta(hours=160), timedelta(hours=80))],
+)
+def test_renewal_time_by_lifetime(lifetime: timedelta, remaining: timedelta) -> None:
+    not_after = T0 + lifetime
+    assert renewal_time(T0, not_after, jitter=0) == not_after - remaining
+    earliest = renewal_time(T0, not_after, jitter=1)
+    assert not_after - remaining - min(lifetime * 0.05, timedelta(hours=12)) == earliest
+    for _ in range(50):
+        chosen = renewal_time(T0, not_after)
+        assert earliest <= chosen <= not_after - remaining
+
+
+def test_retry_delays_grow_and_stay_bounded() -> None:
+    delays = [retry_delay(n) for n in range(1, 20)]
+    assert delays[0] == timedelta(minutes=1)
+    assert delays == sorted(delays)
+    assert delays[-1] == RETRY_DELAYS[-1] == timedelta(hours=6)
+    assert retry_delay(0) == timedelta(0)
+
+
+@contextlib.asynccontextmanager
+async def running_manager(pebble, db: str, **kwargs) -> AsyncIterator[Manager]:  # type: ignore[no-untyped-def]
+    """A Manager with an http-01 listener where Pebble validates."""
+    manager = Manager(db=db, directory=pebble.directory_url, ca_bundle=pebble.ca_bundle, agree_tos=True, **kwargs)
+    await manager.start()
+    options = ServeOptions(https=None, http=Listen("127.0.0.1", pebble.http01_port), admin=None)
+    runner = web.AppRunner(http_app(manager, options))
+    await runner.setup()
+    await web.SockSite(runner, listening_socket(options.http)).start()  # type: ignore[arg-type]
+    try:
+        yield manager
+    finally:
+        await runner.cleanup()
+        await manager.stop()
+
+
+async def test_scheduler_renews_due_names_and_parks_disallowed_ones(pebble, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'sched.db'}"
+    async with running_manager(pebble, db, renew=False) as manager:
+        await manager.allow("keep.example.test", "drop.example.test")
+        kept = await manager.issue("keep.example.test")
+        dropped = await manager.issue("drop.example.test")
+        await manager.disallow("drop.example.test")
+
+        clock = {"now": datetime.now(timezone.utc)}
+        scheduler = Scheduler(manager.store, manager.worker, is_allowed=manager.is_allowed, clock=lambda: clock["now"])
+        assert await scheduler.run_once() == [], "nothing is due yet"
+
+        clock["now"] = max(kept.renew_at, dropped.renew_at) + timedelta(seconds=1)
+        assert await scheduler.run_once() == ["keep.example.test"], "a disallowed name must not be renewed"
+        renewed = await manager.worker.issue("keep.example.test")  # joins the renewal started above
+        assert renewed.serial != kept.serial
+        assert (await manager.store.current_certificate("drop.example.test")).serial == dropped.serial  # type: ignore[union-attr]
+        assert await manager.store.attempt_count("drop.example.test") == 1
+        (status,) = await manager.status(["drop.example.test"])
+        assert status["state"] == "disallowed"
+
+
+async def test_twenty_certificates_despite_half_the_nonces_rejected(pebble_factory, tmp_path: Path) -> None:
+    chaotic = pebble_factory(PEBBLE_WFE_NONCEREJECT="50")
+    db = f"sqlite:///{tmp_path / 'chaos.db'}"
+    names = [f"n{i}.chaos.example.test" for i in range(20)]
+    async with running_manager(chaotic, db, renew=False) as manager:
+        await manager.allow(*names)
+        certificates = await asyncio.gather(*(manager.issue(name) for name in names))
+        assert sorted(c.name for c in certificates) == sorted(names)
+        assert len({c.serial for c in certificates}) == 20
+        for name in names:
+            assert await manager.store.attempt_count(name) == 1, "badNonce must be retried inside one attempt"
+
+
+def test_renew_force_is_served_without_restart_and_revoke_stops_serving(pebble, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'renew.db'}"
+    root = tmp_path / "root.pem"
+    root.write_bytes(pebble.root_pem())
+    assert run_cli("allow", "renew.example.test", db=db).returncode == 0
+    with ServeProcess(db, pebble, tmp_path) as server:
+        first = handshake(server.https_port, "renew.example.test", cafile=str(root), timeout=60)
+        # Nothing is due: a plain renew does nothing.
+        idle = run_cli("renew", "--http", f"127.0.0.1:{server.http_port}", *acme_args(pebble), db=db)
+        assert idle.returncode == 0, idle.stderr
+        assert "nothing is due" in idle.stdout
+
+        forced = run_cli("renew", "renew.example.test", "--force", "--http", f"127.0.0.1:{server.http_port}", *acme_args(pebble), db=db)
+        assert forced.returncode == 0, forced.stderr
+        new_serial = cli_json("status", "renew.example.test", db=db)["certificates"][0]["serial"]
+        assert new_serial != format(first.serial_number, "x")
+
+        def serves_new() -> bool:
+            return format(handshake(server.https_port, "renew.example.test", cafile=str(root)).serial_number, "x") == new_serial
+
+        eventually(serves_new, timeout=5, what="the renewed certificate to be served")
+
+        revoked = run_cli("revoke", "renew.example.test", "--reason", "superseded", *acme_args(pebble), db=db)
+        assert revoked.returncode == 0, revoked.stderr
+        assert pebble.cert_status(new_serial).get("Status") == "Revoked"
+
+        def stopped_serving_revoked() -> bool:
+            try:
+                serial = format(handshake(server.https_port, "renew.example.test", cafile=str(root)).serial_number, "x")
+            except OSError:
+                return True
+            return serial != new_serial
+
+        eventually(stopped_serving_revoked, timeout=10, what="the revoked certificate to stop being served")
+
+
+def test_ca_outage_keeps_serving_and_recovers_by_itself(pebble_factory, tmp_path: Path) -> None:
+    ca = pebble_factory()
+    db = f"sqlite:///{tmp_path / 'outage.db'}"
+    root = tmp_path / "root.pem"
+    root.write_bytes(ca.root_pem())
+    assert run_cli("allow", "up.example.test", "later.example.test", db=db).returncode == 0
+    with ServeProcess(db, ca, tmp_path) as server:
+        served = handshake(server.https_port, "up.example.test", cafile=str(root), timeout=60)
+        ca.stop()
+
+        # Existing certificates keep being served while the CA is down.
+        assert handshake(server.https_port, "up.example.test", cafile=str(root)).serial_number == served.serial_number
+        # A new name fails, and status says why and when it will be tried again.
+        assert "alert number 112" in openssl_s_client(server.https_port, "later.example.test")
+
+        def failed_entry() -> dict | None:  # type: ignore[type-arg]
+            (entry,) = cli_json("status", "later.example.test", db=db)["certificates"]
+            return entry if entry["state"] == "failed" else None
+
+        entry = eventually(failed_entry, timeout=30, what="the failure to be recorded")
+        assert entry["attempts"] >= 1 and entry["last_error"]
+        next_attempt = datetime.fromisoformat(entry["next_attempt_at"].replace("Z", "+00:00"))
+        assert timedelta(seconds=30) < next_attempt - datetime.now(timezone.utc) <= timedelta(minutes=1, seconds=5)
+        # Handshakes during the backoff neither order again nor hang.
+        assert "alert number 112" in openssl_s_client(server.https_port, "later.example.test")
+        assert cli_json("status", "later.example.test", db=db)["certificates"][0]["attempts"] == entry["attempts"]
+
+        ca.start()  # same ports, a fresh CA that knows nothing of our account
+        new_root = tmp_path / "root2.pem"
+        new_root.write_bytes(ca.root_pem())
+        certificate = served_certificate(server.https_port, "later.example.test", str(new_root), timeout=150)
+        assert certificate.serial_number
+        (entry,) = cli_json("status", "later.example.test", db=db)["certificates"]
+        assert entry["state"] == "valid" and entry["last_error"] is None and entry["next_attempt_at"] is None
+        assert "Traceback" not in server.stderr_path.read_text()
