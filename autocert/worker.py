@@ -82,6 +82,21 @@ def new_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def owner_is_dead(owner: str) -> bool:
+    """Whether a lease owner id names a process on this host that has exited."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class ChallengeBook:
     """Challenge answers for the current orders, reachable by every listener.
 
@@ -208,7 +223,7 @@ class Worker:
 
     async def _issue_once(self, name: str) -> StoredCertificate:
         async with self._limit:
-            if not await self._store.try_lease(name, self.owner, LEASE_SECONDS):
+            if not await self._store.try_lease(name, self.owner, LEASE_SECONDS) and not await self._take_over_dead_lease(name):
                 return await self._await_other_owner(name)
             try:
                 return await self._order(name)
@@ -291,6 +306,17 @@ class Worker:
         log.warning("issuing %s failed: %s", name, error)
         problem = f"{error.problem_type}: {error.detail}" if error.problem_type else error.detail
         self._events.emit(Event("failed", name, "failed", error=problem, previous="renewing" if renewing else "issuing"))
+
+    async def _take_over_dead_lease(self, name: str) -> bool:
+        """Reclaim a lease whose holder was a process on this host that no longer exists
+        (killed mid-order), instead of waiting for the lease to time out."""
+        state = await self._store.name_state(name)
+        holder = state.lease_owner if state is not None else None
+        if holder is None or not owner_is_dead(holder):
+            return False
+        log.warning("%s was leased by %s, which is gone; taking the order over", name, holder)
+        await self._store.release_lease(name, holder)
+        return await self._store.try_lease(name, self.owner, LEASE_SECONDS)
 
     async def _await_other_owner(self, name: str) -> StoredCertificate:
         """Another process holds the lease: wait for its outcome rather than ordering twice."""

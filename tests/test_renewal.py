@@ -167,3 +167,35 @@ def test_ca_outage_keeps_serving_and_recovers_by_itself(pebble_factory, tmp_path
         (entry,) = cli_json("status", "later.example.test", db=db)["certificates"]
         assert entry["state"] == "valid" and entry["last_error"] is None and entry["next_attempt_at"] is None
         assert "Traceback" not in server.stderr_path.read_text()
+
+
+def test_sigkill_during_issuance_then_restart_ends_valid_without_duplicates(pebble_factory, tmp_path: Path) -> None:
+    import signal
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    slow = pebble_factory(PEBBLE_VA_NOSLEEP="0")  # Pebble waits up to seconds before validating
+    db = f"sqlite:///{tmp_path / 'crash.db'}"
+    root = tmp_path / "root.pem"
+    root.write_bytes(slow.root_pem())
+    names = [f"c{i}.crash.example.test" for i in range(5)]
+    assert run_cli("allow", *names, db=db).returncode == 0
+    server = ServeProcess(db, slow, tmp_path).start()
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        for name in names:
+            pool.submit(lambda n=name: openssl_s_client(server.https_port, n))
+        eventually(lambda: server.stderr_path.read_text().count("issuing c") >= 5, timeout=30, what="five orders to start")
+        server.signal(signal.SIGKILL)
+        assert server.process is not None
+        server.process.wait(timeout=10)
+
+    restarted = ServeProcess(db, slow, tmp_path).start()
+    try:
+        for name in names:
+            served_certificate(restarted.https_port, name, str(root), timeout=120)
+    finally:
+        restarted.stop()
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:
+        counts = dict(connection.execute("select name, count(*) from certificates group by name").fetchall())
+    assert all(counts.get(name, 0) >= 1 for name in names)
+    assert sum(counts.values()) <= len(names) + 1, f"at most one extra order: {counts}"
