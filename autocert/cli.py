@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--default-name", default=None, metavar="NAME", help="certificate for clients without SNI")
     serve.add_argument("--hsts", action="store_true", help="add Strict-Transport-Security to proxied responses")
     serve.add_argument("--log-format", choices=("text", "json"), default=env("AUTOCERT_LOG_FORMAT", "text"))
+    serve.add_argument("--on-event", default=env("AUTOCERT_ON_EVENT"), metavar="CMD",
+                       help="run CMD (a shell command; event JSON on stdin) on issued, renewed, failed, expiring, expired")
+    serve.add_argument("--webhook", default=env("AUTOCERT_WEBHOOK"), metavar="URL", help="POST each such event as JSON to URL")
     return parser
 
 
@@ -152,13 +155,18 @@ def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
 
 
 class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line; event lines also carry ``event``, ``name``, ``state``, ``error``."""
+
     def format(self, record: logging.LogRecord) -> str:
-        payload = {
+        payload: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat().replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = getattr(record, "autocert_event", None)
+        if isinstance(fields, dict):
+            payload.update(fields)
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
         return json.dumps(payload)
@@ -223,20 +231,70 @@ async def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def print_status(report: list[dict[str, Any]]) -> None:
+#: ANSI colours per state, used only when stdout is a terminal (and NO_COLOR is unset).
+STATE_COLOURS = {
+    "valid": "32",  # green
+    "failed": "1;31",  # bold red
+    "expired": "1;31",
+    "issuing": "33",  # yellow
+    "renewing": "33",
+    "pending": "36",  # cyan
+    "disallowed": "2",  # dim
+}
+
+
+def use_colour(stream: Any = None) -> bool:
+    stream = stream or sys.stdout
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def days_left(not_after: str | None, now: datetime) -> str:
+    if not not_after:
+        return "-"
+    days = (datetime.fromisoformat(not_after.replace("Z", "+00:00")) - now).total_seconds() / 86400
+    return f"{days:.1f}" if abs(days) < 10 else f"{days:.0f}"
+
+
+def short_time(value: str | None) -> str:
+    """ISO 8601 to minutes ("2026-05-01 12:00Z"): seconds only widen the table."""
+    return value[:16].replace("T", " ") + "Z" if value else "-"
+
+
+def print_status(report: list[dict[str, Any]], *, colour: bool | None = None) -> None:
+    """An aligned table; the state is coloured on a terminal so failures catch the eye."""
+    colour = use_colour() if colour is None else colour
+    now = datetime.now(timezone.utc)
+    headers = ["NAME", "STATE", "DAYS LEFT", "NOT AFTER", "RENEW AT", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"]
     rows = [
         [
             item["name"],
             item["state"],
-            (item["not_after"] or "-"),
-            (item["renew_at"] or "-"),
+            days_left(item["not_after"], now),
+            short_time(item["not_after"]),
+            short_time(item["renew_at"]),
             str(item["attempts"]),
-            (item["next_attempt_at"] or "-"),
+            short_time(item["next_attempt_at"]),
             (item["last_error"] or "-"),
         ]
         for item in report
     ]
-    print_table(rows, ["NAME", "STATE", "NOT AFTER", "RENEW AT", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"])
+    widths = [max([len(headers[i]), *(len(row[i]) for row in rows)]) for i in range(len(headers))]
+    numeric = {2, 5}
+
+    def line(cells: list[str], paint: bool) -> str:
+        parts = []
+        for i, (cell, width) in enumerate(zip(cells, widths)):
+            padded = cell.rjust(width) if i in numeric else cell.ljust(width)
+            if paint and i == 1 and cell in STATE_COLOURS:
+                padded = f"\x1b[{STATE_COLOURS[cell]}m{cell}\x1b[0m" + " " * (width - len(cell))
+            parts.append(padded)
+        return "  ".join(parts).rstrip()
+
+    print(line(headers, False))
+    for row in rows:
+        print(line(row, colour))
 
 
 def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str], **extra: Any) -> Manager:
@@ -279,6 +337,16 @@ async def cmd_issue(args: argparse.Namespace) -> int:
             else:
                 print(f"{item['name']}: valid, serial {item['serial']}, until {item['not_after']}")
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def check_webhook(url: str | None) -> str | None:
+    """A webhook must be an absolute http(s) URL; caught at start, not at the first failure."""
+    if not url:
+        return None
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        raise ConfigError(f"--webhook {url!r}: not an http:// or https:// URL")
+    return url
 
 
 def listener_options(args: argparse.Namespace) -> ServeOptions:
@@ -341,6 +409,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     options.upstream = args.upstream
     options.first_contact_wait = parse_positive_float(args.first_contact_wait, option="--first-contact-wait")
     options.hsts = args.hsts
+    options.on_event = args.on_event
+    options.webhook = check_webhook(args.webhook)
     check_admin_binding(options)
     challenge_types = challenge_types_for(options)
     if options.http is not None and options.https is not None:

@@ -22,6 +22,9 @@ from aiohttp import web
 from .config import Listen
 from .errors import ConfigError
 from .manager import Manager
+from .metrics import Metrics
+from .monitor import ExpiryMonitor
+from .notify import Notifier
 from .tls import (
     MAX_CLIENT_HELLO,
     UNRECOGNIZED_NAME_ALERT,
@@ -49,6 +52,8 @@ class ServeOptions:
     hello_timeout: float = 5.0
     handshake_timeout: float = 10.0
     shutdown_timeout: float = 5.0
+    on_event: str | None = None
+    webhook: str | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -114,13 +119,17 @@ class TlsFront:
 
     async def _context_for(self, hello: ClientHello) -> ssl.SSLContext | None:
         name = hello.server_name or self._manager.default_name
+        handshakes = self._manager.handshakes
         if not name or not self._manager.is_allowed(name):
+            handshakes["unknown_name"] += 1
             return None
         if ACME_TLS_ALPN in hello.alpn:
+            handshakes["challenge"] += 1
             return await self._challenge_context(name)
         context = self._manager.cache.get(name)
         if context is None:
             context = await self._manager.context_for(name, wait=self._options.first_contact_wait)
+        handshakes["served" if context is not None else "pending"] += 1
         return context
 
     async def _challenge_context(self, name: str) -> ssl.SSLContext | None:
@@ -238,12 +247,25 @@ async def serve(manager: Manager, options: ServeOptions, *, ready: asyncio.Event
     runners: list[web.AppRunner] = []
     front: TlsFront | None = None
     accept_task: asyncio.Task[None] | None = None
+    Metrics.of(manager)  # before start(), so the ACME client gets its latency hook
+    notifier = Notifier(webhook=options.webhook, command=options.on_event)
+    if notifier.enabled:
+        notifier.attach(manager.events)
+    monitor = ExpiryMonitor.of(manager)
+
+    def listeners_health() -> str | None:
+        if accept_task is not None and accept_task.done():
+            return "https listener stopped accepting connections"
+        return None
+
     await manager.start()
+    await monitor.start()
     try:
         if options.http is not None:
             runners.append(await _start_site(http_app(manager, options), options.http, "http", options))
         if options.admin is not None:
-            runners.append(await _start_site(status_app(manager, token=options.admin_token), options.admin, "admin", options))
+            admin = status_app(manager, token=options.admin_token, checks=[listeners_health])
+            runners.append(await _start_site(admin, options.admin, "admin", options))
         if options.https is not None:
             if options.upstream:
                 from .proxy import proxy_app
@@ -272,7 +294,9 @@ async def serve(manager: Manager, options: ServeOptions, *, ready: asyncio.Event
             await runner.cleanup()
         if front is not None:
             await front.close()
+        await monitor.stop()
         await manager.stop()
+        await notifier.close(timeout=5.0)  # last events (e.g. a failure at shutdown) still go out
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 

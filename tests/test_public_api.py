@@ -12,12 +12,12 @@ PACKAGE = Path(autocert.__file__).parent
 
 # Imports flow one way: a module may import only modules of its own layer or below.
 LAYERS = {
-    "errors": 0, "names": 0, "config": 0, "_version": 0, "models": 0, "crypto": 0, "events": 0,
+    "errors": 0, "names": 0, "config": 0, "_version": 0, "models": 0, "crypto": 0, "events": 0, "notify": 1,
     "store": 1,
     "acme_client": 2, "tls": 2,
     "worker": 3, "status": 3,
     "manager": 4,
-    "web": 5, "proxy": 5,
+    "web": 5, "proxy": 5, "monitor": 5, "metrics": 5,
     "server": 6,
     "cli": 7, "__main__": 8, "__init__": 8,
 }

@@ -1,0 +1,181 @@
+"""Expiry watch: turn certificates that are running out into ``expiring`` and ``expired`` events.
+
+Let's Encrypt stopped sending expiry e-mails in 2025, so an operator's only warning is the
+one their own tool gives. Renewal is meant to happen when a third of the lifetime is left
+(half for short-lived certificates); a certificate that is past that point, and a bit of grace,
+with no newer one stored means renewal is not working, and someone must hear about it while
+there is still time.
+
+The scan reads certificates in chunks so memory stays flat however many names there are, and
+it runs every ``interval`` seconds (and at start) in whichever process serves or embeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
+
+from .events import Event
+
+if TYPE_CHECKING:
+    from .manager import Manager
+    from .store import StoredCertificate
+
+__all__ = ["ExpiryMonitor", "is_expiring"]
+
+log = logging.getLogger(__name__)
+
+#: Certificates loaded per query during a scan.
+CHUNK = 500
+
+#: Once the renewal time has passed, how long renewal gets before ``expiring`` is raised: at most
+#: an hour, less for short lifetimes, so a renewal that is merely in progress does not alarm.
+MAX_GRACE = timedelta(hours=1)
+
+
+def is_expiring(not_before: datetime, not_after: datetime, renew_at: datetime | None, now: datetime) -> bool:
+    """Less than a third of the lifetime left and the renewal that was due has not happened."""
+    lifetime = not_after - not_before
+    if now >= not_after or not_after - now >= lifetime / 3:
+        return False
+    grace = min(MAX_GRACE, lifetime / 50)
+    return renew_at is None or now >= renew_at + grace
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class ExpiryMonitor:
+    """One per manager (:meth:`of`); emits on ``manager.events`` and knows the soonest expiry.
+
+    ``remind`` bounds how often the same certificate is reported again, so the log and the
+    notification channels get a daily reminder rather than one line every scan.
+    """
+
+    _instances: weakref.WeakKeyDictionary[Manager, ExpiryMonitor] = weakref.WeakKeyDictionary()
+
+    def __init__(self, manager: Manager, *, interval: float = 600.0, remind: timedelta = timedelta(days=1)) -> None:
+        self.manager = manager
+        self.interval = interval
+        self.remind = remind
+        #: Current ``not_after`` of every allowed name with a certificate, as of the last scan.
+        self.expiries: dict[str, datetime] = {}
+        self.scanned_at: datetime | None = None
+        self._reported: dict[tuple[str, str, int], datetime] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._users = 0
+        self._unsubscribe = manager.events.subscribe(self._on_event)
+
+    @classmethod
+    def of(cls, manager: Manager) -> ExpiryMonitor:
+        """The monitor of ``manager``, created on first use: several users share one scan."""
+        monitor = cls._instances.get(manager)
+        if monitor is None:
+            monitor = cls._instances[manager] = cls(manager)
+        return monitor
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start scanning (at once, then every ``interval``); nested starts share one loop."""
+        self._users += 1
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="autocert-expiry-monitor")
+
+    async def stop(self) -> None:
+        self._users = max(0, self._users - 1)
+        if self._users == 0 and self._task is not None:
+            task, self._task = self._task, None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database may be briefly unavailable; try again next round
+                log.exception("expiry check failed; will retry in %.0f s", self.interval)
+            await asyncio.sleep(self.interval)
+
+    # -- scanning ----------------------------------------------------------------------------
+
+    async def refresh(self) -> list[StoredCertificate]:
+        """Reload every allowed name's current certificate metadata; returns the certificates."""
+        store = self.manager.store
+        names = [name for name in await store.certificate_names() if self.manager.is_allowed(name)]
+        found: list[StoredCertificate] = []
+        expiries: dict[str, datetime] = {}
+        for start in range(0, len(names), CHUNK):
+            for certificate in await store.current_certificates(names[start : start + CHUNK]):
+                expiries[certificate.name] = certificate.not_after
+                # Keep only what the checks need, not keys and chains.
+                found.append(replace(certificate, key_pem=b"", chain_pem=b""))
+        self.expiries = expiries
+        self.scanned_at = _utcnow()
+        return found
+
+    async def check(self, now: datetime | None = None) -> list[Event]:
+        """Scan once and emit ``expiring``/``expired`` for what needs attention; returns them."""
+        certificates = await self.refresh()
+        now = now or _utcnow()
+        emitted: list[Event] = []
+        for certificate in certificates:
+            event = self._event_for(certificate, now)
+            if event is None:
+                continue
+            key = (certificate.name, event.kind, certificate.id)
+            last = self._reported.get(key)
+            if last is not None and now - last < self.remind:
+                continue
+            self._reported[key] = now
+            self.manager.events.emit(event)
+            emitted.append(event)
+        live = {(c.name, c.id) for c in certificates}
+        self._reported = {k: v for k, v in self._reported.items() if (k[0], k[2]) in live}
+        return emitted
+
+    @staticmethod
+    def _event_for(certificate: StoredCertificate, now: datetime) -> Event | None:
+        left = certificate.not_after - now
+        if left <= timedelta(0):
+            return Event("expired", certificate.name, "expired", error=f"expired at {_iso(certificate.not_after)}", at=now)
+        if is_expiring(certificate.not_before, certificate.not_after, certificate.renew_at, now):
+            days = left.total_seconds() / 86400
+            return Event(
+                "expiring",
+                certificate.name,
+                "valid",
+                error=f"expires at {_iso(certificate.not_after)} ({days:.1f} days left) and has not been renewed",
+                at=now,
+            )
+        return None
+
+    async def _on_event(self, event: Event) -> None:
+        """Keep the soonest-expiry figure current between scans."""
+        if event.kind in ("issued", "renewed"):
+            try:
+                certificate = await self.manager.store.current_certificate(event.name)
+            except Exception:  # not started or stopped meanwhile: the next scan catches up
+                return
+            if certificate is not None:
+                self.expiries[event.name] = certificate.not_after
+        elif event.kind == "disallowed":
+            for name in [n for n in self.expiries if not self.manager.is_allowed(n)]:
+                del self.expiries[name]
+
+    def soonest_expiry(self, names: Iterable[str] | None = None) -> datetime | None:
+        """The earliest ``not_after`` among allowed names with a certificate (last scan)."""
+        values = [self.expiries[n] for n in names if n in self.expiries] if names is not None else list(self.expiries.values())
+        return min(values) if values else None
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
