@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .errors import AutocertError
 from .events import EVENT_KINDS, Event
 from .monitor import ExpiryMonitor
 
@@ -140,7 +141,7 @@ class _LiveCollector(Collector):
 
         try:
             in_flight = len(manager.worker.in_flight)
-        except Exception:  # not started: nothing is in flight
+        except AutocertError:  # not started: nothing is in flight
             in_flight = 0
         yield GaugeMetricFamily("autocert_issuance_in_flight", "Orders running or queued in this process.", value=in_flight)
 

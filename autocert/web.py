@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .errors import InvalidName
@@ -51,7 +52,7 @@ async def challenge_response(manager: Manager, request: web.Request) -> web.Resp
     return web.Response(text=key_authorization, content_type="application/octet-stream")
 
 
-def middleware(manager: Manager) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def middleware(manager: Manager) -> Middleware:
     """An aiohttp middleware that answers ACME http-01 challenges before the app sees them."""
 
     @web.middleware
@@ -80,7 +81,7 @@ def setup(app: web.Application, manager: Manager) -> None:
     app.cleanup_ctx.append(manager_lifecycle)
 
 
-def require_token(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def require_token(token: str) -> Middleware:
     """Every request needs ``Authorization: Bearer <token>`` (compared in constant time)."""
     expected = f"Bearer {token}".encode()
 

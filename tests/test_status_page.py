@@ -32,8 +32,16 @@ from typing import Any
 import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
-
-from support import REPO, ServeProcess, cli_json, eventually, free_port, handshake, openssl_s_client, run_cli
+from support import (
+    REPO,
+    ServeProcess,
+    cli_json,
+    eventually,
+    free_port,
+    handshake,
+    openssl_s_client,
+    run_cli,
+)
 
 GOOD, BAD, EVIL = "good.example.test", "bad.example.test", "evil.example.test"
 #: What the fake server at 127.0.0.3 answers instead of the key authorization.
@@ -42,7 +50,7 @@ PROBLEM_PREFIX = "urn:ietf:params:acme:error:"
 
 
 class _EvilHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         body = EVIL_BODY.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -50,7 +58,7 @@ class _EvilHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
