@@ -51,7 +51,9 @@ class ServeOptions:
     hsts: bool = False
     hello_timeout: float = 5.0
     handshake_timeout: float = 10.0
-    shutdown_timeout: float = 5.0
+    #: How long in-flight requests (a slow page, a proxied download) may run on after
+    #: SIGTERM; idle connections close at once, so an idle server still stops immediately.
+    shutdown_timeout: float = 30.0
     on_event: str | None = None
     webhook: str | None = None
 
@@ -240,6 +242,13 @@ def http_app(manager: Manager, options: ServeOptions) -> web.Application:
 async def serve(manager: Manager, options: ServeOptions, *, ready: asyncio.Event | None = None) -> None:
     """Run every listener until SIGTERM or SIGINT, then shut down gracefully."""
     check_admin_binding(options)
+    if options.upstream:
+        from .proxy import proxy_app
+
+        # Built before anything starts: a bad --upstream is a usage error with nothing written.
+        https_application = proxy_app(options.upstream, hsts=options.hsts)
+    else:
+        https_application = tls_app(options)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -267,12 +276,6 @@ async def serve(manager: Manager, options: ServeOptions, *, ready: asyncio.Event
             admin = status_app(manager, token=options.admin_token, checks=[listeners_health])
             runners.append(await _start_site(admin, options.admin, "admin", options))
         if options.https is not None:
-            if options.upstream:
-                from .proxy import proxy_app
-
-                https_application = proxy_app(options.upstream, hsts=options.hsts)
-            else:
-                https_application = tls_app(options)
             https_runner = web.AppRunner(https_application, shutdown_timeout=options.shutdown_timeout, handle_signals=False)
             await https_runner.setup()
             runners.append(https_runner)
