@@ -30,7 +30,7 @@ from .config import (
     parse_positive_float,
     parse_positive_int,
 )
-from .errors import AutocertError, ConfigError, InvalidName, IssuanceError
+from .errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from .manager import Manager
 from .names import normalize_entry, normalize_name
 from .status import isoformat, status_report
@@ -48,6 +48,16 @@ class UsageError(AutocertError):
 
 def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
+
+
+#: RFC 5280 CRLReason codes accepted by ACME revocation.
+REVOCATION_REASONS = {
+    "unspecified": 0,
+    "keyCompromise": 1,
+    "affiliationChanged": 3,
+    "superseded": 4,
+    "cessationOfOperation": 5,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     issue = commands.add_parser("issue", help="order certificates now", parents=[common, acme])
     issue.add_argument("names", nargs="+", metavar="NAME")
     issue.add_argument("--wait", metavar="SECONDS", help="give up after SECONDS; exit 0 only if all are valid")
+
+    renew = commands.add_parser("renew", help="renew what is due (or the given names)", parents=[common, acme])
+    renew.add_argument("names", nargs="*", metavar="NAME")
+    renew.add_argument("--force", action="store_true", help="renew now, whatever the renewal time")
+    revoke = commands.add_parser("revoke", help="revoke at the CA and stop serving", parents=[common, acme])
+    revoke.add_argument("names", nargs="+", metavar="NAME")
+    revoke.add_argument("--reason", choices=sorted(REVOCATION_REASONS), default="unspecified", help="RFC 5280 reason")
 
     serve = commands.add_parser("serve", help="run the server", parents=[common, acme])
     serve.add_argument("--admin", default=env("AUTOCERT_ADMIN", "127.0.0.1:8081"), help="admin listener HOST:PORT or none")
@@ -298,6 +315,7 @@ def print_status(report: list[dict[str, Any]], *, colour: bool | None = None) ->
 
 
 def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str], **extra: Any) -> Manager:
+    extra.setdefault("renew", False)  # one-shot commands do only what they were asked
     return Manager(
         db=db_url(args),
         directory=args.directory,
@@ -327,7 +345,12 @@ async def cmd_issue(args: argparse.Namespace) -> int:
             except asyncio.TimeoutError:
                 results = [IssuanceError(name, f"not finished within {args.wait} s") for name in names]
         report = await manager.status(names)
-    failures = {name: result for name, result in zip(names, results) if isinstance(result, BaseException)}
+    return report_outcomes(args, report, dict(zip(names, results)))
+
+
+def report_outcomes(args: argparse.Namespace, report: list[dict[str, Any]], results: dict[str, Any]) -> int:
+    """Print what became of each name; exit 1 if any failed."""
+    failures = {name: result for name, result in results.items() if isinstance(result, BaseException)}
     if wants_json(args):
         emit_json({"certificates": report})
     else:
@@ -335,8 +358,42 @@ async def cmd_issue(args: argparse.Namespace) -> int:
             if item["name"] in failures:
                 print(f"{item['name']}: failed: {failures[item['name']]}")
             else:
-                print(f"{item['name']}: valid, serial {item['serial']}, until {item['not_after']}")
+                print(f"{item['name']}: {item['state']}, serial {item['serial']}, until {item['not_after']}")
     return EXIT_FAILED if failures else EXIT_OK
+
+
+async def cmd_renew(args: argparse.Namespace) -> int:
+    names = normalise_all(args.names, patterns=False) if args.names else None
+    options = listener_options(args)
+    manager = manager_from_args(args, challenge_types=challenge_types_for(options))
+    async with manager:
+        async with challenge_listeners(manager, options):
+            results = await manager.renew(names, force=args.force)
+        report = await manager.status(list(results)) if results else []
+    if not results and not wants_json(args):
+        print("nothing is due for renewal")
+    return report_outcomes(args, report, results)
+
+
+async def cmd_revoke(args: argparse.Namespace) -> int:
+    names = normalise_all(args.names, patterns=False)
+    options = listener_options(args)
+    manager = manager_from_args(args, challenge_types=challenge_types_for(options))
+    results: dict[str, Any] = {}
+    async with manager:
+        for name in names:
+            try:
+                results[name] = await manager.revoke(name, REVOCATION_REASONS[args.reason])
+            except (IssuanceError, AcmeError) as exc:
+                results[name] = exc
+    if wants_json(args):
+        emit_json({"revoked": [{"name": n, "serial": r.serial} for n, r in results.items() if not isinstance(r, BaseException)]})
+    for name, result in results.items():
+        if isinstance(result, BaseException):
+            print(f"autocert: {name}: not revoked: {result}", file=sys.stderr)
+        elif not wants_json(args):
+            print(f"{name}: revoked serial {result.serial}; no longer served")
+    return EXIT_FAILED if any(isinstance(r, BaseException) for r in results.values()) else EXIT_OK
 
 
 def check_webhook(url: str | None) -> str | None:
@@ -417,7 +474,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         challenge_types.append("tls-alpn-01")
     cache_size = parse_positive_int(args.cache_size, option="--cache-size")
     default_name = normalize_name(args.default_name) if args.default_name else None
-    manager = manager_from_args(args, challenge_types=challenge_types, cache_size=cache_size, default_name=default_name)
+    manager = manager_from_args(args, challenge_types=challenge_types, cache_size=cache_size, default_name=default_name, renew=True)
     await serve(manager, options)
     return EXIT_OK
 
@@ -428,6 +485,8 @@ COMMANDS = {
     "list": cmd_list,
     "status": cmd_status,
     "issue": cmd_issue,
+    "renew": cmd_renew,
+    "revoke": cmd_revoke,
     "serve": cmd_serve,
 }
 

@@ -15,7 +15,7 @@ LAYERS = {
     "errors": 0, "names": 0, "config": 0, "_version": 0, "models": 0, "crypto": 0, "events": 0, "notify": 1,
     "store": 1,
     "acme_client": 2, "tls": 2,
-    "worker": 3, "status": 3,
+    "worker": 3, "status": 3, "scheduler": 3,
     "manager": 4,
     "web": 5, "proxy": 5, "monitor": 5, "metrics": 5,
     "server": 6,
