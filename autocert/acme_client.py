@@ -37,7 +37,7 @@ from autocert._version import __version__
 from autocert.crypto import CertificateInfo, leaf_certificate_der, make_csr, parse_certificate_chain
 from autocert.errors import AcmeError
 
-__all__ = ["AcmeClient", "ChallengeResponder", "IssuedCertificate"]
+__all__ = ["AcmeClient", "ChallengeResponder", "IssuedCertificate", "RenewalInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,19 @@ def _signature_algorithm(key: jose.JWK) -> jose.JWASignature:
             return algs[curve]
         raise ValueError(f"unsupported account key curve {curve}")
     raise ValueError(f"unsupported account key type {type(key).__name__}")
+
+
+@dataclass(frozen=True)
+class RenewalInfo:
+    """A CA's renewal information for one certificate (RFC 9773)."""
+
+    start: datetime
+    end: datetime
+    retry_after: float | None
+    explanation_url: str | None
+
+
+ALREADY_REPLACED = "urn:ietf:params:acme:error:alreadyReplaced"
 
 
 class AcmeClient:
@@ -417,6 +430,28 @@ class AcmeClient:
         await self._post(url, {"certificate": jose.encode_b64jose(der), "reason": reason})
         log.debug("revoked certificate (reason %d)", reason)
 
+    async def renewal_info(self, certificate_id: str) -> RenewalInfo | None:
+        """The CA's suggested renewal window (RFC 9773), or None when it offers none."""
+        directory = await self.directory()
+        base = directory.to_partial_json().get("renewalInfo")
+        if not isinstance(base, str):
+            return None
+        resp = await self._send("GET", f"{base.rstrip('/')}/{certificate_id}")
+        if resp.status != 200:
+            raise self._response_error(resp)
+        try:
+            body = resp.json()
+            window = body["suggestedWindow"]
+            start = datetime.fromisoformat(str(window["start"]).replace("Z", "+00:00"))
+            end = datetime.fromisoformat(str(window["end"]).replace("Z", "+00:00"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AcmeError(f"malformed renewal information from {resp.url}: {exc}") from exc
+        if start.tzinfo is None or end.tzinfo is None or end < start:
+            raise AcmeError(f"unusable renewal window from {resp.url}: {window!r}")
+        explanation = body.get("explanationURL")
+        return RenewalInfo(start=start, end=end, retry_after=resp.retry_after,
+                           explanation_url=explanation if isinstance(explanation, str) else None)
+
     async def issue(
         self,
         names: Sequence[str],
@@ -424,11 +459,23 @@ class AcmeClient:
         responder: ChallengeResponder,
         *,
         profile: str | None = None,
+        replaces: str | None = None,
     ) -> IssuedCertificate:
-        """The whole flow: order, authorize every name concurrently, finalize, download."""
+        """The whole flow: order, authorize every name concurrently, finalize, download.
+
+        ``replaces`` (an ARI certificate id) marks the order as a renewal. A CA that refuses
+        it (409: already replaced, or not replaceable) gets a plain order instead, so a
+        renewal never fails over bookkeeping.
+        """
         started = time.monotonic()
         csr = make_csr(key_pem, names)
-        order_url, order = await self.new_order(names, profile=profile)
+        try:
+            order_url, order = await self.new_order(names, profile=profile, replaces=replaces)
+        except AcmeError as exc:
+            if replaces is None or not (exc.status == 409 or exc.problem_type == ALREADY_REPLACED):
+                raise
+            log.warning("the CA refused replaces=%s (%s); placing a plain order", replaces, exc)
+            order_url, order = await self.new_order(names, profile=profile)
         tasks = [asyncio.ensure_future(self.authorize(u, responder)) for u in order.authorizations]
         try:
             await asyncio.gather(*tasks)

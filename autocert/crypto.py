@@ -190,3 +190,26 @@ def tls_alpn_challenge_certificate(name: str, key_authorization: str) -> tuple[b
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return cert_pem, key_pem
+
+
+def ari_certificate_id(chain_pem: bytes) -> str:
+    """The RFC 9773 certificate identifier of the leaf: base64url(AKI keyIdentifier) "."
+    base64url(DER serial number bytes), both unpadded. Raises ValueError without an AKI."""
+    import base64
+
+    leaf = x509.load_pem_x509_certificate(chain_pem)
+    try:
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        raise ValueError("the certificate has no authority key identifier") from None
+    if aki.key_identifier is None:
+        raise ValueError("the certificate's authority key identifier has no key identifier")
+    serial = leaf.serial_number
+    # DER INTEGER content octets: big-endian two's complement, with a leading zero when the
+    # high bit is set (serials are positive).
+    serial_bytes = serial.to_bytes((serial.bit_length() + 8) // 8 or 1, "big")
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+    return f"{b64(aki.key_identifier)}.{b64(serial_bytes)}"

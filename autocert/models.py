@@ -111,7 +111,8 @@ class AllowedRow(Base):
 
 
 class CertificateRow(Base):
-    """An issued certificate; rows are never rewritten except to mark revocation.
+    """An issued certificate; rows are never rewritten except to mark revocation and to move
+    ``renew_at`` into the CA's suggested renewal window.
 
     Ids only grow (AUTOINCREMENT on SQLite, a sequence on PostgreSQL) so that running servers
     can pick up certificates written by other processes by remembering the last id they saw.
@@ -135,6 +136,8 @@ class CertificateRow(Base):
     profile: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+    # When the CA's renewal information (RFC 9773) should next be fetched; None: never yet.
+    ari_next_check_at: Mapped[datetime | None]
 
 
 class AttemptRow(Base):

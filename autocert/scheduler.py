@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
@@ -21,6 +22,23 @@ log = logging.getLogger(__name__)
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+#: Let's Encrypt asks clients to check renewal information about twice a day.
+ARI_CHECK_INTERVAL = timedelta(hours=12)
+#: Bounds on a CA's Retry-After for renewal information, so a bad value neither hammers
+#: the CA nor lets a revoked certificate's new window go unseen for days.
+ARI_MIN_RECHECK = timedelta(minutes=30)
+ARI_MAX_RECHECK = timedelta(days=1)
+ARI_ERROR_RETRY = timedelta(hours=1)
+
+
+def time_in_window(start: datetime, end: datetime, now: datetime, rng: random.Random) -> datetime:
+    """A uniformly random time in the CA's window, or now if the window has passed (RFC 9773 §4.2)."""
+    if end <= now:
+        return now
+    start = max(start, now)
+    return start + (end - start) * rng.random()
 
 
 class Scheduler:
@@ -40,6 +58,7 @@ class Scheduler:
         max_sleep: float = 60.0,
         min_sleep: float = 1.0,
         batch: int = 100,
+        rng: random.Random | None = None,
     ) -> None:
         self._store = store
         self._worker = worker
@@ -50,6 +69,8 @@ class Scheduler:
         self._batch = batch
         self._wake = asyncio.Event()
         self._parked: set[str] = set()
+        self._ari_unsupported = False
+        self._random = rng or random.Random()
 
     def poke(self) -> None:
         """Look at the database again now (e.g. after a failure set a new backoff)."""
@@ -75,7 +96,9 @@ class Scheduler:
                 pass
 
     async def run_once(self) -> list[str]:
-        """Start every renewal and retry that is due now; returns the names started."""
+        """Refresh due renewal windows, then start every renewal and retry that is due now;
+        returns the names started."""
+        await self.check_renewal_info()
         now = self._clock()
         started: list[str] = []
         for certificate in await self._store.renewals_due(now, self._batch):
@@ -98,6 +121,39 @@ class Scheduler:
             self._start(state.name)
             started.append(state.name)
         return started
+
+    async def check_renewal_info(self) -> int:
+        """Fetch the CA's renewal window (RFC 9773) for certificates whose check is due and
+        move their ``renew_at`` into it; returns how many were checked.
+
+        Runs here, never on the handshake path. A CA without renewal information is noticed
+        once; the lifetime-based ``renew_at`` then stands.
+        """
+        if self._ari_unsupported:
+            return 0
+        now = self._clock()
+        checked = 0
+        for certificate in await self._store.renewal_info_due(now, self._batch):
+            try:
+                info = await self._worker.renewal_info(certificate)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the CA is unreachable or answered badly: try again later
+                log.warning("could not fetch renewal information for %s: %s", certificate.name, exc)
+                await self._store.set_renewal(certificate.id, renew_at=certificate.renew_at, ari_next_check_at=now + ARI_ERROR_RETRY)
+                continue
+            if info is None:
+                self._ari_unsupported = True
+                return checked
+            renew_at = time_in_window(info.start, info.end, now, self._random)
+            wait = timedelta(seconds=info.retry_after) if info.retry_after else ARI_CHECK_INTERVAL * self._random.uniform(0.9, 1.1)
+            next_check = now + min(max(wait, ARI_MIN_RECHECK), ARI_MAX_RECHECK)
+            await self._store.set_renewal(certificate.id, renew_at=renew_at, ari_next_check_at=next_check)
+            if renew_at != certificate.renew_at:
+                log.info("%s: the CA suggests renewing between %s and %s; renewing at %s",
+                         certificate.name, info.start.isoformat(), info.end.isoformat(), renew_at.isoformat())
+            checked += 1
+        return checked
 
     def _allowed(self, name: str) -> bool:
         """The zombie breaker: a name removed from the allowlist is parked, not renewed."""

@@ -134,6 +134,7 @@ class StoredCertificate:
     profile: str | None
     created_at: datetime
     revoked_at: datetime | None
+    ari_next_check_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +367,7 @@ def _certificate(row: Row[Any]) -> StoredCertificate:
         profile=row.profile,
         created_at=row.created_at,
         revoked_at=row.revoked_at,
+        ari_next_check_at=row.ari_next_check_at,
     )
 
 
@@ -740,6 +742,50 @@ class Store:
         async with self._reading() as session:
             rows = (await session.execute(stmt)).all()
         return [_certificate(row) for row in rows]
+
+    async def set_renewal(self, cert_id: int, *, renew_at: datetime, ari_next_check_at: datetime | None) -> None:
+        """Move a certificate's renewal time (into the CA's window) and its next ARI fetch."""
+        stmt = (
+            update(_certificates)
+            .where(_certificates.c.id == cert_id)
+            .values(renew_at=_aware(renew_at, "renew_at"),
+                    ari_next_check_at=_aware(ari_next_check_at, "ari_next_check_at") if ari_next_check_at else None)
+        )
+        async with self._writing() as session:
+            await session.execute(stmt)
+
+    async def renewal_info_due(self, before: datetime, limit: int = 100) -> list[StoredCertificate]:
+        """Current certificates whose renewal information should be fetched by ``before``."""
+        current = _current_certificates_query(None).subquery()
+        stmt = (
+            select(current)
+            .where(or_(current.c.ari_next_check_at.is_(None), current.c.ari_next_check_at <= _aware(before, "before")))
+            .order_by(current.c.ari_next_check_at.is_(None).desc(), current.c.ari_next_check_at, current.c.id)
+            .limit(limit)
+        )
+        async with self._reading() as session:
+            rows = (await session.execute(stmt)).all()
+        return [_certificate(row) for row in rows]
+
+    async def orders_since(self, directory: str, since: datetime) -> int:
+        """Orders started against ``directory`` since ``since``: the account's rate budget."""
+        stmt = (
+            select(func.count())
+            .select_from(_attempts)
+            .where(_attempts.c.directory == directory, _attempts.c.started_at >= _aware(since, "since"))
+        )
+        async with self._reading() as session:
+            return int((await session.execute(stmt)).scalar_one())
+
+    async def failures_since(self, name: str, since: datetime) -> list[datetime]:
+        """Start times of ``name``'s failed attempts since ``since``, oldest first."""
+        stmt = (
+            select(_attempts.c.started_at)
+            .where(_attempts.c.name == name, _attempts.c.result == "failed", _attempts.c.started_at >= _aware(since, "since"))
+            .order_by(_attempts.c.started_at)
+        )
+        async with self._reading() as session:
+            return list((await session.execute(stmt)).scalars())
 
     async def revoked_since(self, when: datetime) -> list[StoredCertificate]:
         """Certificates revoked after ``when``, so running servers stop serving them."""

@@ -19,8 +19,8 @@ from datetime import datetime, timedelta, timezone
 
 import aiohttp
 
-from .acme_client import AcmeClient, ChallengeResponder
-from .crypto import generate_private_key, tls_alpn_challenge_certificate
+from .acme_client import AcmeClient, ChallengeResponder, RenewalInfo
+from .crypto import ari_certificate_id, generate_private_key, tls_alpn_challenge_certificate
 from .errors import AcmeError, AutocertError, IssuanceError
 from .events import Event, EventBus
 from .store import StoredCertificate, Store
@@ -80,6 +80,16 @@ def renewal_time(not_before: datetime, not_after: datetime, *, jitter: float | N
 def new_owner_id() -> str:
     """Identifies this process in leases, so an operator can tell who holds a name."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def renewal_replaces(previous: StoredCertificate | None) -> str | None:
+    """The ARI id a renewal order names in ``replaces`` (the client drops it for CAs without ARI)."""
+    if previous is None:
+        return None
+    try:
+        return ari_certificate_id(previous.chain_pem)
+    except ValueError:
+        return None
 
 
 def owner_is_dead(owner: str) -> bool:
@@ -241,14 +251,15 @@ class Worker:
         try:
             client = await self._acme()
             key_pem = await asyncio.to_thread(generate_private_key)
+            replaces = renewal_replaces(previous)
             try:
-                issued = await client.issue([name], key_pem, self._challenges, profile=profile)
+                issued = await client.issue([name], key_pem, self._challenges, profile=profile, replaces=replaces)
             except AcmeError as exc:
                 if exc.problem_type != ACCOUNT_GONE:
                     raise
                 log.warning("the CA no longer knows our account; registering the same key again")
                 client = await self._acme(stale=client)
-                issued = await client.issue([name], key_pem, self._challenges, profile=profile)
+                issued = await client.issue([name], key_pem, self._challenges, profile=profile, replaces=replaces)
         except (AutocertError, OSError, asyncio.TimeoutError) as exc:
             await self._record_failure(name, attempt_id, exc, renewing=renewing)
             raise self._as_issuance_error(name, exc) from exc
@@ -279,6 +290,18 @@ class Worker:
                 await result
         self._events.emit(Event("renewed" if renewing else "issued", name, "valid", previous="renewing" if renewing else "issuing"))
         return certificate
+
+    async def renewal_info(self, certificate: StoredCertificate) -> RenewalInfo | None:
+        """The CA's renewal window for ``certificate``, or None if the CA publishes none."""
+        client = await self._acme()
+        directory = await client.directory()
+        if "renewalInfo" not in directory.to_partial_json():
+            return None
+        try:
+            certificate_id = ari_certificate_id(certificate.chain_pem)
+        except ValueError:
+            return None
+        return await client.renewal_info(certificate_id)
 
     async def revoke(self, certificate: StoredCertificate, reason: int = 0) -> None:
         """Revoke at the CA, then record it so no server serves the certificate again."""

@@ -199,3 +199,70 @@ def test_sigkill_during_issuance_then_restart_ends_valid_without_duplicates(pebb
         counts = dict(connection.execute("select name, count(*) from certificates group by name").fetchall())
     assert all(counts.get(name, 0) >= 1 for name in names)
     assert sum(counts.values()) <= len(names) + 1, f"at most one extra order: {counts}"
+
+
+async def test_renewal_info_window_sets_renew_at_and_the_renewal_sends_replaces(pebble, tmp_path: Path) -> None:
+    from ari_double import AriDouble, RenewalWindow
+
+    from autocert.crypto import ari_certificate_id
+
+    with AriDouble(pebble) as double:
+        # The double relays to Pebble, so challenges are still validated on Pebble's ports.
+        async with running_manager(pebble, f"sqlite:///{tmp_path / 'ari.db'}", renew=False) as manager:
+            manager.worker.directory = double.directory_url
+            await manager.allow("ari.example.test")
+            first = await manager.issue("ari.example.test")
+            certificate_id = ari_certificate_id(first.chain_pem)
+            assert "replaces" not in double.orders[-1]
+
+            real_now = datetime.now(timezone.utc)
+            clock = {"now": real_now}
+            double.window = RenewalWindow(start=real_now + timedelta(days=2), end=real_now + timedelta(days=3), retry_after=21600)
+            scheduler = Scheduler(manager.store, manager.worker, is_allowed=manager.is_allowed, clock=lambda: clock["now"])
+            assert await scheduler.check_renewal_info() == 1
+            assert double.renewal_info_requests == [certificate_id]
+            stored = await manager.store.current_certificate("ari.example.test")
+            assert stored is not None
+            assert double.window.start <= stored.renew_at <= double.window.end, "renew_at must lie in the CA's window"
+            assert stored.ari_next_check_at == real_now + timedelta(seconds=21600), "Retry-After decides the next check"
+            assert await scheduler.check_renewal_info() == 0, "not fetched again before Retry-After"
+            assert await scheduler.run_once() == [], "nothing due before the window"
+
+            # The CA moves the window into the past (e.g. an incident): renew now, naming the old one.
+            clock["now"] = real_now + timedelta(hours=7)
+            double.window = RenewalWindow(start=real_now - timedelta(days=1), end=real_now, retry_after=None)
+            assert await scheduler.run_once() == ["ari.example.test"]
+            renewed = await manager.worker.issue("ari.example.test")
+            assert renewed.serial != first.serial
+            assert double.orders[-1]["replaces"] == certificate_id
+
+
+async def test_replaces_refused_with_409_falls_back_to_a_plain_order(pebble, tmp_path: Path) -> None:
+    from ari_double import AriDouble
+
+    from autocert.crypto import ari_certificate_id
+
+    with AriDouble(pebble, refuse_replaces=True) as double:
+        async with running_manager(pebble, f"sqlite:///{tmp_path / 'ari409.db'}", renew=False) as manager:
+            manager.worker.directory = double.directory_url
+            await manager.allow("replaced.example.test")
+            first = await manager.issue("replaced.example.test")
+            results = await manager.renew(["replaced.example.test"], force=True)
+            renewed = results["replaced.example.test"]
+            assert not isinstance(renewed, BaseException), renewed
+            assert renewed.serial != first.serial
+            assert double.orders[-2].get("replaces") == ari_certificate_id(first.chain_pem)
+            assert "replaces" not in double.orders[-1]
+            assert await manager.store.attempt_count("replaced.example.test") == 2
+
+
+async def test_without_renewal_info_the_lifetime_rule_stands(pebble, tmp_path: Path) -> None:
+    async with running_manager(pebble, f"sqlite:///{tmp_path / 'noari.db'}", renew=False) as manager:
+        await manager.allow("plain.example.test")
+        issued = await manager.issue("plain.example.test")
+        scheduler = Scheduler(manager.store, manager.worker, is_allowed=manager.is_allowed)
+        assert await scheduler.check_renewal_info() == 0
+        stored = await manager.store.current_certificate("plain.example.test")
+        assert stored is not None and stored.renew_at == issued.renew_at and stored.ari_next_check_at is None
+        lifetime = issued.not_after - issued.not_before
+        assert issued.not_after - lifetime / 3 - timedelta(hours=12) <= issued.renew_at <= issued.not_after - lifetime / 3

@@ -1,0 +1,117 @@
+"""A test double that adds ACME renewal information (RFC 9773) to Pebble 2.4, which has none.
+
+It sits in front of a real Pebble on loopback: the directory gains a ``renewalInfo`` URL,
+whose answers the test sets, and every other request is relayed to Pebble unchanged (the
+Host header is kept, so Pebble builds its URLs for this double and checks JWS URLs against
+it). newOrder payloads are recorded so a test can see ``replaces``, and the double can refuse
+orders that carry ``replaces`` with 409, as a CA does for an already replaced certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from pebble import Pebble, free_port
+
+
+@dataclass
+class RenewalWindow:
+    start: datetime
+    end: datetime
+    retry_after: int | None = 21600
+
+
+@dataclass
+class AriDouble:
+    pebble: Pebble
+    port: int = field(default_factory=free_port)
+    window: RenewalWindow | None = None
+    refuse_replaces: bool = False
+    orders: list[dict[str, Any]] = field(default_factory=list)
+    renewal_info_requests: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def directory_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/dir"
+
+    def start(self) -> AriDouble:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> AriDouble:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _start(self) -> None:
+        upstream_tls = ssl.create_default_context(cafile=self.pebble.ca_bundle)
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=upstream_tls), auto_decompress=False)
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_get("/renewal-info/{certificate_id}", self._renewal_info)
+        app.router.add_route("*", "/{tail:.*}", self._relay)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        workdir = Path(self.pebble.ca_bundle).parent
+        listener = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        listener.load_cert_chain(workdir / "listener-cert.pem", workdir / "listener-key.pem")
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=listener).start()
+
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _renewal_info(self, request: web.Request) -> web.Response:
+        self.renewal_info_requests.append(request.match_info["certificate_id"])
+        if self.window is None:
+            return web.json_response({"type": "urn:ietf:params:acme:error:malformed", "detail": "no window"}, status=404)
+        body = {"suggestedWindow": {"start": self.window.start.isoformat(), "end": self.window.end.isoformat()}}
+        headers = {"Retry-After": str(self.window.retry_after)} if self.window.retry_after else {}
+        return web.json_response(body, headers=headers)
+
+    async def _relay(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        body = await request.read()
+        if request.method == "POST" and request.path.endswith("/order-plz"):
+            payload = json.loads(base64.urlsafe_b64decode(json.loads(body)["payload"] + "=="))
+            self.orders.append(payload)
+            if self.refuse_replaces and "replaces" in payload:
+                problem = {"type": "urn:ietf:params:acme:error:alreadyReplaced", "detail": "already replaced"}
+                return web.json_response(problem, status=409, content_type="application/problem+json")
+        target = f"https://127.0.0.1:{self.pebble.listen_port}{request.rel_url}"
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
+        async with self._session.request(request.method, target, data=body or None, headers=headers, allow_redirects=False) as upstream:
+            content = await upstream.read()
+            if request.path == "/dir" and upstream.status == 200:
+                directory = json.loads(content)
+                directory["renewalInfo"] = f"https://127.0.0.1:{self.port}/renewal-info"
+                content = json.dumps(directory).encode()
+            drop = {"content-length", "transfer-encoding", "content-encoding", "connection"}
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in drop}
+            return web.Response(status=upstream.status, body=content, headers=out_headers)
