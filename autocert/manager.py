@@ -23,7 +23,7 @@ from .status import is_allowed, status_report
 from .store import Store, StoredCertificate
 from .tls import ContextCache, build_context, install_alert_flush_fix, new_server_context
 from .scheduler import Scheduler
-from .worker import ChallengeBook, Worker
+from .worker import ChallengeBook, RateBudget, Worker
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Manager:
         poll_interval: how often (seconds) the allowlist and certificates written by other
             processes are re-read, so ``allow``/``disallow``/``issue`` apply without a restart.
         concurrency: orders running at once.
+        budget: the order and failure limits kept per account and name (below the CA's).
         renew: run the scheduler that renews certificates and retries failed names (a
             one-shot command such as ``autocert issue`` turns it off).
     """
@@ -66,6 +67,7 @@ class Manager:
         poll_interval: float = 1.0,
         concurrency: int = 4,
         renew: bool = True,
+        budget: RateBudget | None = None,
     ) -> None:
         self.db_url = db or default_db_url()
         self.directory = directory
@@ -77,6 +79,7 @@ class Manager:
         self.challenge_types = tuple(challenge_types)
         self.poll_interval = poll_interval
         self.concurrency = concurrency
+        self.budget = budget or RateBudget()
         self.cache = ContextCache(cache_size)
         #: What happened to which name (issued, failed, ...), for logs, notifications, status page.
         self.events = EventBus()
@@ -118,6 +121,7 @@ class Manager:
             ca_bundle=self.ca_bundle,
             profile=self.profile,
             concurrency=self.concurrency,
+            budget=self.budget,
             on_issued=self._install,
             events=self.events,
             trace_configs=self.acme_trace_configs,

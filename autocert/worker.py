@@ -15,6 +15,7 @@ import random
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import aiohttp
@@ -40,6 +41,23 @@ RETRY_DELAYS = (
     timedelta(hours=3),
     timedelta(hours=6),
 )
+
+@dataclass(frozen=True)
+class RateBudget:
+    """Limits we keep to, below the CA's own, so the account never gets locked out.
+
+    Defaults sit under Let's Encrypt's: 300 new orders per account per 3 hours, and 5 failed
+    validations per name per hour (we stop at 4 so a manual retry still fits).
+    """
+
+    orders: int = 270
+    order_window: timedelta = timedelta(hours=3)
+    failures_per_name: int = 4
+    failure_window: timedelta = timedelta(hours=1)
+
+
+#: How soon an order held back by the account-wide budget is looked at again.
+BUDGET_RECHECK = timedelta(minutes=5)
 
 ACCOUNT_GONE = "urn:ietf:params:acme:error:accountDoesNotExist"
 
@@ -152,8 +170,10 @@ class Worker:
         on_issued: Callable[[StoredCertificate], Awaitable[None] | None] | None = None,
         events: EventBus | None = None,
         trace_configs: Sequence[aiohttp.TraceConfig] = (),
+        budget: RateBudget | None = None,
     ) -> None:
         self._store = store
+        self.budget = budget or RateBudget()
         self.directory = directory
         self._challenges = challenges
         self._email = email
@@ -236,6 +256,7 @@ class Worker:
             if not await self._store.try_lease(name, self.owner, LEASE_SECONDS) and not await self._take_over_dead_lease(name):
                 return await self._await_other_owner(name)
             try:
+                await self._check_budget(name)
                 return await self._order(name)
             finally:
                 await self._store.release_lease(name, self.owner)
@@ -329,6 +350,24 @@ class Worker:
         log.warning("issuing %s failed: %s", name, error)
         problem = f"{error.problem_type}: {error.detail}" if error.problem_type else error.detail
         self._events.emit(Event("failed", name, "failed", error=problem, previous="renewing" if renewing else "issuing"))
+
+    async def _check_budget(self, name: str) -> None:
+        """Hold an order back (without contacting the CA) when it would break a rate limit."""
+        now = utcnow()
+        failures = await self._store.failures_since(name, now - self.budget.failure_window)
+        if len(failures) >= self.budget.failures_per_name:
+            resume = failures[len(failures) - self.budget.failures_per_name] + self.budget.failure_window
+            await self._hold_back(name, resume, f"{len(failures)} failed validations in the last hour")
+        orders = await self._store.orders_since(self.directory, now - self.budget.order_window)
+        if orders >= self.budget.orders:
+            await self._hold_back(name, now + BUDGET_RECHECK, f"{orders} orders in the last {self.budget.order_window}")
+
+    async def _hold_back(self, name: str, until: datetime, why: str) -> None:
+        state = await self._store.name_state(name)
+        if state is None or state.next_attempt_at is None or state.next_attempt_at < until:
+            await self._store.set_next_attempt(name, until)
+        log.warning("holding back the order for %s until %s: %s (CA rate limits)", name, until.isoformat(), why)
+        raise IssuanceError(name, f"held back until {until.isoformat()} to stay under the CA's rate limits: {why}")
 
     async def _take_over_dead_lease(self, name: str) -> bool:
         """Reclaim a lease whose holder was a process on this host that no longer exists

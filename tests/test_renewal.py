@@ -266,3 +266,35 @@ async def test_without_renewal_info_the_lifetime_rule_stands(pebble, tmp_path: P
         assert stored is not None and stored.renew_at == issued.renew_at and stored.ari_next_check_at is None
         lifetime = issued.not_after - issued.not_before
         assert issued.not_after - lifetime / 3 - timedelta(hours=12) <= issued.renew_at <= issued.not_after - lifetime / 3
+
+
+async def test_rate_budgets_hold_orders_back_without_contacting_the_ca(pebble, tmp_path: Path) -> None:
+    from autocert.errors import IssuanceError
+    from autocert.worker import RateBudget
+
+    budget = RateBudget(orders=2, failures_per_name=4)
+    async with running_manager(pebble, f"sqlite:///{tmp_path / 'budget.db'}", renew=False, budget=budget) as manager:
+        await manager.allow("flaky.example.test", "a.example.test", "b.example.test", "c.example.test")
+        # Four failed validations in the last hour: the fifth order is not placed.
+        for _ in range(4):
+            attempt = await manager.store.start_attempt("flaky.example.test", manager.directory)
+            await manager.store.finish_attempt(attempt, "failed", "urn:ietf:params:acme:error:connection", "refused")
+        first_failure = (await manager.store.attempts("flaky.example.test"))[-1].started_at
+        with pytest.raises(IssuanceError, match="rate limits"):
+            await manager.issue("flaky.example.test")
+        assert await manager.store.attempt_count("flaky.example.test") == 4, "no order may be placed"
+        state = await manager.store.name_state("flaky.example.test")
+        assert state is not None and state.next_attempt_at == first_failure + timedelta(hours=1)
+
+        # The account-wide budget: the four failures above count as orders too, so the budget
+        # of 2 is already spent and a healthy name is held back as well, with a short recheck.
+        with pytest.raises(IssuanceError, match="orders in the last"):
+            await manager.issue("a.example.test")
+        assert await manager.store.attempt_count("a.example.test") == 0
+
+    roomy = RateBudget(orders=6, failures_per_name=4)
+    async with running_manager(pebble, f"sqlite:///{tmp_path / 'budget.db'}", renew=False, budget=roomy) as manager:
+        assert (await manager.issue("a.example.test")).serial
+        assert (await manager.issue("b.example.test")).serial
+        with pytest.raises(IssuanceError, match="orders in the last"):
+            await manager.issue("c.example.test")
