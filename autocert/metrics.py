@@ -12,6 +12,7 @@ scrape time. Events (issued, failed, ...) and ACME request timings are pushed as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import weakref
 from collections.abc import Iterator
@@ -106,7 +107,8 @@ class Metrics:
         monitor = self.monitor
         scanned = monitor.scanned_at
         if scanned is None or (datetime.now(timezone.utc) - scanned).total_seconds() > monitor.interval:
-            await monitor.refresh()
+            with contextlib.suppress(AutocertError):  # not started: report what is known
+                await monitor.refresh()
         return generate_latest(self.registry)
 
 

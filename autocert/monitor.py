@@ -20,6 +20,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
+from .errors import AutocertError
 from .events import Event
 
 if TYPE_CHECKING:
@@ -97,13 +98,18 @@ class ExpiryMonitor:
 
     async def _run(self) -> None:
         while True:
+            delay = self.interval
             try:
                 await self.check()
             except asyncio.CancelledError:
                 raise
+            except AutocertError:
+                # The manager is not started yet: a mounted status app may start before the
+                # application's own startup hook starts the manager.
+                delay = min(self.interval, 1.0)
             except Exception:  # the database may be briefly unavailable; try again next round
                 log.exception("expiry check failed; will retry in %.0f s", self.interval)
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(delay)
 
     # -- scanning ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import threading
@@ -438,3 +439,40 @@ def test_serve_rejects_a_webhook_that_is_not_a_url(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["autocert: error: --webhook 'ftp://example.test/hook': not an http:// or https:// URL"]
     assert not (tmp_path / "autocert.db").exists(), "nothing written on bad input"
+
+
+# -- the worker's events, in process --------------------------------------------------------------------
+
+
+async def test_issue_then_forced_renewal_emit_issued_then_renewed(pebble, tmp_path: Path) -> None:
+    from autocert.metrics import Metrics
+    from autocert.web import middleware
+
+    manager = autocert.Manager(db=f"sqlite:///{tmp_path / 'events.db'}", directory=pebble.directory_url,
+                               ca_bundle=pebble.ca_bundle, agree_tos=True, renew=False)
+    metrics = Metrics.of(manager)  # before start: the ACME client picks up its latency hook
+    seen: list[Event] = []
+    manager.events.subscribe(seen.append)
+    app = web.Application(middlewares=[middleware(manager)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", pebble.http01_port).start()
+    try:
+        async with manager:
+            await manager.allow("renew-me.example.test")
+            first = await manager.issue("renew-me.example.test")
+            results = await manager.renew(["renew-me.example.test"], force=True)
+            second = results["renew-me.example.test"]
+            assert not isinstance(second, BaseException) and second.serial != first.serial
+            text = (await metrics.render()).decode()
+    finally:
+        await runner.cleanup()
+    kinds = [(item.kind, item.name, item.state, item.previous) for item in seen if item.kind in ("issued", "renewed", "failed")]
+    assert kinds == [
+        ("issued", "renew-me.example.test", "valid", "issuing"),
+        ("renewed", "renew-me.example.test", "valid", "renewing"),
+    ]
+    assert [(item.kind, item.state) for item in seen if item.kind == "allowed"] == [("allowed", "pending")]
+    assert 'autocert_issuance_attempts_total{result="valid"} 2.0' in text
+    assert 'autocert_events_total{event="renewed"} 1.0' in text
+    assert re.search(r'autocert_acme_request_duration_seconds_count\{method="POST"\} (\d+)', text)

@@ -407,3 +407,57 @@ def test_status_page_in_a_browser(fleet: Fleet, tmp_path: Path) -> None:
         shutil.copyfile(wide, REPO / "docs" / "status-page.png")
         shutil.copyfile(phone, REPO / "docs" / "status-page-phone.png")
 
+
+
+# -- /healthz failures, in process --------------------------------------------------------------------
+
+
+async def test_healthz_is_503_with_the_reason(tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    import autocert
+    from autocert.web import status_app
+
+    manager = autocert.Manager(db=f"sqlite:///{tmp_path / 'health.db'}", directory="https://127.0.0.1:9/dir", renew=False)
+    listener_down: list[str] = []
+    app = status_app(manager, checks=[lambda: listener_down[0] if listener_down else None])
+    await manager.start()
+    try:
+        async with TestClient(TestServer(app)) as client:
+            response = await client.get("/healthz")
+            assert (response.status, await response.text()) == (200, "ok\n")
+            listener_down.append("https listener stopped accepting connections")
+            response = await client.get("/healthz")
+            assert (response.status, await response.text()) == (503, "https listener stopped accepting connections\n")
+            listener_down.clear()
+            await manager.stop()  # the database is gone
+            response = await client.get("/healthz")
+            assert response.status == 503 and (await response.text()).startswith("database unavailable:")
+    finally:
+        await manager.stop()
+
+
+async def test_status_app_mounts_under_a_prefix_in_an_embedding_app(tmp_path: Path) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    import autocert
+    from autocert.monitor import ExpiryMonitor
+    from autocert.web import setup, status_app
+
+    manager = autocert.Manager(db=f"sqlite:///{tmp_path / 'embed.db'}", directory="https://127.0.0.1:9/dir", renew=False)
+    app = web.Application()
+    setup(app, manager)
+    app.add_subapp("/autocert/", status_app(manager))
+    async with TestClient(TestServer(app)) as client:
+        await manager.allow("embedded.example.test")
+        response = await client.get("/autocert/")
+        page = await response.text()
+        assert response.status == 200 and 'data-name="embedded.example.test"' in page
+        assert 'href="name/embedded.example.test"' in page and 'href="./status.json"' in page, "links stay under the prefix"
+        response = await client.get("/autocert/name/embedded.example.test")
+        assert response.status == 200 and 'href="../"' in await response.text()
+        assert (await client.get("/autocert/metrics")).status == 200
+        assert (await (await client.get("/autocert/status.json")).json())["certificates"][0]["state"] == "pending"
+        assert ExpiryMonitor.of(manager)._task is not None, "the expiry monitor runs with the app"
+    assert ExpiryMonitor.of(manager)._task is None, "and stops with it"
