@@ -18,8 +18,8 @@ import contextlib
 import ipaddress
 import logging
 import weakref
-from http import HTTPStatus
 from collections.abc import AsyncIterator, Iterable
+from http import HTTPStatus
 from typing import Final
 
 import aiohttp
@@ -57,7 +57,8 @@ WEBSOCKET_CLOSE_TIMEOUT: Final = 10.0
 HSTS_VALUE: Final = "max-age=31536000"
 
 _SESSION: Final = web.AppKey("autocert_proxy_session", aiohttp.ClientSession)
-_WEBSOCKETS: Final = web.AppKey("autocert_proxy_websockets", weakref.WeakSet)  # type: ignore[var-annotated]
+#: Client-side WebSockets being relayed, so that shutdown can close them.
+_WEBSOCKETS: Final[web.AppKey[weakref.WeakSet[web.WebSocketResponse]]] = web.AppKey("autocert_proxy_websockets")
 
 _ERROR_PAGE: Final = """<!doctype html>
 <html lang="en">
@@ -120,7 +121,8 @@ def proxy_app(
     async def close_websockets(app: web.Application) -> None:
         # Runs when shutdown starts, before the server waits for in-flight handlers: open
         # WebSockets would otherwise hold the shutdown until its timeout.
-        for ws in list(app[_WEBSOCKETS]):
+        sockets = app[_WEBSOCKETS]
+        for ws in list(sockets):
             with contextlib.suppress(Exception):
                 await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
@@ -244,7 +246,7 @@ async def _proxy_http(request: web.Request, session: aiohttp.ClientSession, targ
     data = request.content if request.body_exists else None
     try:
         upstream = await session.request(request.method, target, headers=headers, data=data, allow_redirects=False)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.warning("upstream timed out: %s %s", request.method, request.rel_url)
         return gateway_timeout()
     except (aiohttp.ClientError, OSError) as exc:
@@ -254,19 +256,24 @@ async def _proxy_http(request: web.Request, session: aiohttp.ClientSession, targ
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(strip_hop_by_hop(upstream.headers))
         await response.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
+        while True:
+            try:
+                chunk = await upstream.content.readany()
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                # The status line is gone already; cutting the connection before the end of
+                # the body is the only way left to tell the client its copy is incomplete.
+                log.warning("upstream broke off %s %s mid-response: %s", request.method, request.rel_url, exc)
+                _abort(request)
+                return response
+            if not chunk:
+                break
+            try:
                 await response.write(chunk)
-        except ConnectionResetError:
-            # The client went away; dropping the upstream response below closes that
-            # connection too rather than reading the rest of a body nobody wants.
-            return response
-        except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
-            # The status line is gone already; closing without the end of the body is the
-            # only way left to tell the client that what it got is incomplete.
-            log.warning("upstream broke off %s %s mid-response: %s", request.method, request.rel_url, exc)
-            _abort(request)
-            return response
+            except (ConnectionError, aiohttp.ClientError, OSError):
+                # The client went away. Its connection must not be reused with half a body
+                # in it, and releasing the unread upstream response below closes that too.
+                _abort(request)
+                return response
         await response.write_eof()
         return response
     finally:
@@ -307,7 +314,7 @@ async def _proxy_websocket(
         # The upstream refused the upgrade (e.g. 403, 404): tell the client the same.
         status = exc.status if 400 <= exc.status < 600 else 502
         return error_page(status, "The web application refused this WebSocket connection.")
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return gateway_timeout()
     except (aiohttp.ClientError, OSError) as exc:
         log.warning("upstream unavailable for WebSocket %s: %s", request.rel_url, exc)

@@ -27,10 +27,16 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
+from support import (
+    ServeProcess,
+    eventually,
+    free_port,
+    run_cli,
+    served_certificate,
+)
 
 from autocert.errors import ConfigError
 from autocert.proxy import forwarded_headers, proxy_app, strip_hop_by_hop
-from support import ServeProcess, eventually, free_port, run_cli, served_certificate, wait_for
 
 NAME = "proxy.example.test"
 FIVE_MB = 5 * 1024 * 1024
@@ -307,11 +313,11 @@ async def test_five_megabytes_each_way_arrive_intact(proxy, upstream: Upstream, 
     async with client_session(root_ca) as session:
         async with session.post(f"https://{NAME}:{server.https_port}/upload", data=data) as response:
             assert await response.json() == {"sha256": hashlib.sha256(data).hexdigest(), "size": FIVE_MB}
-        for query in ("size=%d&seed=5" % FIVE_MB, "size=%d&seed=6&length=1" % FIVE_MB):
-            async with session.get(f"https://{NAME}:{server.https_port}/download?{query}") as response:
+        # Chunked from the upstream, then with a Content-Length.
+        for seed, extra in ((5, ""), (6, "&length=1")):
+            async with session.get(f"https://{NAME}:{server.https_port}/download?size={FIVE_MB}&seed={seed}{extra}") as response:
                 assert response.status == 200
                 received = await response.read()
-            seed = int(query.split("seed=")[1].split("&")[0])
             assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload(FIVE_MB, seed)).hexdigest()
 
     # curl sends "Expect: 100-continue" for a body this size: the proxy must not deadlock on it.
@@ -506,7 +512,7 @@ async def test_bytes_redirects_and_cookies_pass_through_untouched(local) -> None
             assert await response.text() == "no cookie"
 
 
-async def test_upstream_breaking_off_mid_body_is_not_a_complete_response(local) -> None:
+async def test_upstream_breaking_off_mid_body_is_not_a_complete_response(local, caplog: pytest.LogCaptureFixture) -> None:
     async def broken(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
         response.content_length = 1_000_000
@@ -524,6 +530,48 @@ async def test_upstream_breaking_off_mid_body_is_not_a_complete_response(local) 
             assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
+    assert "upstream broke off GET /" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "a broken upstream is a warning, not an error"
+
+
+async def test_client_going_away_stops_the_upstream_transfer(local, caplog: pytest.LogCaptureFixture) -> None:
+    stopped = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(b"y" * 65536)
+        finally:  # a failed write or, as aiohttp does on a lost connection, cancellation
+            stopped.set()
+
+    app = web.Application()
+    app.router.add_get("/", endless)
+    proxy_server, _ = await local(app)
+    async with aiohttp.ClientSession() as session:
+        response = await session.get(proxy_server.make_url("/"))
+        await response.content.readexactly(1024 * 1024)
+        response.close()
+    await asyncio.wait_for(stopped.wait(), timeout=10)
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("autocert")]
+
+
+async def test_head_keeps_the_length_and_sends_no_body(local) -> None:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=b"z" * 1234)
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    proxy_server, _ = await local(app)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_server.port)
+    writer.write(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), timeout=10)
+    writer.close()
+    head, rest = raw.split(b"\r\n\r\n", 1)
+    assert b"Content-Length: 1234" in head
+    assert rest.startswith(b"HTTP/1.1 200"), "HEAD must not send a body, or the next response is corrupted"
+    assert rest.endswith(b"z" * 1234)
 
 
 async def test_path_prefix_and_refused_websocket(local) -> None:
