@@ -1,0 +1,316 @@
+"""docker-compose.yml and the Dockerfiles it builds refer only to things that exist.
+
+There is no container engine on the test machines, so this checks by reading: every build
+context, Dockerfile, COPY source, mounted file and command line, and that the services agree
+with each other (ports, addresses, URLs). What can run without Docker does run: the files the
+Dockerfile copies build the wheel, the commands parse with autocert's own parser, the Pebble
+listener certificate script works, and Debian's Pebble accepts the compose Pebble config.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+from support import REPO, free_port, wait_for
+
+COMPOSE = REPO / "docker-compose.yml"
+
+
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return data
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]
+
+
+def interpolate(value: str) -> str:
+    """Compose's ``${VAR:-default}``, with every variable unset."""
+    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+
+
+def argv(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [interpolate(part) for part in (shlex.split(value) if isinstance(value, str) else value)]
+
+
+def build_of(service: dict[str, Any]) -> tuple[Path, Path] | None:
+    build = service.get("build")
+    if build is None:
+        return None
+    if isinstance(build, str):
+        build = {"context": build}
+    context = (REPO / build.get("context", ".")).resolve()
+    return context, context / build.get("dockerfile", "Dockerfile")
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", path.read_text())
+    result = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, rest = line.partition(" ")
+            result.append((instruction.upper(), rest.strip()))
+    return result
+
+
+def copy_sources(path: Path) -> list[tuple[list[str], str]]:
+    """(sources, destination) of each COPY/ADD from the build context (not from other stages)."""
+    copies = []
+    for instruction, rest in dockerfile_instructions(path):
+        if instruction not in ("COPY", "ADD"):
+            continue
+        parts = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
+        if any(part.startswith("--from") for part in parts):
+            continue
+        parts = [part for part in parts if not part.startswith("--")]
+        copies.append((parts[:-1], parts[-1]))
+    return copies
+
+
+def mounts(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(kind, source, target) for each volume entry: kind is ``bind`` or ``volume``."""
+    result = []
+    for entry in service.get("volumes", []):
+        if isinstance(entry, str):
+            source, target = entry.split(":")[:2]
+            kind = "bind" if source.startswith((".", "/", "~")) else "volume"
+        else:
+            kind, source, target = entry["type"], entry["source"], entry["target"]
+        result.append((kind, source, target))
+    return result
+
+
+def option(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def built_services() -> list[str]:
+    return [name for name, service in services().items() if "build" in service]
+
+
+# -- what the file refers to exists ---------------------------------------------------------------
+
+
+def test_the_expected_services_use_the_expected_images() -> None:
+    found = services()
+    assert {"pebble", "challtestsrv", "postgres", "autocert", "app"} <= set(found)
+    assert found["pebble"]["image"].startswith("ghcr.io/letsencrypt/pebble:")
+    assert found["challtestsrv"]["image"].startswith("ghcr.io/letsencrypt/pebble-challtestsrv:")
+    assert found["postgres"]["image"].split(":")[0] == "postgres"
+    assert build_of(found["autocert"]) == (REPO, REPO / "Dockerfile")
+
+
+@pytest.mark.parametrize("name", built_services())
+def test_build_context_dockerfile_and_copy_sources_exist(name: str) -> None:
+    built = build_of(services()[name])
+    assert built is not None
+    context, dockerfile = built
+    assert context.is_dir(), f"{name}: build context {context} is missing"
+    assert dockerfile.is_file(), f"{name}: {dockerfile} is missing"
+    assert context == REPO or REPO in context.parents, f"{name}: build context outside the repository"
+    copies = copy_sources(dockerfile)
+    assert copies, f"{name}: {dockerfile} copies nothing"
+    for sources, _destination in copies:
+        for source in sources:
+            assert (context / source).exists(), f"{name}: {dockerfile.name} copies {source!r}, which is not in {context}"
+
+
+def test_every_mounted_file_exists_and_every_named_volume_is_declared() -> None:
+    declared = set(compose().get("volumes") or {})
+    for name, service in services().items():
+        for kind, source, target in mounts(service):
+            assert PurePosixPath(target).is_absolute(), f"{name}: mount target {target!r} is not absolute"
+            if kind == "bind":
+                assert (REPO / source).exists(), f"{name}: mounts {source}, which does not exist"
+            else:
+                assert source in declared, f"{name}: volume {source!r} is not declared under volumes:"
+
+
+def test_paths_in_commands_are_provided_by_a_mount_or_the_image() -> None:
+    """Each absolute path a command names lies under one of the service's mounts, and a file
+    from a bind mount exists in the repository. Images we do not build are trusted for paths
+    of their own (their binaries), but not for anything under a mount target."""
+    for name, service in services().items():
+        args = argv(service.get("entrypoint")) + argv(service.get("command"))
+        service_mounts = mounts(service)
+        for arg in args:
+            if not arg.startswith("/"):
+                continue
+            path = PurePosixPath(arg)
+            covering = [(kind, source, PurePosixPath(target)) for kind, source, target in service_mounts
+                        if path == PurePosixPath(target) or PurePosixPath(target) in path.parents]
+            if not covering:
+                assert "build" not in service, f"{name}: {arg} is neither mounted nor part of an image we build"
+                continue
+            kind, source, target = max(covering, key=lambda item: len(item[2].parts))
+            if kind == "bind":
+                host = (REPO / source / path.relative_to(target)) if path != target else REPO / source
+                assert host.exists(), f"{name}: {arg} comes from {host}, which does not exist"
+
+
+def test_dockerfile_commands_run_files_they_copy() -> None:
+    for name in built_services():
+        _context, dockerfile = build_of(services()[name])  # type: ignore[misc]
+        copied = {PurePosixPath(source).name for sources, _ in copy_sources(dockerfile) for source in sources}
+        for instruction, rest in dockerfile_instructions(dockerfile):
+            if instruction in ("CMD", "ENTRYPOINT") and rest.startswith("["):
+                for arg in json.loads(rest):
+                    if arg.endswith(".py"):
+                        assert arg in copied, f"{name}: {dockerfile.name} runs {arg} but does not copy it"
+
+
+def test_depends_on_names_real_services() -> None:
+    names = set(services())
+    for name, service in services().items():
+        depends = service.get("depends_on") or []
+        for dependency in depends if isinstance(depends, list) else depends.keys():
+            assert dependency in names, f"{name} depends on unknown service {dependency!r}"
+
+
+# -- the services agree with each other --------------------------------------------------------------
+
+
+def test_autocert_commands_parse_and_point_at_the_other_services() -> None:
+    from autocert.cli import build_parser
+
+    found = services()
+    serve = argv(found["autocert"]["command"])
+    args = build_parser().parse_args(serve)
+    assert args.command == "serve"
+    assert option(serve, "--upstream") == "http://app:8000"
+    app_cmd = json.loads(dict(dockerfile_instructions(REPO / "examples/app/Dockerfile"))["CMD"])
+    assert option(app_cmd, "--port") == "8000", "the app must listen where --upstream points"
+    assert option(serve, "--directory").startswith("https://pebble:")
+    assert option(serve, "--ca-bundle") == "/certs/ca.pem"
+    postgres = found["postgres"]["environment"]
+    expected_db = f"postgresql://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}@postgres:5432/{postgres['POSTGRES_DB']}"
+    assert option(serve, "--db") == expected_db
+
+    allow = argv(found["autocert-allow"]["command"])
+    allow_args = build_parser().parse_args(allow)
+    assert allow_args.command == "allow" and option(allow, "--db") == expected_db
+    assert "demo.autocert.test" in allow_args.names
+
+
+def test_pebble_validates_where_autocert_listens() -> None:
+    found = services()
+    config = json.loads((REPO / "examples/compose/pebble-config.json").read_text())["pebble"]
+    serve = argv(found["autocert"]["command"])
+    assert int(option(serve, "--http").rsplit(":", 1)[1]) == config["httpPort"]
+    assert int(option(serve, "--https").rsplit(":", 1)[1]) == config["tlsPort"]
+    assert option(serve, "--directory") == f"https://pebble:{config['listenAddress'].rsplit(':', 1)[1]}/dir"
+
+    autocert_ip = found["autocert"]["networks"]["acme"]["ipv4_address"]
+    challtestsrv = argv(found["challtestsrv"]["command"])
+    assert option(challtestsrv, "-defaultIPv4") == autocert_ip, "DNS must send Pebble's validator to autocert"
+    assert option(challtestsrv, "-defaultIPv6") == ""
+    dns_ip = found["challtestsrv"]["networks"]["acme"]["ipv4_address"]
+    dns_port = option(challtestsrv, "-dns01").rsplit(":", 1)[1]
+    assert option(argv(found["pebble"]["command"]), "-dnsserver") == f"{dns_ip}:{dns_port}"
+    assert option(argv(found["pebble"]["command"]), "-config") == "/config/pebble-config.json"
+    assert config["certificate"].startswith("/certs/") and config["privateKey"].startswith("/certs/")
+
+
+# -- what can run here does run ------------------------------------------------------------------
+
+
+def test_pebble_listener_certificate_script(tmp_path: Path) -> None:
+    script = REPO / "examples/compose/pebble_certs.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    first = (tmp_path / "ca.pem").read_bytes()
+    again = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and (tmp_path / "ca.pem").read_bytes() == first, "a restart must keep the trust anchor"
+    from cryptography import x509
+
+    ca = x509.load_pem_x509_certificate(first)
+    leaf = x509.load_pem_x509_certificate((tmp_path / "cert.pem").read_bytes())
+    leaf.verify_directly_issued_by(ca)
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "pebble" in names, "autocert reaches Pebble as https://pebble:14000"
+    assert (tmp_path / "key.pem").is_file()
+
+
+def test_debian_pebble_accepts_the_compose_config_and_certificate(tmp_path: Path) -> None:
+    if shutil.which("pebble") is None:
+        pytest.skip("pebble is not installed")
+    certs = tmp_path / "certs"
+    assert subprocess.run([sys.executable, str(REPO / "examples/compose/pebble_certs.py"), str(certs)], timeout=60).returncode == 0
+    config = json.loads((REPO / "examples/compose/pebble-config.json").read_text())
+    listen, management = free_port(), free_port()
+    config["pebble"].update({
+        "listenAddress": f"127.0.0.1:{listen}", "managementListenAddress": f"127.0.0.1:{management}",
+        "certificate": str(certs / "cert.pem"), "privateKey": str(certs / "key.pem"),
+        "httpPort": free_port(), "tlsPort": free_port(),
+    })
+    path = tmp_path / "pebble-config.json"
+    path.write_text(json.dumps(config))
+    log = tmp_path / "pebble.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(["pebble", "-config", str(path), "-dnsserver", f"127.0.0.1:{free_port()}"],
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        answer: list[bytes] = []
+
+        def directory() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"pebble exited: {log.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", listen), timeout=5) as raw:
+                    with context.wrap_socket(raw, server_hostname="pebble") as tls:
+                        tls.sendall(b"GET /dir HTTP/1.1\r\nHost: pebble\r\nConnection: close\r\n\r\n")
+                        answer.append(b"".join(iter(lambda: tls.recv(65536), b"")))
+                        return True
+            except ConnectionRefusedError:
+                return False
+
+        wait_for(directory, timeout=30, what="pebble to answer with the compose certificate")
+        assert b"newNonce" in answer[-1]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_files_the_dockerfile_copies_build_the_wheel(tmp_path: Path) -> None:
+    """``pip install .`` in the image sees only what COPY put there: that must be enough."""
+    pytest.importorskip("hatchling")
+    source = tmp_path / "src"
+    source.mkdir()
+    for sources, _destination in copy_sources(REPO / "Dockerfile"):
+        for item in sources:
+            origin = REPO / item
+            if origin.is_dir():
+                shutil.copytree(origin, source / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(origin, source / item)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("autocert-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "autocert/cli.py" in names and "autocert/proxy.py" in names
+    assert any(name.startswith("autocert/_migrations/versions/") for name in names), "the migrations must ship in the wheel"
+    instructions = dockerfile_instructions(REPO / "Dockerfile")
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    assert ("ENTRYPOINT", '["autocert"]') in instructions
