@@ -20,7 +20,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import TracebackType
@@ -460,22 +460,29 @@ class AcmeClient:
         *,
         profile: str | None = None,
         replaces: str | None = None,
+        resume_url: str | None = None,
+        on_order: Callable[[str], Awaitable[None]] | None = None,
     ) -> IssuedCertificate:
         """The whole flow: order, authorize every name concurrently, finalize, download.
 
         ``replaces`` (an ARI certificate id) marks the order as a renewal. A CA that refuses
         it (409: already replaced, or not replaceable) gets a plain order instead, so a
         renewal never fails over bookkeeping.
+
+        ``resume_url`` continues an order an earlier process placed with the same key (if
+        the CA still has it alive); ``on_order`` is awaited with a new order's URL before any
+        challenge is answered, so the caller can store it for such a resumption.
         """
         started = time.monotonic()
         csr = make_csr(key_pem, names)
-        try:
-            order_url, order = await self.new_order(names, profile=profile, replaces=replaces)
-        except AcmeError as exc:
-            if replaces is None or not (exc.status == 409 or exc.problem_type == ALREADY_REPLACED):
-                raise
-            log.warning("the CA refused replaces=%s (%s); placing a plain order", replaces, exc)
-            order_url, order = await self.new_order(names, profile=profile)
+        resumed = await self._resumable_order(resume_url) if resume_url else None
+        if resumed is not None:
+            order_url, order = resume_url, resumed  # type: ignore[assignment]
+            log.info("resuming order %s (%s)", order_url, _status(order))
+        else:
+            order_url, order = await self._new_order_for_renewal(names, profile=profile, replaces=replaces)
+            if on_order is not None:
+                await on_order(order_url)
         tasks = [asyncio.ensure_future(self.authorize(u, responder)) for u in order.authorizations]
         try:
             await asyncio.gather(*tasks)
@@ -494,6 +501,28 @@ class AcmeClient:
             raise AcmeError(f"the CA returned an unreadable certificate: {exc}") from exc
         log.debug("issued %s for %s in %.3fs", info.serial, ", ".join(names), time.monotonic() - started)
         return IssuedCertificate(chain_pem=chain, order_url=order_url, info=info)
+
+    async def _resumable_order(self, order_url: str) -> messages.Order | None:
+        try:
+            order = await self.get_order(order_url)
+        except AcmeError as exc:
+            log.info("cannot resume order %s: %s", order_url, exc)
+            return None
+        if _status(order) in ("pending", "ready", "processing", "valid"):
+            return order
+        log.info("order %s is %s; placing a new one", order_url, _status(order))
+        return None
+
+    async def _new_order_for_renewal(
+        self, names: Sequence[str], *, profile: str | None, replaces: str | None
+    ) -> tuple[str, messages.Order]:
+        try:
+            return await self.new_order(names, profile=profile, replaces=replaces)
+        except AcmeError as exc:
+            if replaces is None or not (exc.status == 409 or exc.problem_type == ALREADY_REPLACED):
+                raise
+            log.warning("the CA refused replaces=%s (%s); placing a plain order", replaces, exc)
+            return await self.new_order(names, profile=profile)
 
     # -- transport -------------------------------------------------------------------------
 

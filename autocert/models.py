@@ -170,6 +170,11 @@ class NameStateRow(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     lease_owner: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     lease_until: Mapped[datetime | None]
+    # The order in progress and its certificate key, stored before the order is finalised so
+    # that a process killed mid-order resumes it after a restart instead of ordering again.
+    order_url: Mapped[str | None] = mapped_column(Text)
+    order_directory: Mapped[str | None] = mapped_column(Text)
+    order_key_pem: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class ChallengeRow(Base):

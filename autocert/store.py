@@ -152,6 +152,14 @@ class Attempt:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingOrder:
+    """An order placed but not finished, with the key its CSR uses."""
+
+    order_url: str
+    key_pem: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class NameState:
     """Backoff and lease state of one name (``failures`` counts failures since the last success)."""
 
@@ -663,7 +671,36 @@ class Store:
                 await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CERTIFICATE_LOCK_KEY})
             stmt = self._insert(_certificates).values(**values).returning(*_certificates.c)
             row = (await session.execute(stmt)).one()
+            # The order is done: forget it in the same transaction, so a crash right after
+            # cannot make a restart download and store the same certificate twice.
+            await session.execute(
+                update(_name_states).where(_name_states.c.name == name).values(order_url=None, order_directory=None, order_key_pem=None)
+            )
         return _certificate(row)
+
+    async def save_pending_order(self, name: str, directory: str, order_url: str, key_pem: bytes) -> None:
+        """Remember the order placed for ``name`` and its certificate key, before finalising."""
+        values = {"order_url": order_url, "order_directory": directory, "order_key_pem": _as_bytes(key_pem)}
+        stmt = self._insert(_name_states).values(name=name, failures=0, **values)
+        stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=values)
+        async with self._writing() as session:
+            await session.execute(stmt)
+
+    async def pending_order(self, name: str, directory: str) -> PendingOrder | None:
+        """The order a previous process left unfinished for ``name`` at ``directory``."""
+        stmt = select(_name_states.c.order_url, _name_states.c.order_key_pem).where(
+            _name_states.c.name == name, _name_states.c.order_directory == directory, _name_states.c.order_url.is_not(None)
+        )
+        async with self._reading() as session:
+            row = (await session.execute(stmt)).first()
+        if row is None or row.order_key_pem is None:
+            return None
+        return PendingOrder(order_url=row.order_url, key_pem=bytes(row.order_key_pem))
+
+    async def clear_pending_order(self, name: str) -> None:
+        stmt = update(_name_states).where(_name_states.c.name == name).values(order_url=None, order_directory=None, order_key_pem=None)
+        async with self._writing() as session:
+            await session.execute(stmt)
 
     async def current_certificate(self, name: str) -> StoredCertificate | None:
         """The unrevoked certificate for ``name`` that lasts longest (it may have expired)."""

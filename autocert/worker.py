@@ -271,16 +271,24 @@ class Worker:
         log.info("issuing %s from %s", name, self.directory)
         try:
             client = await self._acme()
-            key_pem = await asyncio.to_thread(generate_private_key)
+            pending = await self._store.pending_order(name, self.directory)
+            key_pem = pending.key_pem if pending else await asyncio.to_thread(generate_private_key)
             replaces = renewal_replaces(previous)
+
+            async def remember(order_url: str) -> None:
+                # Key and order are stored before any challenge or finalisation.
+                await self._store.save_pending_order(name, self.directory, order_url, key_pem)
+
             try:
-                issued = await client.issue([name], key_pem, self._challenges, profile=profile, replaces=replaces)
+                issued = await client.issue([name], key_pem, self._challenges, profile=profile, replaces=replaces,
+                                            resume_url=pending.order_url if pending else None, on_order=remember)
             except AcmeError as exc:
                 if exc.problem_type != ACCOUNT_GONE:
                     raise
                 log.warning("the CA no longer knows our account; registering the same key again")
                 client = await self._acme(stale=client)
-                issued = await client.issue([name], key_pem, self._challenges, profile=profile, replaces=replaces)
+                issued = await client.issue([name], key_pem, self._challenges, profile=profile, replaces=replaces,
+                                            on_order=remember)
         except (AutocertError, OSError, asyncio.TimeoutError) as exc:
             await self._record_failure(name, attempt_id, exc, renewing=renewing)
             raise self._as_issuance_error(name, exc) from exc

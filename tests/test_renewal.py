@@ -184,7 +184,15 @@ def test_sigkill_during_issuance_then_restart_ends_valid_without_duplicates(pebb
     with ThreadPoolExecutor(max_workers=5) as pool:
         for name in names:
             pool.submit(lambda n=name: openssl_s_client(server.https_port, n))
-        eventually(lambda: server.stderr_path.read_text().count("issuing c") >= 5, timeout=30, what="five orders to start")
+        path = db.removeprefix("sqlite:///")
+
+        def pending_orders() -> dict[str, str]:
+            with sqlite3.connect(path) as connection:
+                return dict(connection.execute("select name, order_url from name_states where order_url is not null").fetchall())
+
+        # Four orders run at once (the worker's concurrency); the fifth waits its turn.
+        eventually(lambda: len(pending_orders()) >= 4, timeout=30, what="orders to be placed and stored")
+        interrupted = pending_orders()
         server.signal(signal.SIGKILL)
         assert server.process is not None
         server.process.wait(timeout=10)
@@ -195,8 +203,13 @@ def test_sigkill_during_issuance_then_restart_ends_valid_without_duplicates(pebb
             served_certificate(restarted.https_port, name, str(root), timeout=120)
     finally:
         restarted.stop()
-    with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:
+    with sqlite3.connect(path) as connection:
         counts = dict(connection.execute("select name, count(*) from certificates group by name").fetchall())
+        order_urls = dict(connection.execute("select name, order_url from certificates").fetchall())
+    # Orders the killed process had placed were resumed from their stored URL, not re-created
+    # (unless it got as far as storing the certificate before the kill).
+    assert interrupted and {name: order_urls[name] for name in interrupted} == interrupted
+    assert pending_orders() == {}
     assert all(counts.get(name, 0) >= 1 for name in names)
     assert sum(counts.values()) <= len(names) + 1, f"at most one extra order: {counts}"
 
