@@ -583,6 +583,14 @@ class Store:
         async with self._reading() as session:
             return frozenset((await session.execute(select(_allowed.c.entry))).scalars())
 
+    async def allowlist_fingerprint(self) -> tuple[int, datetime | None]:
+        """(count, newest added_at): changes whenever an entry is added or removed, and costs
+        one aggregate query, so servers can poll it every second whatever the list's size."""
+        stmt = select(func.count(), func.max(_allowed.c.added_at))
+        async with self._reading() as session:
+            count, newest = (await session.execute(stmt)).one()
+        return int(count), newest
+
     async def is_allowed(self, name: str) -> bool:
         """Whether ``name`` is allowed exactly or by the single-label pattern covering it."""
         candidates = [name]
