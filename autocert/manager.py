@@ -23,7 +23,7 @@ from .status import is_allowed, status_report
 from .store import Store, StoredCertificate
 from .tls import ContextCache, build_context, install_alert_flush_fix, new_server_context
 from .scheduler import Scheduler
-from .worker import ChallengeBook, RateBudget, Worker
+from .worker import ChallengeBook, RateBudget, Worker, is_parked
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +308,8 @@ class Manager:
             state = await self.store.name_state(name)
             if state is not None and state.next_attempt_at is not None and state.next_attempt_at > now:
                 log.debug("%s failed recently; next attempt at %s", name, state.next_attempt_at)
+                return None
+            if is_parked(state):
                 return None
             certificate = await self.worker.issue(name)
         return await self._install(certificate)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from .store import Store
-from .worker import Worker
+from .worker import Worker, is_parked
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,8 @@ class Scheduler:
             state = await self._store.name_state(name)
             if state is not None and state.next_attempt_at is not None and state.next_attempt_at > now:
                 continue  # the last renewal failed; its backoff decides
+            if is_parked(state):
+                continue
             log.info("renewing %s (renew_at %s, expires %s)", name, certificate.renew_at.isoformat(), certificate.not_after.isoformat())
             self._start(name)
             started.append(name)

@@ -24,7 +24,7 @@ from .acme_client import AcmeClient, ChallengeResponder, RenewalInfo
 from .crypto import ari_certificate_id, generate_private_key, tls_alpn_challenge_certificate
 from .errors import AcmeError, AutocertError, IssuanceError
 from .events import Event, EventBus
-from .store import StoredCertificate, Store
+from .store import NameState, StoredCertificate, Store
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,10 @@ class RateBudget:
 BUDGET_RECHECK = timedelta(minutes=5)
 
 ACCOUNT_GONE = "urn:ietf:params:acme:error:accountDoesNotExist"
+
+#: After this long of consecutive failures a name is parked (CertMagic and Let's Encrypt
+#: both advise giving up on dead domains rather than retrying forever).
+PARK_AFTER = timedelta(days=30)
 
 #: How long an order may hold its lease before another process may take the name over.
 LEASE_SECONDS = 300.0
@@ -98,6 +102,11 @@ def renewal_time(not_before: datetime, not_after: datetime, *, jitter: float | N
 def new_owner_id() -> str:
     """Identifies this process in leases, so an operator can tell who holds a name."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def is_parked(state: NameState | None) -> bool:
+    """A name that kept failing past PARK_AFTER: no automatic attempts until a manual one."""
+    return state is not None and state.failures > 0 and state.next_attempt_at is None
 
 
 def renewal_replaces(previous: StoredCertificate | None) -> str | None:
@@ -354,7 +363,14 @@ class Worker:
         await self._store.finish_attempt(attempt_id, "failed", error.problem_type, error.detail)
         state = await self._store.name_state(name)
         failures = state.failures if state is not None else 1
-        await self._store.set_next_attempt(name, utcnow() + retry_delay(failures))
+        now = utcnow()
+        if failures > len(await self._store.failures_since(name, now - PARK_AFTER)):
+            # Failing for longer than PARK_AFTER: a dead domain. Stop retrying on our own;
+            # an explicit `autocert issue` or `renew --force` still tries.
+            await self._store.set_next_attempt(name, None)
+            log.error("%s has failed for over %d days; parked: no more automatic attempts", name, PARK_AFTER.days)
+        else:
+            await self._store.set_next_attempt(name, now + retry_delay(failures))
         log.warning("issuing %s failed: %s", name, error)
         problem = f"{error.problem_type}: {error.detail}" if error.problem_type else error.detail
         self._events.emit(Event("failed", name, "failed", error=problem, previous="renewing" if renewing else "issuing"))

@@ -311,3 +311,36 @@ async def test_rate_budgets_hold_orders_back_without_contacting_the_ca(pebble, t
         assert (await manager.issue("b.example.test")).serial
         with pytest.raises(IssuanceError, match="orders in the last"):
             await manager.issue("c.example.test")
+
+
+async def test_a_name_failing_for_over_30_days_is_parked(pebble, tmp_path: Path) -> None:
+    import sqlite3
+
+    from autocert.errors import IssuanceError
+
+    path = tmp_path / "park.db"
+    pebble.add_a("dead.example.test", "127.0.0.2")  # nothing listens there: validation fails
+    try:
+        async with running_manager(pebble, f"sqlite:///{path}", renew=False) as manager:
+            await manager.allow("dead.example.test")
+            # A failure streak that began 40 days ago (written as an old process would have).
+            for days in (40, 35, 31):
+                attempt = await manager.store.start_attempt("dead.example.test", manager.directory)
+                await manager.store.finish_attempt(attempt, "failed", "urn:ietf:params:acme:error:connection", "refused")
+                with sqlite3.connect(path) as connection:
+                    # The store keeps naive UTC text on SQLite so that text order is time order.
+                    started = (datetime.now(timezone.utc) - timedelta(days=days)).replace(tzinfo=None).isoformat(sep=" ")
+                    connection.execute("update attempts set started_at = ? where id = ?", (started, attempt))
+            with pytest.raises(IssuanceError):
+                await manager.issue("dead.example.test")  # an explicit attempt still tries
+            state = await manager.store.name_state("dead.example.test")
+            assert state is not None and state.failures == 4 and state.next_attempt_at is None
+            scheduler = Scheduler(manager.store, manager.worker, is_allowed=manager.is_allowed,
+                                  clock=lambda: datetime.now(timezone.utc) + timedelta(days=1))
+            assert await scheduler.run_once() == [], "a parked name is not retried automatically"
+            assert await manager.context_for("dead.example.test", wait=5) is None, "nor on a handshake"
+            assert await manager.store.attempt_count("dead.example.test") == 4
+            (status,) = await manager.status(["dead.example.test"])
+            assert status["state"] == "failed" and status["next_attempt_at"] is None and status["last_error"]
+    finally:
+        pebble.clear_a("dead.example.test")
