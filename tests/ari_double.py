@@ -1,4 +1,5 @@
-"""A test double that adds ACME renewal information (RFC 9773) to Pebble 2.4, which has none.
+"""A test double that adds ACME renewal information (RFC 9773), and optionally certificate
+profiles, to Pebble 2.4, which has neither.
 
 It sits in front of a real Pebble on loopback: the directory gains a ``renewalInfo`` URL,
 whose answers the test sets, and every other request is relayed to Pebble unchanged (the
@@ -38,6 +39,7 @@ class AriDouble:
     port: int = field(default_factory=free_port)
     window: RenewalWindow | None = None
     refuse_replaces: bool = False
+    profiles: dict[str, str] | None = None
     orders: list[dict[str, Any]] = field(default_factory=list)
     renewal_info_requests: list[str] = field(default_factory=list)
 
@@ -111,6 +113,8 @@ class AriDouble:
             if request.path == "/dir" and upstream.status == 200:
                 directory = json.loads(content)
                 directory["renewalInfo"] = f"https://127.0.0.1:{self.port}/renewal-info"
+                if self.profiles is not None:
+                    directory.setdefault("meta", {})["profiles"] = self.profiles
                 content = json.dumps(directory).encode()
             drop = {"content-length", "transfer-encoding", "content-encoding", "connection"}
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in drop}

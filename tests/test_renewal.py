@@ -344,3 +344,30 @@ async def test_a_name_failing_for_over_30_days_is_parked(pebble, tmp_path: Path)
             assert status["state"] == "failed" and status["next_attempt_at"] is None and status["last_error"]
     finally:
         pebble.clear_a("dead.example.test")
+
+
+async def test_profile_is_ordered_stored_and_reused_on_renewal(pebble, tmp_path: Path) -> None:
+    from ari_double import AriDouble
+
+    from autocert.errors import IssuanceError
+
+    profiles = {"classic": "90 days", "shortlived": "160 hours"}
+    db = f"sqlite:///{tmp_path / 'profile.db'}"
+    with AriDouble(pebble, profiles=profiles) as double:
+        async with running_manager(pebble, db, renew=False, profile="shortlived") as manager:
+            manager.worker.directory = double.directory_url
+            await manager.allow("short.example.test", "nope.example.test")
+            issued = await manager.issue("short.example.test")
+            assert double.orders[-1]["profile"] == "shortlived"
+            assert issued.profile == "shortlived"
+        # A later run configured without a profile renews with the one the certificate has.
+        async with running_manager(pebble, db, renew=False) as manager:
+            manager.worker.directory = double.directory_url
+            results = await manager.renew(["short.example.test"], force=True)
+            assert not isinstance(results["short.example.test"], BaseException)
+            assert double.orders[-1]["profile"] == "shortlived"
+            assert results["short.example.test"].profile == "shortlived"  # type: ignore[union-attr]
+        async with running_manager(pebble, db, renew=False, profile="weekly") as manager:
+            manager.worker.directory = double.directory_url
+            with pytest.raises(IssuanceError, match="does not offer the profile 'weekly'"):
+                await manager.issue("nope.example.test")
