@@ -127,7 +127,7 @@ def proxy_app(
                 await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        target = URL(f"{origin}{prefix}{request.raw_path}", encoded=True)
+        target = URL(f"{origin}{prefix}{request_target(request)}", encoded=True)
         headers = forwarded_headers(request)
         session = request.app[_SESSION]
         if is_websocket_upgrade(request.headers):
@@ -145,6 +145,18 @@ def proxy_app(
         app.on_response_prepare.append(add_hsts)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+def request_target(request: web.Request) -> str:
+    """The path and query to ask the upstream for, exactly as the client encoded them.
+
+    A client may send the absolute form (``GET http://host/path``, RFC 9112 section 3.2.2);
+    only its path and query go upstream, never its scheme and authority.
+    """
+    raw = request.raw_path
+    if raw.startswith("/"):
+        return raw
+    return request.rel_url.raw_path_qs or "/"
 
 
 # -- headers -------------------------------------------------------------------------------

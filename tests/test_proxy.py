@@ -591,6 +591,28 @@ async def test_path_prefix_and_refused_websocket(local) -> None:
         assert refused.value.status == 403
 
 
+async def test_odd_request_targets_reach_the_upstream_as_paths(local) -> None:
+    """Absolute-form targets lose their scheme and authority; other paths pass unchanged."""
+
+    async def path(request: web.Request) -> web.Response:
+        return web.Response(text=request.raw_path)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", path)
+    proxy_server, _ = await local(app)
+    for target, expected in [
+        (b"http://elsewhere.example/abc?x=1", b"/abc?x=1"),
+        (b"//double/slash", b"//double/slash"),
+        (b"/a/../b%20c", b"/a/../b%20c"),
+    ]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy_server.port)
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), timeout=10)
+        writer.close()
+        assert raw.startswith(b"HTTP/1.1 200"), raw
+        assert raw.endswith(b"\r\n\r\n" + expected), raw
+
+
 async def test_shutdown_closes_websockets_with_going_away(local) -> None:
     async def echo(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
