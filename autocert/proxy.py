@@ -220,6 +220,10 @@ def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
     previous = ", ".join(request.headers.getall("X-Forwarded-For", ()))
     if remote:
         headers["X-Forwarded-For"] = f"{previous}, {remote}" if previous else remote
+        # Apps set up for nginx often trust X-Real-IP; a client must not be able to set it.
+        headers["X-Real-IP"] = remote
+    else:
+        headers.popall("X-Real-IP", None)
     headers["X-Forwarded-Proto"] = "https"
     if host is not None:
         headers["X-Forwarded-Host"] = host

@@ -231,7 +231,8 @@ async def test_request_reaches_upstream_with_forwarding_headers_and_original_hos
     server = proxy()
     url = f"https://{NAME}:{server.https_port}/some/path%2Fencoded?q=1&q=2"
     async with client_session(root_ca) as session:
-        async with session.post(url, data=b"hello upstream", headers={"X-Forwarded-For": "203.0.113.9"}) as response:
+        spoofed = {"X-Forwarded-For": "203.0.113.9", "X-Real-IP": "203.0.113.9", "X-Forwarded-Proto": "http", "X-Forwarded-Host": "evil.example"}
+        async with session.post(url, data=b"hello upstream", headers=spoofed) as response:
             assert response.status == 200
             assert "Strict-Transport-Security" not in response.headers
             seen = await response.json()
@@ -239,7 +240,8 @@ async def test_request_reaches_upstream_with_forwarding_headers_and_original_hos
     assert seen["path"] == "/some/path%2Fencoded?q=1&q=2", "the path and query must reach the upstream unchanged"
     assert seen["body"] == "hello upstream"
     assert header_values(seen, "Host") == [f"{NAME}:{server.https_port}"], "the original Host must be kept"
-    assert header_values(seen, "X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"]
+    assert header_values(seen, "X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"], "appended to, never replaced"
+    assert header_values(seen, "X-Real-IP") == ["127.0.0.1"]
     assert header_values(seen, "X-Forwarded-Proto") == ["https"]
     assert header_values(seen, "X-Forwarded-Host") == [f"{NAME}:{server.https_port}"]
     assert header_values(seen, "Forwarded") == [f'for=127.0.0.1;host="{NAME}:{server.https_port}";proto=https']
