@@ -32,7 +32,7 @@ from .config import (
 )
 from .errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from .manager import Manager
-from .names import normalize_entry, normalize_name
+from .names import is_pattern, normalize_entry, normalize_name
 from .status import isoformat, status_report
 from .server import ListenError, ServeOptions, TlsFront, check_admin_binding, http_app, listening_socket, serve, tls_app
 from .store import Store
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     allow = commands.add_parser("allow", help="allow names or *.patterns", parents=[common])
     allow.add_argument("names", nargs="+", metavar="NAME")
+    allow.add_argument("--cap", metavar="N", help="for *.patterns: at most N distinct names under it are ever ordered")
     disallow = commands.add_parser("disallow", help="remove names or patterns", parents=[common])
     disallow.add_argument("names", nargs="+", metavar="NAME")
     commands.add_parser("list", help="show the allowlist", parents=[common])
@@ -204,8 +205,11 @@ async def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 async def cmd_allow(args: argparse.Namespace) -> int:
     entries = normalise_all(args.names, patterns=True)
+    cap = parse_positive_int(args.cap, option="--cap") if args.cap is not None else None
+    if cap is not None and not all(is_pattern(entry) for entry in entries):
+        raise UsageError(f"--cap {args.cap}: applies to *.patterns only, not {next(e for e in entries if not is_pattern(e))}")
     async with open_store(args) as store:
-        added = await store.allow(entries)
+        added = await store.allow(entries, cap=cap)
     if wants_json(args):
         emit_json({"allowed": entries, "added": added})
     else:
@@ -230,9 +234,9 @@ async def cmd_list(args: argparse.Namespace) -> int:
     async with open_store(args) as store:
         entries = await store.allowed()
     if wants_json(args):
-        emit_json({"allowed": [{"name": e.entry, "added_at": isoformat(e.added_at)} for e in entries]})
+        emit_json({"allowed": [{"name": e.entry, "added_at": isoformat(e.added_at), "cap": e.cap} for e in entries]})
     else:
-        print_table([[e.entry, isoformat(e.added_at) or ""] for e in entries], ["NAME", "ADDED"])
+        print_table([[e.entry, isoformat(e.added_at) or "", "" if e.cap is None else str(e.cap)] for e in entries], ["NAME", "ADDED", "CAP"])
     return EXIT_OK
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from .config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
 from .errors import AutocertError, IssuanceError
 from .events import Event, EventBus, log_event
-from .names import normalize_entry, normalize_name
+from .names import normalize_entry, normalize_name, pattern_for
 from .status import is_allowed, status_report
 from .store import Store, StoredCertificate
 from .tls import ContextCache, build_context, install_alert_flush_fix, new_server_context
@@ -311,8 +311,26 @@ class Manager:
                 return None
             if is_parked(state):
                 return None
+            if not await self._within_pattern_cap(name):
+                return None
             certificate = await self.worker.issue(name)
         return await self._install(certificate)
+
+    async def _within_pattern_cap(self, name: str) -> bool:
+        """A name allowed only through a capped pattern may be ordered while the pattern has
+        room (names already ordered under it keep their place). Checked off the handshake
+        path; concurrent first contacts can overshoot by at most the worker's concurrency."""
+        pattern = pattern_for(name)
+        if name in self._allowed or pattern is None:
+            return True
+        cap = await self.store.pattern_cap(pattern)
+        if cap is None:
+            return True
+        used = await self.store.names_under(pattern)
+        if name in used or len(used) < cap:
+            return True
+        log.warning("%s: the pattern %s has reached its cap of %d names; not ordering", name, pattern, cap)
+        return False
 
     async def _install(self, certificate: StoredCertificate) -> ssl.SSLContext | None:
         """Hot-insert a certificate: the next handshake for its name gets it."""

@@ -108,6 +108,8 @@ class AllowedRow(Base):
 
     entry: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     added_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # For a pattern: how many distinct names under it may be ordered (None: no limit).
+    cap: Mapped[int | None] = mapped_column(Integer)
 
 
 class CertificateRow(Base):

@@ -53,7 +53,7 @@ from autocert.models import (
     NameStateRow,
     utcnow,
 )
-from autocert.names import normalize_entry, pattern_for
+from autocert.names import is_pattern, normalize_entry, pattern_for
 
 __all__ = [
     "Account",
@@ -103,6 +103,7 @@ class AllowedEntry:
 
     entry: str
     added_at: datetime
+    cap: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,23 +545,41 @@ class Store:
 
     # -- allowlist ---------------------------------------------------------------------------
 
-    async def allow(self, entries: Iterable[str]) -> list[str]:
+    async def allow(self, entries: Iterable[str], *, cap: int | None = None) -> list[str]:
         """Add entries; returns those that were not there yet, in the order given.
 
         Entries are passed through :func:`autocert.names.normalize_entry` again (it is
         idempotent) so that a caller's mistake cannot store a name the SNI check never matches.
+        ``cap`` sets (or, for entries already present, replaces) the patterns' name limit.
         """
         wanted = list(dict.fromkeys(normalize_entry(entry) for entry in entries))
         if not wanted:
             return []
+        if cap is not None and not all(is_pattern(entry) for entry in wanted):
+            raise ValueError("a cap applies to *.patterns only")
         now = utcnow()
         added: set[str] = set()
         async with self._writing() as session:
             for chunk in _chunks(wanted):
-                stmt = self._insert(_allowed).values([{"entry": entry, "added_at": now} for entry in chunk])
+                stmt = self._insert(_allowed).values([{"entry": entry, "added_at": now, "cap": cap} for entry in chunk])
                 stmt = stmt.on_conflict_do_nothing(index_elements=["entry"]).returning(_allowed.c.entry)
                 added.update((await session.execute(stmt)).scalars())
+                if cap is not None:
+                    await session.execute(update(_allowed).where(_allowed.c.entry.in_(chunk)).values(cap=cap))
         return [entry for entry in wanted if entry in added]
+
+    async def pattern_cap(self, pattern: str) -> int | None:
+        async with self._reading() as session:
+            return (await session.execute(select(_allowed.c.cap).where(_allowed.c.entry == pattern))).scalar_one_or_none()
+
+    async def names_under(self, pattern: str) -> set[str]:
+        """Distinct names one label under ``pattern`` that were ever ordered (its cap's usage)."""
+        base = pattern.removeprefix("*.")
+        like = "%." + base.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = select(_attempts.c.name).where(_attempts.c.name.like(like, escape="\\")).distinct()
+        async with self._reading() as session:
+            found = (await session.execute(stmt)).scalars()
+            return {name for name in found if pattern_for(name) == pattern}
 
     async def disallow(self, entries: Iterable[str]) -> list[str]:
         """Remove entries; returns those that were present, in the order given."""
@@ -575,8 +594,8 @@ class Store:
     async def allowed(self) -> list[AllowedEntry]:
         """The whole allowlist, sorted by entry (in Python: database collations differ)."""
         async with self._reading() as session:
-            rows = (await session.execute(select(_allowed.c.entry, _allowed.c.added_at))).all()
-        return sorted((AllowedEntry(row.entry, row.added_at) for row in rows), key=lambda item: item.entry)
+            rows = (await session.execute(select(_allowed.c.entry, _allowed.c.added_at, _allowed.c.cap))).all()
+        return sorted((AllowedEntry(row.entry, row.added_at, row.cap) for row in rows), key=lambda item: item.entry)
 
     async def allowed_entries(self) -> frozenset[str]:
         """Every entry as a set, for the in-memory SNI check that must never wait on the database."""

@@ -96,6 +96,8 @@ BAD_INPUTS = [
     (["serve", "--https", "nonsense"], "--https"),
     (["serve", "--admin", "0.0.0.0:0"], "admin-token"),
     (["serve", "--cache-size", "0"], "--cache-size"),
+    (["allow", "a.example.test", "--cap", "2"], "patterns only"),
+    (["allow", "*.example.test", "--cap", "0"], "--cap"),
     (["issue", "ok.example.test", "--ca-bundle", "/nonexistent/ca.pem"], "--ca-bundle"),
 ]
 

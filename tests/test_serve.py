@@ -161,3 +161,16 @@ def test_concurrent_first_contacts_share_one_order(pebble, root_ca: str, db: str
         assert len({c.serial_number for c in certificates}) == 1, "all first contacts must get the same certificate"
         (entry,) = cli_json("status", "one.crowd.example.test", db=db)["certificates"]
         assert entry["attempts"] == 1 and entry["state"] == "valid"
+
+
+def test_pattern_cap_limits_on_demand_names(pebble, root_ca: str, db: str, tmp_path: Path) -> None:
+    assert run_cli("allow", "*.tenants.example.test", "--cap", "2", db=db).returncode == 0
+    listed = cli_json("list", db=db)["allowed"]
+    assert listed == [{"name": "*.tenants.example.test", "added_at": listed[0]["added_at"], "cap": 2}]
+    with ServeProcess(db, pebble, tmp_path) as server:
+        for tenant in ("one", "two"):
+            handshake(server.https_port, f"{tenant}.tenants.example.test", cafile=root_ca, timeout=60)
+        assert "alert number 112" in openssl_s_client(server.https_port, "three.tenants.example.test")
+        handshake(server.https_port, "one.tenants.example.test", cafile=root_ca)  # names within the cap stay served
+    names = [item["name"] for item in cli_json("status", db=db)["certificates"]]
+    assert names == ["one.tenants.example.test", "two.tenants.example.test"], "the third name must not be ordered"
