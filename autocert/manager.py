@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
-from .errors import AutocertError, IssuanceError
+from .errors import AutocertError, InvalidName, IssuanceError
 from .events import Event, EventBus, log_event
 from .names import normalize_entry, normalize_name, pattern_for
 from .status import is_allowed, status_report
@@ -282,7 +282,7 @@ class Manager:
             return context
         lookup = self._lookup(name)
         try:
-            return await asyncio.wait_for(asyncio.shield(lookup), timeout=wait or None)
+            return await asyncio.wait_for(asyncio.shield(lookup), timeout=wait)
         except (asyncio.TimeoutError, AutocertError):
             return None
 
@@ -302,6 +302,8 @@ class Manager:
             log.warning("could not get a certificate for %s: %s", name, task.exception())
 
     async def _load_or_issue(self, name: str) -> ssl.SSLContext | None:
+        if not _is_host_name(name):
+            return None  # e.g. a literal "*.example.com" SNI, or a bad label under a pattern
         now = datetime.now(timezone.utc)
         certificate = await self.store.current_certificate(name)
         if certificate is None or certificate.not_after <= now:
@@ -388,3 +390,11 @@ class Manager:
                 raise
             except Exception:  # the database may be briefly unavailable; keep serving
                 log.exception("could not refresh from the database; will retry")
+
+
+def _is_host_name(name: str) -> bool:
+    """Whether an SNI name is a name we could ever order: only its normal form qualifies."""
+    try:
+        return normalize_name(name) == name
+    except InvalidName:
+        return False
