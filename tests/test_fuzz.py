@@ -1,0 +1,244 @@
+"""ClientHello fuzzing: the parser on its own (hypothesis), then a live ``autocert serve``.
+
+The front parses bytes from anyone on the internet before TLS starts, so its parser must
+have exactly three outcomes whatever it is fed: a ``ClientHello``, ``None`` (need more bytes)
+or ``NotClientHello``. The live test sends thousands of broken hellos over TCP and then checks
+that the server still completes a good handshake and never logged a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from functools import cache
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from autocert.tls import ClientHello, NotClientHello, parse_client_hello
+from pebble import Pebble
+from support import ServeProcess, handshake, run_cli, served_certificate
+
+# Derandomised: CI runs the same 10,000 cases every time, and a failure reproduces locally.
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None)
+
+
+def real_client_hello(server_name: str | None, alpn: list[str] | None = None, *, tls12: bool = False) -> bytes:
+    """The first flight Python's OpenSSL client sends, captured through memory BIOs."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if tls12:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    try:
+        client.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+@cache
+def seeds() -> tuple[bytes, ...]:
+    return (
+        real_client_hello("shop.example.test", ["h2", "http/1.1"]),
+        real_client_hello("a.example.test", ["acme-tls/1"]),
+        real_client_hello(None),
+        real_client_hello("old.example.test", ["http/1.1"], tls12=True),
+        real_client_hello("x" * 63 + ".example.test"),
+    )
+
+
+def resplit(hello: bytes, sizes: list[int]) -> bytes:
+    """The same handshake message framed as several records of the given sizes (cycled)."""
+    body = hello[5:5 + int.from_bytes(hello[3:5], "big")]
+    out = bytearray()
+    position = 0
+    index = 0
+    while position < len(body):
+        size = sizes[index % len(sizes)]
+        fragment = body[position:position + size]
+        out += hello[:3] + len(fragment).to_bytes(2, "big") + fragment
+        position += size
+        index += 1
+    return bytes(out)
+
+
+def outcome(data: bytes) -> ClientHello | None | str:
+    """Run the parser and insist on one of its three documented outcomes."""
+    try:
+        result = parse_client_hello(data)
+    except NotClientHello:
+        return "not a hello"
+    assert result is None or isinstance(result, ClientHello), result
+    if isinstance(result, ClientHello):
+        assert result.server_name is None or (isinstance(result.server_name, str) and result.server_name)
+        assert isinstance(result.alpn, tuple) and all(isinstance(p, str) for p in result.alpn)
+    return result
+
+
+@st.composite
+def mutated_hellos(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(st.sampled_from(seeds())))
+    if draw(st.booleans()):
+        data = bytearray(resplit(bytes(data), draw(st.lists(st.integers(1, 600), min_size=1, max_size=4))))
+    for _ in range(draw(st.integers(0, 6))):
+        kind = draw(st.sampled_from(["flip", "set", "insert", "delete", "length"]))
+        position = draw(st.integers(0, max(len(data) - 1, 0)))
+        if not data:
+            break
+        if kind == "flip":
+            data[position] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set":
+            data[position] = draw(st.integers(0, 255))
+        elif kind == "insert":
+            data[position:position] = draw(st.binary(min_size=1, max_size=8))
+        elif kind == "delete":
+            del data[position:position + draw(st.integers(1, 8))]
+        else:  # rewrite a length-looking 16-bit field: the parser's favourite place to go wrong
+            data[position:position + 2] = draw(st.sampled_from([b"\x00\x00", b"\xff\xff", b"\x00\x01", b"\x40\x00"]))
+    if draw(st.integers(0, 3)) == 0:
+        data = data[: draw(st.integers(0, len(data)))]
+    return bytes(data)
+
+
+@settings(FUZZ, max_examples=2500)
+@given(st.binary(max_size=2048))
+def test_random_bytes(data: bytes) -> None:
+    outcome(data)
+
+
+@settings(FUZZ, max_examples=2500)
+@given(st.integers(0, 3), st.integers(0, 0xFFFF), st.binary(max_size=1500))
+def test_random_bodies_behind_a_valid_header(minor: int, claimed: int, body: bytes) -> None:
+    """Past the record and handshake headers, so the extension walk sees the random bytes."""
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    record = bytes([0x16, 0x03, minor]) + min(claimed, len(message)).to_bytes(2, "big") + message
+    outcome(record)
+
+
+@settings(FUZZ, max_examples=4000)
+@given(mutated_hellos())
+def test_mutated_real_hellos(data: bytes) -> None:
+    outcome(data)
+
+
+@settings(FUZZ, max_examples=1000)
+@given(st.sampled_from(range(5)), st.lists(st.integers(1, 700), min_size=1, max_size=5), st.data())
+def test_resplit_hellos_parse_the_same_and_every_prefix_waits(seed: int, sizes: list[int], data: st.DataObject) -> None:
+    original = seeds()[seed]
+    expected = parse_client_hello(original)
+    assert expected is not None
+    split = resplit(original, sizes)
+    parsed = parse_client_hello(split)
+    assert parsed is not None
+    assert (parsed.server_name, parsed.alpn) == (expected.server_name, expected.alpn)
+    cut = data.draw(st.integers(0, len(split) - 1))
+    assert parse_client_hello(split[:cut]) is None
+
+
+def test_real_hellos_parse() -> None:
+    parsed = [parse_client_hello(seed) for seed in seeds()]
+    assert [(p.server_name, p.alpn) for p in parsed if p] == [
+        ("shop.example.test", ("h2", "http/1.1")),
+        ("a.example.test", ("acme-tls/1",)),
+        (None, ()),
+        ("old.example.test", ("http/1.1",)),
+        ("x" * 63 + ".example.test", ()),
+    ]
+
+
+# -- live -------------------------------------------------------------------------------------
+
+LIVE_CASES = 3000
+
+
+def live_cases(count: int, allowed: str) -> list[bytes]:
+    """Mutated hellos for names the server serves, challenges, refuses, plus garbage."""
+    rng = random.Random(20261125)
+    bases = [
+        real_client_hello(allowed, ["h2", "http/1.1"]),
+        real_client_hello(allowed, ["acme-tls/1"]),
+        real_client_hello("unknown.example.test"),
+        real_client_hello(None),
+        resplit(real_client_hello(allowed), [7, 100]),
+    ]
+    cases: list[bytes] = []
+    for index in range(count):
+        data = bytearray(rng.choice(bases))
+        if index % 10 == 0:
+            cases.append(bytes(data))  # intact, so the TLS handshake itself runs on junk later
+            continue
+        for _ in range(rng.randint(1, 6)):
+            position = rng.randrange(len(data))
+            choice = rng.random()
+            if choice < 0.5:
+                data[position] = rng.randrange(256)
+            elif choice < 0.7:
+                del data[position:position + rng.randint(1, 16)]
+            elif choice < 0.9:
+                data[position:position] = rng.randbytes(rng.randint(1, 16))
+            else:
+                data[position:position + 2] = b"\xff\xff"
+        if rng.random() < 0.2:
+            data = data[: rng.randrange(1, len(data) + 1)]
+        if rng.random() < 0.1:
+            data += rng.randbytes(rng.randint(1, 64))  # trailing junk after the hello
+        cases.append(bytes(data))
+    return cases
+
+
+async def send_all(port: int, cases: list[bytes], *, parallel: int = 64) -> int:
+    """Send each case on its own connection, half-close, read whatever comes back (bounded)."""
+    limit = asyncio.Semaphore(parallel)
+    answered = 0
+
+    async def one(data: bytes) -> None:
+        nonlocal answered
+        async with limit:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+            except (OSError, asyncio.TimeoutError):
+                return
+            try:
+                writer.write(data)
+                await writer.drain()
+                if writer.can_write_eof():
+                    writer.write_eof()
+                if await asyncio.wait_for(reader.read(65536), 10):
+                    answered += 1
+            except (OSError, asyncio.TimeoutError):
+                pass
+            finally:
+                writer.close()
+
+    await asyncio.gather(*(one(data) for data in cases))
+    return answered
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_live_server_survives_mutated_hellos(pebble: Pebble, tmp_path: Path, loop_name: str) -> None:
+    root = tmp_path / "root.pem"
+    root.write_bytes(pebble.root_pem())
+    db = f"sqlite:///{tmp_path / 'autocert.db'}"
+    allowed = "fuzz.example.test"
+    assert run_cli("allow", allowed, db=db).returncode == 0
+    server = ServeProcess(db, pebble, tmp_path, extra=["--http", "none"], env={"AUTOCERT_EVENT_LOOP": loop_name}).start()
+    try:
+        served_certificate(server.https_port, allowed, str(root))  # the name has a live context now
+        answered = asyncio.run(send_all(server.https_port, live_cases(LIVE_CASES, allowed)))
+        assert answered > LIVE_CASES // 10, "the server answered almost nothing; the cases never reached it"
+        assert server.process is not None and server.process.poll() is None, server.output()
+        certificate = handshake(server.https_port, allowed, cafile=str(root), timeout=30)
+        assert certificate.subject
+    finally:
+        server.stop()
+    stderr = server.stderr_path.read_text()
+    assert "Traceback" not in stderr, stderr[-6000:]
+    assert "Exception in callback" not in stderr and "exception was never retrieved" not in stderr, stderr[-6000:]
