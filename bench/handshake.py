@@ -1,0 +1,325 @@
+"""Server CPU per TLS handshake, side by side in one run, as ratios to a static server.
+
+    /work/venv/bin/python bench/handshake.py [--count 3000] [--rounds 5] [--names 100000]
+
+See bench/README.md for what each row means and the targets. Absolute microseconds drift
+between machines and runs; only ratios measured in the same run are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from fixtures import build_database, make_chain  # noqa: E402
+from servers import UNREACHABLE_CA  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+WARM_NAMES = 1000
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (every thread), from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """Current and peak resident set size (VmRSS, VmHWM) in MiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+@dataclass
+class Server:
+    label: str
+    argv: list[str]
+    port: int
+    ready_text: str
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 120) -> float:
+        """Start and wait until it listens; returns the seconds that took."""
+        started = time.perf_counter()
+        self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, **self.env}, start_new_session=True)
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.label} exited: {self.process.stderr.read() if self.process.stderr else ''}")
+            if self.ready_text in line:
+                return time.perf_counter() - started
+        raise RuntimeError(f"{self.label} did not start within {timeout} s")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def run_clients(port: int, count: int, *, clients: int = 2, extra: Sequence[str] = (), warmup: int = 50,
+                server_pid: int | None = None) -> tuple[int, int, float]:
+    """Run client processes at once against ``port``; returns (ok, failed, server CPU seconds)."""
+    argv = [sys.executable, str(HERE / "client.py"), "--port", str(port), "--count", str(count), "--warmup", str(warmup), *extra]
+    processes = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(clients)]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            if process.stdout.readline().strip() != "ready":
+                raise RuntimeError("a client failed during warm-up")
+        before = cpu_seconds(server_pid) if server_pid else 0.0
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        results = [json.loads(process.stdout.readline()) for process in processes if process.stdout]
+        after = cpu_seconds(server_pid) if server_pid else 0.0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    return sum(r["ok"] for r in results), sum(r["failed"] for r in results), after - before
+
+
+def nginx_server(workdir: Path, port: int) -> Server | None:
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if binary is None:
+        return None
+    prefix = workdir / "nginx"
+    (prefix / "logs").mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+master_process off;
+error_log {prefix}/logs/error.log warn;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy; fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {workdir}/chain.pem;
+        ssl_certificate_key {workdir}/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        return 200 "ok\\n";
+    }}
+}}
+""")
+    check = subprocess.run([binary, "-t", "-p", str(prefix), "-c", str(conf)], capture_output=True, text=True)
+    if check.returncode != 0:
+        print(f"nginx skipped: its configuration test failed: {check.stderr.strip()}", file=sys.stderr)
+        return None
+    # nginx prints nothing when ready; the readiness line comes from a shell echo after a port probe.
+    probe = (f'"{binary}" -p "{prefix}" -c "{conf}" & pid=$!; '
+             f'until (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null; do sleep 0.05; done; echo ready; wait $pid')
+    return Server("nginx", ["bash", "-c", probe], port, "ready")
+
+
+def nginx_pid(server: Server) -> int:
+    """The nginx process itself (a child of the probing shell)."""
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    return int(children[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=3000, help="handshakes per client process per measurement")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--names", type=int, default=100_000, help="names (certificates) in the database")
+    parser.add_argument("--touch", type=int, default=5000, help="distinct names touched before reading RSS")
+    parser.add_argument("--alternatives", action="store_true", help="also measure the front designs that were not kept")
+    parser.add_argument("--no-nginx", action="store_true")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="autocert-bench-"))
+    servers: list[Server] = []
+    try:
+        chain = make_chain()
+        chain.write(workdir)
+        started = time.perf_counter()
+        db = build_database(workdir / "bench.db", args.names, chain, UNREACHABLE_CA)
+        print(f"database: {args.names:,} names with certificates in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+        def bench_server(variant: str, *extra: str) -> Server:
+            port = free_port()
+            argv = [sys.executable, str(HERE / "servers.py"), variant, "--port", str(port), "--chain-dir", str(workdir),
+                    "--db", db, "--warm", str(WARM_NAMES), *extra]
+            return Server(variant, argv, port, "ready")
+
+        def serve_server(label: str, *extra: str) -> Server:
+            port = free_port()
+            argv = [sys.executable, "-m", "autocert", "--db", db, "serve", "--https", f"127.0.0.1:{port}",
+                    "--http", "none", "--admin", "none", "--directory", UNREACHABLE_CA, "--cache-size", "1000", *extra]
+            return Server(label, argv, port, "https listening")
+
+        full = [bench_server("static"), bench_server("sni"), bench_server("front"), serve_server("serve")]
+        if args.alternatives:
+            full += [bench_server("front-task"), bench_server("front-reader")]
+        nginx = None if args.no_nginx else nginx_server(workdir, free_port())
+        if nginx is None and not args.no_nginx:
+            print("nginx is not installed: its row is skipped (apt-get install nginx-light)", file=sys.stderr)
+        if nginx is not None:
+            full.append(nginx)
+        servers.extend(full)
+        for server in full:
+            server.start()
+        pids = {server.label: nginx_pid(server) if server.label == "nginx" else server.pid for server in full}
+        by_label = {server.label: server for server in full}
+        for server in full:  # first touch of every name: database loads happen here, not in the rounds
+            run_clients(server.port, WARM_NAMES, clients=1, warmup=0)
+
+        # Idle cost of a running serve (its allowlist and certificate polls), per second.
+        before = cpu_seconds(pids["serve"])
+        time.sleep(5)
+        serve_idle = (cpu_seconds(pids["serve"]) - before) / 5
+
+        workloads: list[tuple[str, str, list[str]]] = [(s.label, s.label, []) for s in full]
+        workloads += [("front reject", "front", ["--unknown"]), ("serve reject", "serve", ["--unknown"])]
+        per_round: dict[str, list[float]] = {label: [] for label, _, _ in workloads}
+        for round_index in range(args.rounds):
+            order = workloads[round_index % len(workloads):] + workloads[: round_index % len(workloads)]
+            for label, server_label, extra in order:
+                ok, failed, cpu = run_clients(by_label[server_label].port, args.count, extra=extra, server_pid=pids[server_label])
+                done = failed if "--unknown" in extra else ok
+                if done != 2 * args.count:
+                    raise RuntimeError(f"{label}: {ok} handshakes succeeded and {failed} failed")
+                per_round[label].append(cpu / done)
+            print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
+
+        report(per_round, serve_idle, args)
+        for server in full:
+            server.stop()
+        startup_and_memory(db, workdir, args, serve_server)
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+TARGETS = {"sni": ("≤ 1.03", 1.03), "front": ("≤ 1.05", 1.05), "serve": ("≤ 1.05", 1.05),
+           "front reject": ("≤ 0.10", 0.10), "serve reject": ("≤ 0.10", 0.10)}
+DESCRIPTIONS = {
+    "static": "static single-context server, uvloop (baseline)",
+    "sni": "sni_callback, cache hit, 100k names in the database",
+    "front": "TlsFront (ClientHello front), uvloop, cache hit",
+    "serve": "`autocert serve`, uvloop, cache hit",
+    "front-task": "first front design: sock_accept + task + MSG_PEEK + connect_accepted_socket",
+    "front-reader": "accept in a reader callback + MSG_PEEK, task for connect_accepted_socket",
+    "nginx": "nginx, one static certificate",
+    "front reject": "TlsFront, unknown name: 7-byte alert",
+    "serve reject": "`autocert serve`, unknown name: 7-byte alert",
+}
+
+
+def report(per_round: dict[str, list[float]], serve_idle: float, args: argparse.Namespace) -> None:
+    static = per_round["static"]
+    print()
+    print(f"Server CPU per handshake, {args.rounds} rounds × 2 clients × {args.count} handshakes, "
+          f"ECDSA P-256, TLS 1.3; median of per-round ratios (min–max)")
+    print()
+    print("| server | µs/handshake | ÷ static | target | ÷ nginx |")
+    print("|---|---|---|---|---|")
+    nginx = per_round.get("nginx")
+    for label, values in per_round.items():
+        ratios = [value / base for value, base in zip(values, static)]
+        ratio = statistics.median(ratios)
+        target, limit = TARGETS.get(label, ("", None))
+        verdict = "" if limit is None else (" met" if ratio <= limit else " **missed**")
+        vs_nginx = ""
+        if nginx and "reject" not in label:
+            vs_nginx = f"{statistics.median(v / n for v, n in zip(values, nginx)):.2f}"
+        print(f"| {DESCRIPTIONS[label]} | {statistics.median(values) * 1e6:.0f} | "
+              f"{ratio:.3f} ({min(ratios):.3f}–{max(ratios):.3f}) | {target}{verdict} | {vs_nginx} |")
+    print()
+    print(f"idle `autocert serve` with {args.names:,} allowed names: {serve_idle * 100:.1f}% of a core "
+          f"(allowlist and certificate polls every second)")
+
+
+def startup_and_memory(db: str, workdir: Path, args: argparse.Namespace, serve_server: object) -> None:
+    make = serve_server  # type: ignore[assignment]
+    imports = subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); import autocert.cli, autocert.server; "
+                              "print(time.perf_counter() - t)"], capture_output=True, text=True)
+    bare = subprocess.run([sys.executable, "-c", "pass"], capture_output=True)
+    del bare
+    timings = []
+    for _ in range(3):
+        server = make("startup")  # type: ignore[operator]
+        try:
+            timings.append(server.start())
+        finally:
+            server.stop()
+    small_db = workdir / "small.db"
+    small_url = build_database(small_db, 10, make_chain(), UNREACHABLE_CA)
+    small_timings = []
+    for _ in range(3):
+        port = free_port()
+        server = Server("small", [sys.executable, "-m", "autocert", "--db", small_url, "serve", "--https", f"127.0.0.1:{port}",
+                                  "--http", "none", "--admin", "none", "--directory", UNREACHABLE_CA, "--cache-size", "1000"],
+                        port, "https listening")
+        try:
+            small_timings.append(server.start())
+        finally:
+            server.stop()
+    server = make("memory")  # type: ignore[operator]
+    try:
+        server.start()
+        rss_start, _ = rss_mib(server.pid)
+        ok, failed, _ = run_clients(server.port, args.touch, clients=1, warmup=0, extra=["--names", str(args.touch), "--offset", "2000"])
+        rss, peak = rss_mib(server.pid)
+    finally:
+        server.stop()
+    print()
+    print(f"`autocert serve` with {args.names:,} names, --cache-size 1000:")
+    print(f"- start to listening: median {statistics.median(timings):.2f} s of {len(timings)} "
+          f"(target < 0.5 s: {'met' if statistics.median(timings) < 0.5 else '**missed**'}); "
+          f"with 10 names {statistics.median(small_timings):.2f} s; importing autocert.cli alone {float(imports.stdout or 'nan'):.2f} s")
+    print(f"- RSS after touching {args.touch:,} distinct names ({ok} served, {failed} failed): {rss:.0f} MiB, "
+          f"peak {peak:.0f} MiB, {rss_start:.0f} MiB at start (target < 200 MB: {'met' if rss * 1.048576 < 200 else '**missed**'})")
+
+
+if __name__ == "__main__":
+    main()
