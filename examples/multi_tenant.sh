@@ -11,21 +11,24 @@
 #
 # Mind the cost of a pattern. `*.tenants.example` allows ANY single label under it, so anyone
 # can make this server order a certificate by sending a made-up name such as
-# x83h1.tenants.example (with wildcard DNS it validates). A per-pattern cap on how many names a
-# pattern may issue is planned but NOT implemented yet: until it is, the pattern is the only
-# gate, and random names cost orders against the CA's limits (Let's Encrypt: 300 new orders per
-# account per 3 hours, 50 certificates per registered domain per week). If tenants sign up
-# through your app, prefer allowing each one explicitly when it signs up:
-#   autocert allow acme.tenants.example
-# and watch `autocert status` (or the admin page) for names nobody asked for.
+# x83h1.tenants.example (with wildcard DNS it validates), and every such order counts against
+# the CA's limits (Let's Encrypt: 300 new orders per account per 3 hours, 50 certificates per
+# registered domain per week). So the pattern is allowed with a cap: at most TENANT_CAP
+# distinct names under it are ever ordered (default 100); past that, new names are refused
+# like unknown ones while the names already issued keep being served and renewed. Raise the
+# cap as you sign up tenants (run `autocert allow '*.tenants.example' --cap N` again), or allow
+# each tenant explicitly when it signs up (`autocert allow acme.tenants.example`: an explicitly
+# allowed name is ordered whatever the cap), and watch `autocert status` for names nobody
+# asked for.
 set -euo pipefail
 
 PATTERN="${TENANT_PATTERN:-*.tenants.example}"
+CAP="${TENANT_CAP:-100}"
 : "${UPSTREAM:?set UPSTREAM to the URL of the app, e.g. UPSTREAM=http://127.0.0.1:8000}"
 # The command to run; word-split on purpose so that AUTOCERT="python -m autocert" works.
 AUTOCERT=${AUTOCERT:-autocert}
 
-$AUTOCERT allow "$PATTERN"
-echo "multi_tenant: allowed $PATTERN; serving it in front of $UPSTREAM"
+$AUTOCERT allow "$PATTERN" --cap "$CAP"
+echo "multi_tenant: allowed $PATTERN (at most $CAP names); serving it in front of $UPSTREAM"
 # --agree-tos: running this accepts the terms of service of the CA in AUTOCERT_DIRECTORY.
 exec $AUTOCERT serve --upstream "$UPSTREAM" --agree-tos "$@"

@@ -196,6 +196,7 @@ def test_multi_tenant_script_serves_each_tenant_its_own_certificate(pebble, wsgi
         "AUTOCERT_DIRECTORY": pebble.directory_url,
         "AUTOCERT_CA_BUNDLE": pebble.ca_bundle,
         "AUTOCERT_EMAIL": "ops@tenants.example",
+        "TENANT_CAP": "2",
     })
     log = tmp_path / "multi_tenant.out"
     with open(log, "wb") as out:
@@ -208,7 +209,9 @@ def test_multi_tenant_script_serves_each_tenant_its_own_certificate(pebble, wsgi
             return log.read_text().count("listening on") >= 3
 
         wait_for(listening, timeout=60, what="multi_tenant.sh to serve")
-        assert "allowed *.tenants.example" in log.read_text()
+        assert "allowed *.tenants.example (at most 2 names)" in log.read_text()
+        allowed = json.loads(run_cli("list", "--json", db=db).stdout)["allowed"]
+        assert [(entry["name"], entry.get("cap")) for entry in allowed] == [("*.tenants.example", 2)]
         serials = set()
         for tenant in ("acme", "globex"):
             name = f"{tenant}.tenants.example"
@@ -219,6 +222,11 @@ def test_multi_tenant_script_serves_each_tenant_its_own_certificate(pebble, wsgi
             assert status["state"] == "valid"
             serials.add(status["serial"])
         assert len(serials) == 2, "each tenant gets a certificate of its own"
+        # The cap is reached: a third, made-up tenant is refused and never ordered.
+        third = curl("made-up.tenants.example", https_port, "/", root_ca)
+        assert third.returncode != 0 and "unrecognized name" in third.stderr.lower()
+        known = [entry["name"] for entry in json.loads(run_cli("status", "--json", db=db).stdout)["certificates"]]
+        assert known == ["acme.tenants.example", "globex.tenants.example"]
         outside = curl("shop.other.example", https_port, "/", root_ca)
         assert outside.returncode != 0 and "unrecognized name" in outside.stderr.lower()
         process.send_signal(signal.SIGTERM)
