@@ -19,6 +19,7 @@ Names and allowlist entries are expected in the form :mod:`autocert.names` produ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -44,6 +45,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from autocert.errors import ConfigError, StoreError
+from autocert.sealing import KeySealer
 from autocert.models import (
     AccountRow,
     AllowedRow,
@@ -408,6 +410,9 @@ def _name_state(row: Row[Any]) -> NameState:
 # The store
 
 
+_Keyed = TypeVar("_Keyed", Account, StoredCertificate)
+
+
 def _current_certificates_query(names: Sequence[str] | None) -> Select[Any]:
     """The newest-lasting unrevoked certificate per name (optionally only for ``names``)."""
     rank = (
@@ -425,8 +430,9 @@ def _current_certificates_query(names: Sequence[str] | None) -> Select[Any]:
 class Store:
     """Async access to autocert's database; create it with :meth:`open`, end with :meth:`close`."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, secret: str | None = None) -> None:
         self._engine = engine
+        self._sealer = KeySealer(secret)
         self.dialect: str = engine.dialect.name
         """``"sqlite"`` or ``"postgresql"``: lets callers pick polling or LISTEN/NOTIFY."""
         self.url: str = engine.url.render_as_string(hide_password=True)
@@ -438,10 +444,14 @@ class Store:
         self._read_sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._write_sessions = async_sessionmaker(write_engine, expire_on_commit=False)
 
+    def _unsealed(self, record: _Keyed) -> _Keyed:
+        """The record with its private key readable (unsealed with AUTOCERT_SECRET if needed)."""
+        return dataclasses.replace(record, key_pem=self._sealer.unseal(record.key_pem))
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, url: str, *, migrate: bool = True) -> Store:
+    async def open(cls, url: str, *, migrate: bool = True, secret: str | None = None) -> Store:
         """Connect to ``url`` (as users write it) and, unless told not to, migrate to head.
 
         Migrating on open means no command ever needs ``autocert db upgrade`` first; when the
@@ -458,7 +468,7 @@ class Store:
             raise ConfigError(f"database driver for {target.drivername} is not installed: {exc}") from None
         if engine.dialect.name == "sqlite":
             _install_sqlite_hooks(engine)
-        store = cls(engine)
+        store = cls(engine, secret=secret if secret is not None else os.environ.get("AUTOCERT_SECRET"))
         if migrate:
             try:
                 await store._migrate()
@@ -626,7 +636,7 @@ class Store:
         """The account registered for an ACME directory URL, if any."""
         async with self._reading() as session:
             row = (await session.execute(select(_accounts).where(_accounts.c.directory == directory))).first()
-        return _account(row) if row is not None else None
+        return self._unsealed(_account(row)) if row is not None else None
 
     async def save_account(
         self, directory: str, key_pem: bytes, url: str | None = None, contact: str | None = None
@@ -641,18 +651,23 @@ class Store:
         stored URL; ``contact`` is stored as given.
         """
         key = _as_bytes(key_pem)
-        stmt = self._insert(_accounts).values(
-            directory=directory, key_pem=key, url=url, contact=contact, created_at=utcnow()
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["directory"],
-            set_={"url": func.coalesce(stmt.excluded.url, _accounts.c.url), "contact": stmt.excluded.contact},
-            where=_accounts.c.key_pem == stmt.excluded.key_pem,
-        )
+        # Sealed keys differ byte-wise each time they are sealed, so the stored key is
+        # compared after unsealing rather than in SQL.
         async with self._writing() as session:
-            await session.execute(stmt)
+            existing = (await session.execute(select(_accounts).where(_accounts.c.directory == directory))).first()
+            if existing is None:
+                stmt = self._insert(_accounts).values(
+                    directory=directory, key_pem=self._sealer.seal(key), url=url, contact=contact, created_at=utcnow()
+                )
+                await session.execute(stmt.on_conflict_do_nothing(index_elements=["directory"]))
+            elif self._sealer.unseal(bytes(existing.key_pem)) == key:
+                await session.execute(
+                    update(_accounts)
+                    .where(_accounts.c.directory == directory)
+                    .values(url=url if url is not None else existing.url, contact=contact)
+                )
             row = (await session.execute(select(_accounts).where(_accounts.c.directory == directory))).one()
-        return _account(row)
+        return self._unsealed(_account(row))
 
     # -- certificates ------------------------------------------------------------------------
 
@@ -681,7 +696,7 @@ class Store:
         values = {
             "name": name,
             "names": all_names,
-            "key_pem": _as_bytes(key_pem),
+            "key_pem": self._sealer.seal(_as_bytes(key_pem)),
             "chain_pem": _as_bytes(chain_pem),
             "serial": serial,
             "issuer": issuer,
@@ -703,11 +718,11 @@ class Store:
             await session.execute(
                 update(_name_states).where(_name_states.c.name == name).values(order_url=None, order_directory=None, order_key_pem=None)
             )
-        return _certificate(row)
+        return self._unsealed(_certificate(row))
 
     async def save_pending_order(self, name: str, directory: str, order_url: str, key_pem: bytes) -> None:
         """Remember the order placed for ``name`` and its certificate key, before finalising."""
-        values = {"order_url": order_url, "order_directory": directory, "order_key_pem": _as_bytes(key_pem)}
+        values = {"order_url": order_url, "order_directory": directory, "order_key_pem": self._sealer.seal(_as_bytes(key_pem))}
         stmt = self._insert(_name_states).values(name=name, failures=0, **values)
         stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=values)
         async with self._writing() as session:
@@ -722,7 +737,7 @@ class Store:
             row = (await session.execute(stmt)).first()
         if row is None or row.order_key_pem is None:
             return None
-        return PendingOrder(order_url=row.order_url, key_pem=bytes(row.order_key_pem))
+        return PendingOrder(order_url=row.order_url, key_pem=self._sealer.unseal(bytes(row.order_key_pem)))
 
     async def clear_pending_order(self, name: str) -> None:
         stmt = update(_name_states).where(_name_states.c.name == name).values(order_url=None, order_directory=None, order_key_pem=None)
@@ -739,7 +754,7 @@ class Store:
         )
         async with self._reading() as session:
             row = (await session.execute(stmt)).first()
-        return _certificate(row) if row is not None else None
+        return self._unsealed(_certificate(row)) if row is not None else None
 
     async def current_certificates(self, names: Sequence[str] | None = None) -> list[StoredCertificate]:
         """:meth:`current_certificate` for every name (or the given ones), in one query per chunk."""
@@ -754,7 +769,7 @@ class Store:
         async with self._reading() as session:
             for chunk in chunks:
                 current = _current_certificates_query(chunk)
-                found.extend(_certificate(row) for row in (await session.execute(current)).all())
+                found.extend(self._unsealed(_certificate(row)) for row in (await session.execute(current)).all())
         found.sort(key=lambda cert: cert.name)
         return found
 
@@ -769,7 +784,7 @@ class Store:
         )
         async with self._reading() as session:
             rows = (await session.execute(stmt)).all()
-        return [_certificate(row) for row in rows]
+        return [self._unsealed(_certificate(row)) for row in rows]
 
     async def retries_due(self, before: datetime, limit: int = 100) -> list[NameState]:
         """Names whose last attempt failed and whose backoff ends by ``before``, soonest first."""
@@ -805,7 +820,7 @@ class Store:
             stmt = stmt.limit(limit)
         async with self._reading() as session:
             rows = (await session.execute(stmt)).all()
-        return [_certificate(row) for row in rows]
+        return [self._unsealed(_certificate(row)) for row in rows]
 
     async def set_renewal(self, cert_id: int, *, renew_at: datetime, ari_next_check_at: datetime | None) -> None:
         """Move a certificate's renewal time (into the CA's window) and its next ARI fetch."""
@@ -829,7 +844,7 @@ class Store:
         )
         async with self._reading() as session:
             rows = (await session.execute(stmt)).all()
-        return [_certificate(row) for row in rows]
+        return [self._unsealed(_certificate(row)) for row in rows]
 
     async def orders_since(self, directory: str, since: datetime) -> int:
         """Orders started against ``directory`` since ``since``: the account's rate budget."""
@@ -856,7 +871,7 @@ class Store:
         stmt = select(_certificates).where(_certificates.c.revoked_at > _aware(when, "when")).order_by(_certificates.c.revoked_at)
         async with self._reading() as session:
             rows = (await session.execute(stmt)).all()
-        return [_certificate(row) for row in rows]
+        return [self._unsealed(_certificate(row)) for row in rows]
 
     async def latest_certificate_id(self) -> int:
         """The highest certificate id so far (0 when there is none): the starting point for
