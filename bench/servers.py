@@ -11,7 +11,9 @@ the only difference between them is how a connection gets to its TLS context:
 - ``front-task``: the front's first design, kept here to measure against: ``sock_accept``,
   a task per connection, ``MSG_PEEK`` and ``connect_accepted_socket``;
 - ``front-reader``: the same hand-off, but accepting in a reader callback and peeking at
-  once, so only the hand-off needs a task.
+  once, so only the hand-off needs a task;
+- ``alert-only``: no TLS at all, a bare protocol that answers the first bytes with the 7-byte
+  alert and closes: the floor for any rejection made on this loop.
 
 Prints ``ready`` when it listens, and runs until SIGTERM.
 """
@@ -149,6 +151,19 @@ class ReaderFront(TaskFront):
             task.add_done_callback(self._connections.discard)
 
 
+class AlertOnly(asyncio.Protocol):
+    """What a rejection costs at the least on this loop: accept, one read, one write, close."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        from autocert.tls import UNRECOGNIZED_NAME_ALERT
+
+        self.transport.write(UNRECOGNIZED_NAME_ALERT)
+        self.transport.close()
+
+
 async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -159,7 +174,7 @@ async def main(args: argparse.Namespace) -> None:
     assert runner.server is not None
     listener = listening_socket(options.https)  # type: ignore[arg-type]
     manager: Manager | None = None
-    if args.variant != "static":
+    if args.variant not in ("static", "alert-only"):
         manager = Manager(db=args.db, directory=UNREACHABLE_CA, cache_size=max(args.warm, 1000),
                           poll_interval=3600, renew=False)
         await manager.start()
@@ -171,6 +186,8 @@ async def main(args: argparse.Namespace) -> None:
         chain_dir = Path(args.chain_dir)
         context = build_context((chain_dir / "chain.pem").read_bytes(), (chain_dir / "key.pem").read_bytes())
         server = await loop.create_server(runner.server, sock=listener, ssl=context, backlog=1024)
+    elif args.variant == "alert-only":
+        server = await loop.create_server(AlertOnly, sock=listener, backlog=1024)
     elif args.variant == "sni":
         assert manager is not None
         server = await loop.create_server(runner.server, sock=listener, ssl=manager.ssl_context(), backlog=1024)
@@ -193,7 +210,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("variant", choices=["static", "sni", "front", "front-task", "front-reader"])
+    parser.add_argument("variant", choices=["static", "sni", "front", "front-task", "front-reader", "alert-only"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--chain-dir")
     parser.add_argument("--db")
