@@ -3,6 +3,8 @@ handshakes, and wait on conditions with generous bounds instead of sleeping."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import signal
@@ -48,6 +50,19 @@ def acme_args(pebble: Pebble) -> list[str]:
     return ["--directory", pebble.directory_url, "--ca-bundle", pebble.ca_bundle, "--agree-tos", "--email", "ops@example.test"]
 
 
+_started: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A test that failed before stopping its server must not leave it running."""
+    for process in _started:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 class ServeProcess:
     """``autocert serve`` in a child process, listening where Pebble validates challenges."""
 
@@ -73,6 +88,7 @@ class ServeProcess:
     def start(self, *, timeout: float = 60) -> ServeProcess:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self.env, cwd=REPO, start_new_session=True)
+        _started.append(self.process)
         wanted = sum(1 for flag in ("--https", "--http", "--admin") if self._enabled(flag))
 
         def ready() -> bool:

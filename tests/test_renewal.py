@@ -181,21 +181,25 @@ def test_sigkill_during_issuance_then_restart_ends_valid_without_duplicates(pebb
     names = [f"c{i}.crash.example.test" for i in range(5)]
     assert run_cli("allow", *names, db=db).returncode == 0
     server = ServeProcess(db, slow, tmp_path).start()
-    with ThreadPoolExecutor(max_workers=5) as pool:
-        for name in names:
-            pool.submit(lambda n=name: openssl_s_client(server.https_port, n))
-        path = db.removeprefix("sqlite:///")
+    try:
+        with ThreadPoolExecutor(max_workers=5) as pool:
+            for name in names:
+                pool.submit(lambda n=name: openssl_s_client(server.https_port, n))
+            path = db.removeprefix("sqlite:///")
 
-        def pending_orders() -> dict[str, str]:
-            with sqlite3.connect(path) as connection:
-                return dict(connection.execute("select name, order_url from name_states where order_url is not null").fetchall())
+            def pending_orders() -> dict[str, str]:
+                with sqlite3.connect(path) as connection:
+                    return dict(connection.execute("select name, order_url from name_states where order_url is not null").fetchall())
 
-        # Four orders run at once (the worker's concurrency); the fifth waits its turn.
-        eventually(lambda: len(pending_orders()) >= 4, timeout=30, what="orders to be placed and stored")
-        interrupted = pending_orders()
-        server.signal(signal.SIGKILL)
-        assert server.process is not None
-        server.process.wait(timeout=10)
+            # Four orders run at once (the worker's concurrency); the fifth waits its turn.
+            eventually(lambda: len(pending_orders()) >= 4, timeout=30, what="orders to be placed and stored")
+            interrupted = pending_orders()
+            server.signal(signal.SIGKILL)
+            assert server.process is not None
+            server.process.wait(timeout=10)
+
+    finally:
+        server.stop()  # already killed unless something above failed
 
     restarted = ServeProcess(db, slow, tmp_path).start()
     try:
