@@ -26,8 +26,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.autocert-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "setup: installing autocert into .venv" >&2
-    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e '.[test]'
+    echo "setup: installing autocert into .venv (log: .venv/pip.log)" >&2
+    if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e '.[test]'; } >.venv/pip.log 2>&1; then
+        tail -n 30 .venv/pip.log >&2
+        echo "setup: pip failed; the whole log is in .venv/pip.log" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
