@@ -33,6 +33,7 @@ from .tls import (
     ClientHello,
     NotClientHello,
     build_context,
+    client_hello_wanted,
     parse_client_hello,
 )
 from .web import CHALLENGE_PREFIX, challenge_response, middleware, status_app
@@ -235,21 +236,27 @@ class TlsFront:
 class _HelloReader(asyncio.Protocol):
     """A connection's first protocol: collects the ClientHello, then hands over to the front."""
 
-    __slots__ = ("_front", "_transport", "_data", "task")
+    __slots__ = ("_front", "_transport", "_data", "_wanted", "task")
 
     def __init__(self, front: TlsFront) -> None:
         self._front = front
         self._transport: asyncio.Transport | None = None
-        self._data = b""
+        self._data: bytes | bytearray = b""
+        self._wanted = 0  # parse again only once this many bytes are here
         self.task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._front._waiting(self)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | bytearray) -> None:
         if self._data:
-            data = self._data + data
+            # A hello in several segments: grow one buffer, and parse only when a record
+            # is complete, so a client sending bytes one by one cannot make this quadratic.
+            self._data += data
+            data = self._data
+            if len(data) < self._wanted:
+                return
         try:
             hello = parse_client_hello(data)
         except NotClientHello as exc:
@@ -259,8 +266,10 @@ class _HelloReader(asyncio.Protocol):
         if hello is None:
             if len(data) > MAX_CLIENT_HELLO + 5:
                 self.abort()
-            else:
-                self._data = data
+                return
+            if not self._data:
+                self._data = bytearray(data)
+            self._wanted = client_hello_wanted(data)
             return
         self._data = b""
         self._front._done_waiting(self)

@@ -174,6 +174,11 @@ MAX_CLIENT_HELLO = 64 * 1024
 #: The largest TLS plaintext record (2^14) plus the slack some stacks use.
 _MAX_RECORD = 16384 + 256
 
+#: Clients put a ClientHello in one record, a few when it is large or split on purpose (some
+#: anti-censorship tools do). Far more is only useful to make a server re-parse a growing
+#: buffer over and over, so it is refused.
+MAX_HELLO_RECORDS = 64
+
 
 def parse_client_hello(data: bytes) -> ClientHello | None:
     """Parse the TLS records at the start of a connection.
@@ -202,8 +207,12 @@ def _parse_records(data: bytes) -> ClientHello | None:
     """The general case: a ClientHello spread over several records, or not all here yet."""
     handshake = bytearray()
     offset = 0
+    records = 0
     needed: int | None = None
     while needed is None or len(handshake) < needed:
+        if records == MAX_HELLO_RECORDS:
+            raise NotClientHello("ClientHello spread over too many records")
+        records += 1
         if len(data) - offset < 5:
             return None
         content_type, major = data[offset], data[offset + 1]
@@ -225,6 +234,22 @@ def _parse_records(data: bytes) -> ClientHello | None:
         if offset > MAX_CLIENT_HELLO:
             raise NotClientHello("ClientHello too large")
     return _parse_hello_body(handshake, 4, needed)
+
+
+def client_hello_wanted(data: bytes) -> int:
+    """How long ``data`` must grow before :func:`parse_client_hello` can tell more.
+
+    For bytes on which the parser returned None: the end of the first incomplete record (or
+    of the next record header). A reader that parses again only then does a bounded amount
+    of work per connection, however the client slices its bytes into TCP segments.
+    """
+    offset = 0
+    while len(data) - offset >= 5:
+        end = offset + 5 + (data[offset + 3] << 8 | data[offset + 4])
+        if end > len(data):
+            return end
+        offset = end
+    return offset + 5
 
 
 def _parse_hello_body(b: bytes | bytearray, p: int, end: int) -> ClientHello:

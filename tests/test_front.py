@@ -6,6 +6,7 @@ read the ClientHello before TLS starts, so only real handshakes show whether it 
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import ssl
 import threading
@@ -206,3 +207,63 @@ def test_disallow_refuses_new_handshakes_on_asyncio(root_ca: str, db: str, serve
     assert run_cli("disallow", "gone.example.test", db=db).returncode == 0
     eventually(lambda: "alert number 112" in openssl_s_client(server.https_port, "gone.example.test"),
                timeout=5, what="the disallowed name to be refused")
+
+
+def fragmented(hello: bytes, size: int) -> bytes:
+    """The ClientHello record re-framed as records of ``size`` bytes of handshake data."""
+    body = hello[5:]
+    return b"".join(hello[:3] + len(body[i:i + size]).to_bytes(2, "big") + body[i:i + size] for i in range(0, len(body), size))
+
+
+def handshake_with_fragmented_hello(port: int, name: str, size: int) -> x509.Certificate:
+    """A TLS client whose ClientHello arrives in many small records, one TCP send each."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    records = fragmented(outgoing.read(), size)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        offset = 0
+        while offset < len(records):
+            end = offset + 5 + int.from_bytes(records[offset + 3:offset + 5], "big")
+            sock.sendall(records[offset:end])
+            offset = end
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if pending := outgoing.read():
+                    sock.sendall(pending)
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("the server closed the connection")
+                incoming.write(data)
+        sock.sendall(outgoing.read())
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_hello_split_over_many_records_is_served(root_ca: str, db: str, serve: ServeFactory) -> None:
+    """Legal TLS, and what some anti-censorship tools do: the front must reassemble the
+    records and replay them all into TLS."""
+    assert run_cli("allow", "split.example.test", db=db).returncode == 0
+    server = serve()
+    served_certificate(server.https_port, "split.example.test", root_ca, timeout=60)
+    certificate = handshake_with_fragmented_hello(server.https_port, "split.example.test", 16)
+    assert sans(certificate) == ["split.example.test"]
+
+
+def test_hello_in_hundreds_of_records_is_dropped_at_once(db: str, serve: ServeFactory) -> None:
+    """A hello sliced into one-byte records would make every new segment a re-parse of the
+    whole buffer; the front refuses it instead of waiting for the hello timeout."""
+    server = serve()
+    started = time.monotonic()
+    with pytest.raises((ConnectionError, ssl.SSLError)):
+        handshake_with_fragmented_hello(server.https_port, "split.example.test", 1)
+    assert time.monotonic() - started < 3

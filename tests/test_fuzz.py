@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autocert.tls import MAX_CLIENT_HELLO, ClientHello, NotClientHello, parse_client_hello
+from autocert.tls import MAX_CLIENT_HELLO, MAX_HELLO_RECORDS, ClientHello, NotClientHello, client_hello_wanted, parse_client_hello
 from pebble import Pebble
 from support import ServeProcess, handshake, run_cli, served_certificate
 
@@ -142,8 +142,12 @@ def _reference_body(body: memoryview) -> tuple[str | None, tuple[str, ...]]:
 def reference_parse(data: bytes) -> tuple[str | None, tuple[str, ...]] | None | str:
     handshake = bytearray()
     offset = 0
+    records = 0
     needed: int | None = None
     while needed is None or len(handshake) < needed:
+        if records == MAX_HELLO_RECORDS:
+            return "not a hello"
+        records += 1
         if len(data) - offset < 5:
             return None
         length = int.from_bytes(data[offset + 3 : offset + 5], "big")
@@ -229,11 +233,31 @@ def test_resplit_hellos_parse_the_same_and_every_prefix_waits(seed: int, sizes: 
     expected = parse_client_hello(original)
     assert expected is not None
     split = resplit(original, sizes)
+    records = _records(split)
+    if records > MAX_HELLO_RECORDS:
+        with pytest.raises(NotClientHello):
+            parse_client_hello(split)
+        return
     parsed = parse_client_hello(split)
     assert parsed is not None
     assert (parsed.server_name, parsed.alpn) == (expected.server_name, expected.alpn)
     cut = data.draw(st.integers(0, len(split) - 1))
-    assert parse_client_hello(split[:cut]) is None
+    prefix = split[:cut]
+    assert parse_client_hello(prefix) is None
+    # The reader parses again only at client_hello_wanted(prefix); nothing in between may
+    # complete the hello, and that point is never past the end of the whole.
+    wanted = client_hello_wanted(prefix)
+    assert cut < wanted <= len(split)
+    for between in {cut, (cut + wanted) // 2, wanted - 1}:
+        assert parse_client_hello(split[:between]) is None
+
+
+def _records(data: bytes) -> int:
+    count = offset = 0
+    while offset < len(data):
+        offset += 5 + int.from_bytes(data[offset + 3 : offset + 5], "big")
+        count += 1
+    return count
 
 
 def _vector(data: bytes, length_bytes: int) -> bytes:
@@ -259,7 +283,7 @@ def built_hellos(draw: st.DrawFn) -> tuple[bytes, str | None, tuple[str, ...]]:
     message = b"\x01" + len(body).to_bytes(3, "big") + body
     hello = b"\x16\x03\x01" + _vector(message, 2)
     if draw(st.booleans()):
-        hello = resplit(hello, draw(st.lists(st.integers(1, 300), min_size=1, max_size=3)))
+        hello = resplit(hello, draw(st.lists(st.integers(10, 300), min_size=1, max_size=3)))
     server_name = host.rstrip(".").lower() or None if host is not None else None
     return hello, server_name, tuple(protocols)
 
