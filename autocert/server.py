@@ -1,9 +1,9 @@
 """``autocert serve``: the TLS front, the http listener, the admin listener and signal handling.
 
-The front reads each ClientHello with ``MSG_PEEK`` before TLS starts. Knowing the name (and
-ALPN) up front lets it refuse unknown names with a bare 7-byte alert, answer tls-alpn-01,
-await a certificate load or a first issuance, and only then hand the untouched socket to the
-event loop's TLS with the right context.
+The front reads each ClientHello before TLS starts. Knowing the name (and ALPN) up front lets
+it refuse unknown names with a bare 7-byte alert, answer tls-alpn-01, await a certificate load
+or a first issuance, and only then start the event loop's TLS on the same connection, with the
+right context and the hello bytes replayed into it.
 """
 
 from __future__ import annotations
