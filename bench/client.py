@@ -1,6 +1,9 @@
 """One benchmark client process: sequential full TLS 1.3 handshakes, no session resumption.
 
-    python bench/client.py --port PORT --count N [--names K] [--unknown] [--warmup W]
+    python bench/client.py --ports PORT[,PORT...] --count N [--names K] [--unknown] [--warmup W]
+
+With several ports, consecutive connections go to the next port in turn, so every server is
+measured over the same stretch of time and the machine's drift hits them all alike.
 
 Each connection sets TCP_NODELAY, completes the handshake, half-closes TCP and reads until
 the server closes, so the server has finished all its work for the connection (Finished,
@@ -47,19 +50,19 @@ def one(port: int, name: str, context: ssl.SSLContext) -> bool:
         return True
 
 
-def run(port: int, count: int, names: list[str], context: ssl.SSLContext) -> tuple[int, int]:
-    ok = failed = 0
+def run(ports: list[int], count: int, names: list[str], context: ssl.SSLContext) -> dict[int, list[int]]:
+    """``count`` handshakes per port, interleaved; returns {port: [ok, failed]}."""
+    results = {port: [0, 0] for port in ports}
     for index in range(count):
-        if one(port, names[index % len(names)], context):
-            ok += 1
-        else:
-            failed += 1
-    return ok, failed
+        name = names[index % len(names)]
+        for port in ports:
+            results[port][0 if one(port, name, context) else 1] += 1
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ports", required=True, help="comma-separated")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--names", type=int, default=1000, help="distinct names to cycle through")
     parser.add_argument("--offset", type=int, default=0, help="first name index")
@@ -71,12 +74,13 @@ def main() -> None:
     else:
         names = [name_for(args.offset + i) for i in range(args.names)]
     context = client_context()
-    run(args.port, args.warmup, names, context)
+    ports = [int(port) for port in args.ports.split(",")]
+    run(ports, args.warmup, names, context)
     print("ready", flush=True)
     sys.stdin.readline()
     started = time.perf_counter()
-    ok, failed = run(args.port, args.count, names, context)
-    print(json.dumps({"ok": ok, "failed": failed, "seconds": time.perf_counter() - started}), flush=True)
+    results = run(ports, args.count, names, context)
+    print(json.dumps({"results": results, "seconds": time.perf_counter() - started}), flush=True)
 
 
 if __name__ == "__main__":

@@ -116,10 +116,15 @@ class Server:
             self.process.wait()
 
 
-def run_clients(port: int, count: int, *, clients: int = 2, extra: Sequence[str] = (), warmup: int = 50,
-                server_pid: int | None = None) -> tuple[int, int, float, float]:
-    """Run client processes at once against ``port``; returns (ok, failed, server CPU s, wall s)."""
-    argv = [sys.executable, str(HERE / "client.py"), "--port", str(port), "--count", str(count), "--warmup", str(warmup), *extra]
+def run_clients(targets: dict[str, tuple[int, int | None]], count: int, *, clients: int = 2, extra: Sequence[str] = (),
+                warmup: int = 50) -> tuple[dict[str, tuple[int, int, float]], float]:
+    """Run client processes at once; each sends ``count`` handshakes to every target in turn.
+
+    ``targets`` maps a label to (port, pid to measure or None). Returns, per label, (ok,
+    failed, server CPU seconds over the run), and the run's wall time.
+    """
+    ports = ",".join(str(port) for port, _ in targets.values())
+    argv = [sys.executable, str(HERE / "client.py"), "--ports", ports, "--count", str(count), "--warmup", str(warmup), *extra]
     processes = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                   preexec_fn=lambda: os.sched_setaffinity(0, CLIENT_CPUS)) for _ in range(clients)]
     try:
@@ -127,21 +132,26 @@ def run_clients(port: int, count: int, *, clients: int = 2, extra: Sequence[str]
             assert process.stdout is not None
             if process.stdout.readline().strip() != "ready":
                 raise RuntimeError("a client failed during warm-up")
-        before = cpu_seconds(server_pid) if server_pid else 0.0
+        before = {label: cpu_seconds(pid) for label, (_, pid) in targets.items() if pid}
         started = time.perf_counter()
         for process in processes:
             assert process.stdin is not None
             process.stdin.write("go\n")
             process.stdin.flush()
-        results = [json.loads(process.stdout.readline()) for process in processes if process.stdout]
-        after = cpu_seconds(server_pid) if server_pid else 0.0
+        results = [json.loads(process.stdout.readline())["results"] for process in processes if process.stdout]
+        after = {label: cpu_seconds(pid) for label, (_, pid) in targets.items() if pid}
         wall = time.perf_counter() - started
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
             process.wait()
-    return sum(r["ok"] for r in results), sum(r["failed"] for r in results), after - before, wall
+    measured = {}
+    for label, (port, _) in targets.items():
+        ok = sum(result[str(port)][0] for result in results)
+        failed = sum(result[str(port)][1] for result in results)
+        measured[label] = (ok, failed, after.get(label, 0.0) - before.get(label, 0.0))
+    return measured, wall
 
 
 def nginx_server(workdir: Path, port: int) -> Server | None:
@@ -194,8 +204,8 @@ def nginx_pid(server: Server) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=1000, help="handshakes per client process per measurement")
-    parser.add_argument("--rounds", type=int, default=15, help="short rounds, every server measured once per round")
+    parser.add_argument("--count", type=int, default=500, help="handshakes per client process and server in a round")
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--names", type=int, default=100_000, help="names (certificates) in the database")
     parser.add_argument("--touch", type=int, default=5000, help="distinct names touched before reading RSS")
     parser.add_argument("--alternatives", action="store_true", help="also measure the front designs that were not kept")
@@ -240,36 +250,37 @@ def main() -> None:
             pin(pid, SERVER_CPUS)
         by_label = {server.label: server for server in [*full, floor]}
         for server in full:  # first touch of every name: database loads happen here, not in the rounds
-            run_clients(server.port, WARM_NAMES, clients=1, warmup=0)
+            run_clients({server.label: (server.port, None)}, WARM_NAMES, clients=1, warmup=0)
 
         # Idle cost of a running serve (its allowlist and certificate polls), per second.
         before = cpu_seconds(pids["serve"])
         time.sleep(5)
         serve_idle = (cpu_seconds(pids["serve"]) - before) / 5
 
-        workloads: list[tuple[str, str, list[str]]] = [(s.label, s.label, []) for s in full]
-        workloads += [("front reject", "front", ["--unknown"]), ("serve reject", "serve", ["--unknown"]),
-                      ("alert-only", "alert-only", ["--unknown"])]
-        if nginx is not None:
-            workloads.append(("nginx reject", "nginx", ["--unknown"]))
-        per_round: dict[str, list[float]] = {label: [] for label, _, _ in workloads}
-        walls: dict[str, list[float]] = {label: [] for label, _, _ in workloads}
+        # Each round: one run of full handshakes spread over every server connection by
+        # connection, then one run of rejections the same way. Servers side by side in time
+        # see the same machine, which matters more than anything else on a shared VM.
+        full_targets = {server.label: (server.port, pids[server.label]) for server in full}
+        reject_targets = {f"{label} reject": (by_label[label].port, pids[label]) for label in ("front", "serve", "nginx")
+                          if label in by_label}
+        reject_targets["alert-only"] = (floor.port, pids["alert-only"])
+        per_round: dict[str, list[float]] = {label: [] for label in [*full_targets, *reject_targets]}
+        idle_share: dict[str, list[float]] = {"serve": [], "serve reject": []}
         for round_index in range(args.rounds):
-            order = workloads[round_index % len(workloads):] + workloads[: round_index % len(workloads)]
-            for label, server_label, extra in order:
-                ok, failed, cpu, wall = run_clients(by_label[server_label].port, args.count, extra=extra,
-                                                    server_pid=pids[server_label])
-                walls[label].append(wall)
-                done = failed if "--unknown" in extra else ok
-                if done != 2 * args.count:
-                    raise RuntimeError(f"{label}: {ok} handshakes succeeded and {failed} failed")
-                per_round[label].append(cpu / done)
+            for targets, rejecting in ((full_targets, False), (reject_targets, True)):
+                measured, wall = run_clients(targets, args.count, extra=["--unknown"] if rejecting else [])
+                for label, (ok, failed, cpu) in measured.items():
+                    done = failed if rejecting else ok
+                    if done != 2 * args.count:
+                        raise RuntimeError(f"{label}: {ok} handshakes succeeded and {failed} failed")
+                    per_round[label].append(cpu / done)
+                    if label in idle_share:
+                        idle_share[label].append(serve_idle * wall / done)
             print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
 
         # The serve rows minus what the same process burns when idle over the same wall time.
-        for label in ("serve", "serve reject"):
-            done = [2 * args.count] * args.rounds
-            per_round[f"{label} − idle"] = [c - serve_idle * w / d for c, w, d in zip(per_round[label], walls[label], done)]
+        for label, shares in idle_share.items():
+            per_round[f"{label} − idle"] = [cpu - share for cpu, share in zip(per_round[label], shares)]
         report(per_round, serve_idle, args)
         for server in full:
             server.stop()
@@ -305,7 +316,7 @@ def report(per_round: dict[str, list[float]], serve_idle: float, args: argparse.
     static = per_round["static"]
     nginx = per_round.get("nginx")
     print()
-    print(f"Server CPU per handshake, {args.rounds} rounds × 2 client processes × {args.count} handshakes, "
+    print(f"Server CPU per handshake, {args.rounds} rounds × 2 client processes × {args.count} handshakes per server, "
           f"ECDSA P-256, TLS 1.3, no resumption; servers pinned to CPU {sorted(SERVER_CPUS)}, clients to {sorted(CLIENT_CPUS)}")
     print()
     print("| server | µs/handshake | ÷ static (pooled) | per-round quartiles | target | ÷ nginx |")
@@ -354,7 +365,9 @@ def startup_and_memory(db: str, workdir: Path, args: argparse.Namespace, serve_s
     try:
         server.start()
         rss_start, _ = rss_mib(server.pid)
-        ok, failed, _, _ = run_clients(server.port, args.touch, clients=1, warmup=0, extra=["--names", str(args.touch), "--offset", "2000"])
+        measured, _ = run_clients({"memory": (server.port, None)}, args.touch, clients=1, warmup=0,
+                                  extra=["--names", str(args.touch), "--offset", "2000"])
+        ok, failed, _ = measured["memory"]
         rss, peak = rss_mib(server.pid)
     finally:
         server.stop()

@@ -174,7 +174,7 @@ async def main(args: argparse.Namespace) -> None:
     assert runner.server is not None
     listener = listening_socket(options.https)  # type: ignore[arg-type]
     manager: Manager | None = None
-    if args.variant not in ("static", "alert-only"):
+    if args.variant not in ("static", "alert-only") or args.with_manager:
         manager = Manager(db=args.db, directory=UNREACHABLE_CA, cache_size=max(args.warm, 1000),
                           poll_interval=3600, renew=False)
         await manager.start()
@@ -196,6 +196,10 @@ async def main(args: argparse.Namespace) -> None:
         front_class = {"front": TlsFront, "front-task": TaskFront, "front-reader": ReaderFront}[args.variant]
         front = front_class(manager, runner.server, options)
         accepting = loop.create_task(front.serve(listener))
+    if args.gc_freeze:
+        import gc
+
+        gc.freeze()
     print("ready", flush=True)
     await stop.wait()
     if server is not None:
@@ -216,6 +220,8 @@ if __name__ == "__main__":
     parser.add_argument("--db")
     parser.add_argument("--warm", type=int, default=0)
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument("--with-manager", action="store_true", help="start a Manager even where the variant needs none")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once started")
     arguments = parser.parse_args()
     if arguments.loop == "uvloop":
         uvloop.run(main(arguments))
