@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import contextlib
+import functools
 import ipaddress
 import logging
 import signal
@@ -108,7 +109,7 @@ class TlsFront:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._ssl_protocol = ssl_protocol_class(loop)
-        server = await loop.create_server(lambda: _HelloReader(self), sock=listener, backlog=1024)
+        server = await loop.create_server(functools.partial(_HelloReader, self), sock=listener, backlog=1024)
         sweeper = loop.create_task(self._sweep())
         try:
             await server.serve_forever()
@@ -133,9 +134,6 @@ class TlsFront:
             stale, self._old, self._young = self._old, self._young, set()
             for reader in stale:
                 reader.abort()
-
-    def _waiting(self, reader: _HelloReader) -> None:
-        self._young.add(reader)
 
     def _done_waiting(self, reader: _HelloReader) -> None:
         self._young.discard(reader)
@@ -247,7 +245,7 @@ class _HelloReader(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        self._front._waiting(self)
+        self._front._young.add(self)
 
     def data_received(self, data: bytes | bytearray) -> None:
         if self._data:
@@ -272,9 +270,11 @@ class _HelloReader(asyncio.Protocol):
             self._wanted = client_hello_wanted(data)
             return
         self._data = b""
-        self._front._done_waiting(self)
-        assert self._transport is not None
-        self._front._hello_received(self, self._transport, hello, data)
+        front = self._front
+        front._young.discard(self)
+        if front._old:
+            front._old.discard(self)
+        front._hello_received(self, self._transport, hello, data)  # type: ignore[arg-type]
 
     def eof_received(self) -> bool | None:
         return None  # closed before a complete ClientHello: nothing to answer
