@@ -137,7 +137,7 @@ class CertificateRow(Base):
     order_url: Mapped[str | None] = mapped_column(Text)
     profile: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    revoked_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None] = mapped_column(index=True)
     # When the CA's renewal information (RFC 9773) should next be fetched; None: never yet.
     ari_next_check_at: Mapped[datetime | None]
 

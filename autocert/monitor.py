@@ -6,8 +6,9 @@ one their own tool gives. Renewal is meant to happen when a third of the lifetim
 with no newer one stored means renewal is not working, and someone must hear about it while
 there is still time.
 
-The scan reads certificates in chunks so memory stays flat however many names there are, and
-it runs every ``interval`` seconds (and at start) in whichever process serves or embeds.
+The scan reads only validity times (no keys or chains) in one query, so it stays small however
+many names there are, and it runs every ``interval`` seconds (and at start) in whichever
+process serves or embeds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Iterable
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
@@ -25,14 +25,11 @@ from .events import Event
 
 if TYPE_CHECKING:
     from .manager import Manager
-    from .store import StoredCertificate
+    from .store import CertificateTimes
 
 __all__ = ["ExpiryMonitor", "is_expiring"]
 
 log = logging.getLogger(__name__)
-
-#: Certificates loaded per query during a scan.
-CHUNK = 500
 
 #: Once the renewal time has passed, how long renewal gets before ``expiring`` is raised: at most
 #: an hour, less for short lifetimes, so a renewal that is merely in progress does not alarm.
@@ -113,18 +110,10 @@ class ExpiryMonitor:
 
     # -- scanning ----------------------------------------------------------------------------
 
-    async def refresh(self) -> list[StoredCertificate]:
-        """Reload every allowed name's current certificate metadata; returns the certificates."""
-        store = self.manager.store
-        names = [name for name in await store.certificate_names() if self.manager.is_allowed(name)]
-        found: list[StoredCertificate] = []
-        expiries: dict[str, datetime] = {}
-        for start in range(0, len(names), CHUNK):
-            for certificate in await store.current_certificates(names[start : start + CHUNK]):
-                expiries[certificate.name] = certificate.not_after
-                # Keep only what the checks need, not keys and chains.
-                found.append(replace(certificate, key_pem=b"", chain_pem=b""))
-        self.expiries = expiries
+    async def refresh(self) -> list[CertificateTimes]:
+        """Reload every allowed name's current validity (no keys or chains); returns them."""
+        found = [t for t in await self.manager.store.current_certificate_times() if self.manager.is_allowed(t.name)]
+        self.expiries = {t.name: t.not_after for t in found}
         self.scanned_at = _utcnow()
         return found
 
@@ -149,7 +138,7 @@ class ExpiryMonitor:
         return emitted
 
     @staticmethod
-    def _event_for(certificate: StoredCertificate, now: datetime) -> Event | None:
+    def _event_for(certificate: CertificateTimes, now: datetime) -> Event | None:
         left = certificate.not_after - now
         if left <= timedelta(0):
             return Event("expired", certificate.name, "expired", error=f"expired at {_iso(certificate.not_after)}", at=now)

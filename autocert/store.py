@@ -155,6 +155,18 @@ class Attempt:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateTimes:
+    """A current certificate's validity and renewal time, without its key or chain: what
+    expiry checks need, cheap to hold for every name at once."""
+
+    id: int
+    name: str
+    not_before: datetime
+    not_after: datetime
+    renew_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class PendingOrder:
     """An order placed but not finished, with the key its CSR uses."""
 
@@ -772,6 +784,14 @@ class Store:
                 found.extend(self._unsealed(_certificate(row)) for row in (await session.execute(current)).all())
         found.sort(key=lambda cert: cert.name)
         return found
+
+    async def current_certificate_times(self) -> list[CertificateTimes]:
+        """:class:`CertificateTimes` of every name's current certificate, in one query."""
+        current = _current_certificates_query(None).subquery()
+        stmt = select(current.c.id, current.c.name, current.c.not_before, current.c.not_after, current.c.renew_at)
+        async with self._reading() as session:
+            rows = (await session.execute(stmt)).all()
+        return [CertificateTimes(row.id, row.name, row.not_before, row.not_after, row.renew_at) for row in rows]
 
     async def renewals_due(self, before: datetime, limit: int = 100) -> list[StoredCertificate]:
         """Current certificates whose ``renew_at`` is not after ``before``, soonest first."""

@@ -17,14 +17,17 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .acme_client import AcmeClient, ChallengeResponder, RenewalInfo
 from .crypto import ari_certificate_id, generate_private_key, tls_alpn_challenge_certificate
 from .errors import AcmeError, AutocertError, IssuanceError
 from .events import Event, EventBus
 from .store import NameState, StoredCertificate, Store
+
+if TYPE_CHECKING:
+    from .acme_client import AcmeClient, RenewalInfo
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +251,10 @@ class Worker:
                 key_pem = await asyncio.to_thread(generate_private_key)
                 account = await self._store.save_account(self.directory, key_pem, None, self._email)
             account_url = None if stale is not None else account.url
+            # Imported on first use: the ACME stack (acme, josepy, requests) is a third of
+            # the server's start-up time and is not needed until something is ordered.
+            from .acme_client import AcmeClient
+
             client = AcmeClient(self.directory, account.key_pem, ca_bundle=self._ca_bundle, account_url=account_url,
                                 trace_configs=self._trace_configs)
             try:

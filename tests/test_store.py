@@ -200,7 +200,7 @@ async def test_sqlite_memory_database_works() -> None:
 
 def test_migrations_are_found_in_the_source_tree() -> None:
     assert migrations_path() == REPO / "migrations"
-    assert head_revision() == "0004"
+    assert head_revision() == "0005"
 
 
 async def test_open_migrates_and_upgrade_is_idempotent(database_url: str) -> None:
