@@ -19,6 +19,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
 
@@ -194,7 +195,7 @@ class TlsFront:
         tls.connection_made(transport)
         view = memoryview(data)
         while view and not transport.is_closing():
-            buffer = tls.get_buffer(len(view))
+            buffer = cast(memoryview, tls.get_buffer(len(view)))
             size = min(len(buffer), len(view))
             buffer[:size] = view[:size]
             tls.buffer_updated(size)
@@ -234,7 +235,7 @@ class TlsFront:
 class _HelloReader(asyncio.Protocol):
     """A connection's first protocol: collects the ClientHello, then hands over to the front."""
 
-    __slots__ = ("_front", "_transport", "_data", "_wanted", "task")
+    __slots__ = ("_data", "_front", "_transport", "_wanted", "task")
 
     def __init__(self, front: TlsFront) -> None:
         self._front = front

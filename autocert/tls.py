@@ -154,7 +154,7 @@ def install_alert_flush_fix() -> bool:
 class ClientHello:
     """What the front needs from a ClientHello: the SNI host name and the offered ALPN list."""
 
-    __slots__ = ("server_name", "alpn")
+    __slots__ = ("alpn", "server_name")
 
     def __init__(self, server_name: str | None, alpn: tuple[str, ...]) -> None:
         self.server_name = server_name
@@ -181,7 +181,7 @@ _MAX_RECORD = 16384 + 256
 MAX_HELLO_RECORDS = 64
 
 
-def parse_client_hello(data: bytes) -> ClientHello | None:
+def parse_client_hello(data: bytes | bytearray) -> ClientHello | None:
     """Parse the TLS records at the start of a connection.
 
     Returns None while more bytes are needed, raises ``NotClientHello`` for anything that
@@ -204,7 +204,7 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
     return _parse_records(data)
 
 
-def _parse_records(data: bytes) -> ClientHello | None:
+def _parse_records(data: bytes | bytearray) -> ClientHello | None:
     """The general case: a ClientHello spread over several records, or not all here yet."""
     handshake = bytearray()
     offset = 0
@@ -237,7 +237,7 @@ def _parse_records(data: bytes) -> ClientHello | None:
     return _parse_hello_body(handshake, 4, needed)
 
 
-def client_hello_wanted(data: bytes) -> int:
+def client_hello_wanted(data: bytes | bytearray) -> int:
     """How long ``data`` must grow before :func:`parse_client_hello` can tell more.
 
     For bytes on which the parser returned None: the end of the first incomplete record (or

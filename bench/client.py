@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fixtures import name_for  # noqa: E402
+from fixtures import name_for
 
 
 def client_context() -> ssl.SSLContext:

@@ -42,7 +42,7 @@ class Chain:
 
 
 def make_chain(common_name: str = f"n0.{BENCH_DOMAIN}") -> Chain:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "autocert bench CA")])
     ca = (
@@ -73,7 +73,7 @@ async def _seed(url: str, chain: Chain, directory: str) -> None:
 
     store = await Store.open(url)
     try:
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         await store.allow([name_for(0)])
         await store.save_certificate(
             name=name_for(0), names=[name_for(0)], key_pem=chain.key_pem, chain_pem=chain.chain_pem,
@@ -90,7 +90,7 @@ def build_database(path: Path, count: int, chain: Chain, directory: str) -> str:
         path.unlink()
     url = f"sqlite:///{path}"
     asyncio.run(_seed(url, chain, directory))
-    far = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=200)).strftime("%Y-%m-%d %H:%M:%S.%f")
+    far = (dt.datetime.now(dt.UTC) + dt.timedelta(days=200)).strftime("%Y-%m-%d %H:%M:%S.%f")
     with sqlite3.connect(path) as db:
         # No renewal-information fetches during the benchmark: the CA is not reachable.
         db.execute("UPDATE certificates SET ari_next_check_at = ?", (far,))

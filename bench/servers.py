@@ -35,16 +35,17 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from autocert.config import Listen  # noqa: E402
-from autocert.manager import Manager  # noqa: E402
-from autocert.server import ServeOptions, TlsFront, listening_socket, tls_app  # noqa: E402
-from autocert.tls import (  # noqa: E402
+from fixtures import name_for
+
+from autocert.config import Listen
+from autocert.manager import Manager
+from autocert.server import ServeOptions, TlsFront, listening_socket, tls_app
+from autocert.tls import (
     MAX_CLIENT_HELLO,
     NotClientHello,
     build_context,
     parse_client_hello,
 )
-from fixtures import name_for  # noqa: E402
 
 UNREACHABLE_CA = "https://127.0.0.1:9/directory"
 
@@ -68,7 +69,7 @@ class TaskFront(TlsFront):
             if hello is None:
                 try:
                     hello = await asyncio.wait_for(self._peek_hello(connection), self._options.hello_timeout)
-                except (asyncio.TimeoutError, NotClientHello, ConnectionError, OSError):
+                except (TimeoutError, NotClientHello, ConnectionError, OSError):
                     return
             context = await self._pick(hello)
             if context is None:
@@ -78,7 +79,7 @@ class TaskFront(TlsFront):
             await asyncio.get_running_loop().connect_accepted_socket(
                 self._protocol_factory, connection, ssl=context, ssl_handshake_timeout=self._options.handshake_timeout
             )
-        except (ConnectionError, ssl.SSLError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
             pass
         finally:
             if not handed_off:

@@ -24,12 +24,12 @@ def rss_mib() -> float:
     return float("nan")
 
 
-import asyncio  # noqa: E402
+import asyncio
 
-import autocert.cli  # noqa: E402, F401  (what `autocert serve` imports before anything runs)
-from autocert.manager import Manager  # noqa: E402
-from autocert.monitor import ExpiryMonitor  # noqa: E402
-from autocert.store import Store  # noqa: E402
+import autocert.cli  # noqa: F401  (what `autocert serve` imports before anything runs)
+from autocert.manager import Manager
+from autocert.monitor import ExpiryMonitor
+from autocert.store import Store
 
 UNREACHABLE_CA = "https://127.0.0.1:9/directory"
 

@@ -14,13 +14,21 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID, ObjectIdentifier
-
+from cryptography.x509.oid import ObjectIdentifier
 from pebble import Pebble
-from support import ServeProcess, cli_json, eventually, handshake, openssl_s_client, run_cli, served_certificate
+from support import (
+    ServeProcess,
+    cli_json,
+    eventually,
+    handshake,
+    openssl_s_client,
+    run_cli,
+    served_certificate,
+)
 
 #: The tls-alpn-01 ``acmeIdentifier`` extension (RFC 8737) that marks a challenge certificate.
 ACME_IDENTIFIER = ObjectIdentifier("1.3.6.1.5.5.7.1.31")
@@ -62,7 +70,9 @@ def serve(pebble: Pebble, db: str, tmp_path: Path, event_loop_env: dict[str, str
         assert "Traceback" not in server.stderr_path.read_text(), server.output()
 
 
-class ServeFactory:  # the type of the ``serve`` fixture, for annotations only
+class ServeFactory(Protocol):
+    """The ``serve`` fixture: starts ``autocert serve`` with extra arguments on the chosen loop."""
+
     def __call__(self, *extra: str) -> ServeProcess: ...
 
 
@@ -74,7 +84,7 @@ def assert_event_loop(server: ServeProcess, wanted: str) -> None:
 
 
 def sans(certificate: x509.Certificate) -> list[str]:
-    return certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value.get_values_for_type(x509.DNSName)
+    return certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
 
 
 def is_challenge_certificate(certificate: x509.Certificate) -> bool:

@@ -17,10 +17,17 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from autocert.tls import MAX_CLIENT_HELLO, MAX_HELLO_RECORDS, ClientHello, NotClientHello, client_hello_wanted, parse_client_hello
 from pebble import Pebble
 from support import ServeProcess, handshake, run_cli, served_certificate
+
+from autocert.tls import (
+    MAX_CLIENT_HELLO,
+    MAX_HELLO_RECORDS,
+    ClientHello,
+    NotClientHello,
+    client_hello_wanted,
+    parse_client_hello,
+)
 
 # Derandomised: CI runs the same 10,000 cases every time, and a failure reproduces locally.
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None)
@@ -278,7 +285,8 @@ def built_hellos(draw: st.DrawFn) -> tuple[bytes, str | None, tuple[str, ...]]:
         extensions.insert(draw(st.integers(0, len(extensions))), (16, _vector(listed, 2)))
     body = b"\x03\x03" + draw(st.binary(min_size=32, max_size=32)) + _vector(draw(st.binary(max_size=32)), 1)
     body += _vector(draw(st.binary(min_size=2, max_size=40)), 2) + b"\x01\x00"
-    if extensions or draw(st.booleans()):
+    with_extensions: bool = bool(extensions) or draw(st.booleans())
+    if with_extensions:
         body += _vector(b"".join(kind.to_bytes(2, "big") + _vector(data, 2) for kind, data in extensions), 2)
     message = b"\x01" + len(body).to_bytes(3, "big") + body
     hello = b"\x16\x03\x01" + _vector(message, 2)
@@ -359,7 +367,7 @@ async def send_all(port: int, cases: list[bytes], *, parallel: int = 64) -> int:
         async with limit:
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 return
             try:
                 writer.write(data)
@@ -368,7 +376,7 @@ async def send_all(port: int, cases: list[bytes], *, parallel: int = 64) -> int:
                     writer.write_eof()
                 if await asyncio.wait_for(reader.read(65536), 10):
                     answered += 1
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 pass
             finally:
                 writer.close()
