@@ -108,7 +108,9 @@ class Server:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
+        # The whole group: nginx runs under a probing shell, and SIGTERM to the shell alone
+        # would leave nginx running.
+        os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
