@@ -83,22 +83,34 @@ class Server:
     ready_text: str
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[str] | None = None
+    #: stderr goes to a file: a pipe nobody reads would stall a server that logs a lot.
+    stderr_path: Path | None = None
 
     def start(self, timeout: float = 120) -> float:
         """Start and wait until it listens; returns the seconds that took."""
         started = time.perf_counter()
-        self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, **self.env}, start_new_session=True)
+        if self.stderr_path is None:
+            self.stderr_path = Path(tempfile.mkstemp(prefix=f"bench-{self.label}-", suffix=".err")[1])
+        with self.stderr_path.open("w") as stderr:
+            self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                            env={**os.environ, **self.env}, start_new_session=True)
         os.sched_setaffinity(self.process.pid, SERVER_CPUS)  # before it has started any thread
         assert self.process.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
             if not line:
-                raise RuntimeError(f"{self.label} exited: {self.process.stderr.read() if self.process.stderr else ''}")
+                raise RuntimeError(f"{self.label} exited:\n{self.stderr_tail()}")
             if self.ready_text in line:
                 return time.perf_counter() - started
         raise RuntimeError(f"{self.label} did not start within {timeout} s")
+
+    def stderr_tail(self) -> str:
+        return self.stderr_path.read_text()[-3000:] if self.stderr_path and self.stderr_path.exists() else ""
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"{self.label} exited with {self.process.returncode}:\n{self.stderr_tail()}")
 
     @property
     def pid(self) -> int:
@@ -271,7 +283,12 @@ def main() -> None:
         idle_share: dict[str, list[float]] = {"serve": [], "serve reject": []}
         for round_index in range(args.rounds):
             for targets, rejecting in ((full_targets, False), (reject_targets, True)):
-                measured, wall = run_clients(targets, args.count, extra=["--unknown"] if rejecting else [])
+                try:
+                    measured, wall = run_clients(targets, args.count, extra=["--unknown"] if rejecting else [])
+                except (RuntimeError, ValueError):
+                    for server in [*full, floor]:
+                        server.check_alive()
+                    raise
                 for label, (ok, failed, cpu) in measured.items():
                     done = failed if rejecting else ok
                     if done != 2 * args.count:
