@@ -33,9 +33,10 @@ from .config import (
 from .errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from .manager import Manager
 from .names import is_pattern, normalize_entry, normalize_name
-from .status import isoformat, status_report
+from .status import status_report
 from .server import ListenError, ServeOptions, TlsFront, check_admin_binding, http_app, listening_socket, serve, tls_app
 from .store import Store
+from .timefmt import isoformat
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -177,7 +178,7 @@ class JsonLogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "time": isoformat(datetime.fromtimestamp(record.created, timezone.utc)),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

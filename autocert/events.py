@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from .timefmt import isoformat
+
 __all__ = ["EVENT_KINDS", "Event", "EventBus", "EventKind", "Subscriber", "log_event"]
 
 EventKind = Literal["issued", "renewed", "failed", "expiring", "expired", "allowed", "disallowed"]
@@ -56,7 +58,7 @@ class Event:
             "state": self.state,
             "previous": self.previous,
             "error": self.error,
-            "at": self.at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
+            "at": isoformat(self.at),
         }
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from .errors import AutocertError
 from .events import Event
+from .timefmt import isoformat
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -141,14 +142,14 @@ class ExpiryMonitor:
     def _event_for(certificate: CertificateTimes, now: datetime) -> Event | None:
         left = certificate.not_after - now
         if left <= timedelta(0):
-            return Event("expired", certificate.name, "expired", error=f"expired at {_iso(certificate.not_after)}", at=now)
+            return Event("expired", certificate.name, "expired", error=f"expired at {isoformat(certificate.not_after)}", at=now)
         if is_expiring(certificate.not_before, certificate.not_after, certificate.renew_at, now):
             days = left.total_seconds() / 86400
             return Event(
                 "expiring",
                 certificate.name,
                 "valid",
-                error=f"expires at {_iso(certificate.not_after)} ({days:.1f} days left) and has not been renewed",
+                error=f"expires at {isoformat(certificate.not_after)} ({days:.1f} days left) and has not been renewed",
                 at=now,
             )
         return None
@@ -172,5 +173,3 @@ class ExpiryMonitor:
         return min(values) if values else None
 
 
-def _iso(value: datetime) -> str:
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")

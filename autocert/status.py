@@ -11,14 +11,9 @@ from typing import Any
 
 from .names import pattern_for
 from .store import Store
+from .timefmt import isoformat
 
 STATES = ("pending", "issuing", "valid", "renewing", "failed", "expired", "disallowed")
-
-
-def isoformat(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def is_allowed(name: str, allowed_entries: Collection[str]) -> bool:

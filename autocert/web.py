@@ -25,6 +25,7 @@ from .metrics import Metrics
 from .monitor import ExpiryMonitor, is_expiring
 from .names import normalize_name
 from .status import STATES
+from .timefmt import isoformat
 
 __all__ = ["MANAGER_KEY", "middleware", "setup", "status_app"]
 
@@ -361,7 +362,7 @@ def _utc(value: datetime | None) -> str:
 
 
 def _iso(value: datetime | None) -> str:
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if value else ""
+    return isoformat(value) or ""
 
 
 def _days(value: float | None) -> str:

@@ -12,7 +12,7 @@ PACKAGE = Path(autocert.__file__).parent
 
 # Imports flow one way: a module may import only modules of its own layer or below.
 LAYERS = {
-    "errors": 0, "names": 0, "config": 0, "sealing": 0, "_version": 0, "models": 0, "crypto": 0, "events": 0, "notify": 1,
+    "errors": 0, "names": 0, "config": 0, "sealing": 0, "timefmt": 0, "_version": 0, "models": 0, "crypto": 0, "events": 0, "notify": 1,
     "store": 1,
     "acme_client": 2, "tls": 2,
     "worker": 3, "status": 3, "scheduler": 3,
