@@ -103,12 +103,9 @@ class Metrics:
         return trace
 
     async def render(self) -> bytes:
-        """The exposition text; refreshes the expiry figures first when no scan is recent."""
-        monitor = self.monitor
-        scanned = monitor.scanned_at
-        if scanned is None or (datetime.now(timezone.utc) - scanned).total_seconds() > monitor.interval:
-            with contextlib.suppress(AutocertError):  # not started: report what is known
-                await monitor.refresh()
+        """The exposition text; refreshes the expiry figures first when they are stale."""
+        with contextlib.suppress(AutocertError):  # not started: report what is known
+            await self.monitor.figures()
         return generate_latest(self.registry)
 
 
@@ -148,8 +145,8 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("autocert_issuance_in_flight", "Orders running or queued in this process.", value=in_flight)
 
         monitor = self._metrics.monitor
-        yield GaugeMetricFamily("autocert_certificates", "Allowed names with a current certificate.", value=len(monitor.expiries))
-        soonest = monitor.soonest_expiry()
+        yield GaugeMetricFamily("autocert_certificates", "Allowed names with a current certificate.", value=monitor.certified)
+        soonest = monitor.soonest
         if soonest is not None:
             seconds = (soonest - datetime.now(timezone.utc)).total_seconds()
             yield GaugeMetricFamily(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy import JSON, DateTime, Index, Integer, LargeBinary, MetaData, String, Text, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -121,7 +121,17 @@ class CertificateRow(Base):
     """
 
     __tablename__ = "certificates"
-    __table_args__ = ({"sqlite_autoincrement": True},)
+    __table_args__ = (
+        # Unrevoked rows only: which certificate is current per name, and what is due for renewal.
+        Index("ix_certificates_current", "name", "not_after", "id", sqlite_where=text("revoked_at IS NULL"),
+              postgresql_where=text("revoked_at IS NULL")),
+        Index("ix_certificates_renew_at", "renew_at", sqlite_where=text("revoked_at IS NULL"), postgresql_where=text("revoked_at IS NULL")),
+        # Revoked rows only (servers ask every second what was revoked lately); a full index on
+        # revoked_at would tempt SQLite's planner into using it for ``revoked_at IS NULL``.
+        Index("ix_certificates_revoked_at", "revoked_at", sqlite_where=text("revoked_at IS NOT NULL"),
+              postgresql_where=text("revoked_at IS NOT NULL")),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
@@ -137,7 +147,7 @@ class CertificateRow(Base):
     order_url: Mapped[str | None] = mapped_column(Text)
     profile: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(index=True)
+    revoked_at: Mapped[datetime | None]
     # When the CA's renewal information (RFC 9773) should next be fetched; None: never yet.
     ari_next_check_at: Mapped[datetime | None]
 

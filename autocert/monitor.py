@@ -6,8 +6,9 @@ one their own tool gives. Renewal is meant to happen when a third of the lifetim
 with no newer one stored means renewal is not working, and someone must hear about it while
 there is still time.
 
-The scan reads only validity times (no keys or chains) in one query, so it stays small however
-many names there are, and it runs every ``interval`` seconds (and at start) in whichever
+The scan asks the database for aggregates (how many names have a certificate, the soonest
+expiry) and for the few certificates already past their renewal time, so its memory and time do
+not grow with the number of names. It runs every ``interval`` seconds (and at start) in whichever
 process serves or embeds.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 #: Once the renewal time has passed, how long renewal gets before ``expiring`` is raised: at most
 #: an hour, less for short lifetimes, so a renewal that is merely in progress does not alarm.
 MAX_GRACE = timedelta(hours=1)
+
+#: How old the figures a scrape reports may be; the aggregate query is cheap at any size.
+FIGURES_MAX_AGE = timedelta(minutes=5)
 
 
 def is_expiring(not_before: datetime, not_after: datetime, renew_at: datetime | None, now: datetime) -> bool:
@@ -63,9 +66,12 @@ class ExpiryMonitor:
         self.manager = manager
         self.interval = interval
         self.remind = remind
-        #: Current ``not_after`` of every allowed name with a certificate, as of the last scan.
-        self.expiries: dict[str, datetime] = {}
+        #: Allowed names with a current certificate, and the earliest ``not_after`` among them.
+        self.certified = 0
+        self.soonest: datetime | None = None
         self.scanned_at: datetime | None = None
+        #: Set when an event may have moved the figures above; :meth:`figures` then rescans.
+        self.stale = True
         self._reported: dict[tuple[str, str, int], datetime] = {}
         self._task: asyncio.Task[None] | None = None
         self._users = 0
@@ -111,19 +117,28 @@ class ExpiryMonitor:
 
     # -- scanning ----------------------------------------------------------------------------
 
-    async def refresh(self) -> list[CertificateTimes]:
-        """Reload every allowed name's current validity (no keys or chains); returns them."""
-        found = [t for t in await self.manager.store.current_certificate_times() if self.manager.is_allowed(t.name)]
-        self.expiries = {t.name: t.not_after for t in found}
-        self.scanned_at = _utcnow()
-        return found
+    async def refresh(self, now: datetime | None = None) -> list[CertificateTimes]:
+        """Reload the figures; returns the allowed names' certificates past their renewal time."""
+        now = now or _utcnow()
+        self.stale = False
+        overview = await self.manager.store.expiry_overview(now, self.manager.is_allowed)
+        self.certified, self.soonest, self.scanned_at = overview.certified, overview.soonest, now
+        return overview.due
+
+    async def figures(self) -> tuple[int, datetime | None]:
+        """``(certified, soonest)``, rescanned first when an event made them stale or they are
+        older than :data:`FIGURES_MAX_AGE` (a revocation by another process raises no event)."""
+        scanned = self.scanned_at
+        if self.stale or scanned is None or _utcnow() - scanned > FIGURES_MAX_AGE:
+            await self.refresh()
+        return self.certified, self.soonest
 
     async def check(self, now: datetime | None = None) -> list[Event]:
         """Scan once and emit ``expiring``/``expired`` for what needs attention; returns them."""
-        certificates = await self.refresh()
         now = now or _utcnow()
+        due = await self.refresh(now)
         emitted: list[Event] = []
-        for certificate in certificates:
+        for certificate in due:
             event = self._event_for(certificate, now)
             if event is None:
                 continue
@@ -134,7 +149,7 @@ class ExpiryMonitor:
             self._reported[key] = now
             self.manager.events.emit(event)
             emitted.append(event)
-        live = {(c.name, c.id) for c in certificates}
+        live = {(c.name, c.id) for c in due}
         self._reported = {k: v for k, v in self._reported.items() if (k[0], k[2]) in live}
         return emitted
 
@@ -155,21 +170,6 @@ class ExpiryMonitor:
         return None
 
     async def _on_event(self, event: Event) -> None:
-        """Keep the soonest-expiry figure current between scans."""
-        if event.kind in ("issued", "renewed"):
-            try:
-                certificate = await self.manager.store.current_certificate(event.name)
-            except Exception:  # not started or stopped meanwhile: the next scan catches up
-                return
-            if certificate is not None:
-                self.expiries[event.name] = certificate.not_after
-        elif event.kind == "disallowed":
-            for name in [n for n in self.expiries if not self.manager.is_allowed(n)]:
-                del self.expiries[name]
-
-    def soonest_expiry(self, names: Iterable[str] | None = None) -> datetime | None:
-        """The earliest ``not_after`` among allowed names with a certificate (last scan)."""
-        values = [self.expiries[n] for n in names if n in self.expiries] if names is not None else list(self.expiries.values())
-        return min(values) if values else None
-
-
+        """A new or renewed certificate, or an allowlist change, moves the figures: rescan when next asked."""
+        if event.kind in ("issued", "renewed", "allowed", "disallowed"):
+            self.stale = True

@@ -351,8 +351,8 @@ async def test_monitor_emits_expiring_and_expired_once_a_day_and_notifies(manage
     ]
     expiring = next(item for item in events if item.kind == "expiring")
     assert expiring.error is not None and "20.0 days left" in expiring.error and "not been renewed" in expiring.error
-    assert monitor.soonest_expiry() == now - timedelta(days=1)
-    assert sorted(monitor.expiries) == ["expired.example.test", "expiring.example.test", "fresh.example.test"]
+    assert monitor.soonest == now - timedelta(days=1)
+    assert monitor.certified == 3, "fresh, expiring and expired; not the disallowed one"
 
     assert await monitor.check(now + timedelta(minutes=10)) == [], "the next scan does not repeat them"
     again = await monitor.check(now + timedelta(days=1, minutes=1))

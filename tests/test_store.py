@@ -200,7 +200,7 @@ async def test_sqlite_memory_database_works() -> None:
 
 def test_migrations_are_found_in_the_source_tree() -> None:
     assert migrations_path() == REPO / "migrations"
-    assert head_revision() == "0005"
+    assert head_revision() == "0006"
 
 
 async def test_open_migrates_and_upgrade_is_idempotent(database_url: str) -> None:
@@ -449,6 +449,35 @@ async def test_current_certificates_one_per_name(store: Store) -> None:
     assert await store.current_certificates() == [a_only, b_best]
     assert await store.current_certificates(["b.example", "c.example", "missing.example"]) == [b_best]
     assert await store.current_certificates([]) == []
+
+
+async def test_expiry_overview_counts_allowed_names_and_lists_only_overdue_current_certificates(store: Store) -> None:
+    issued = datetime(2026, 1, 1, tzinfo=UTC)
+    now = issued + timedelta(days=70)  # past the renewal time (day 60) of a 90-day certificate
+    await store.allow(["exact.example", "*.tenants.example", "revoked.example", "renewed.example"])
+    await store.save_certificate(**_certificate_fields("exact.example", issued=issued))  # overdue
+    await store.save_certificate(**_certificate_fields("a.tenants.example", issued=issued, days=200))  # by the pattern
+    await store.save_certificate(**_certificate_fields("b.c.tenants.example", issued=issued, days=1))  # two labels: not allowed
+    await store.save_certificate(**_certificate_fields("gone.example", issued=issued, days=1))  # not allowed
+    revoked = await store.save_certificate(**_certificate_fields("revoked.example", issued=issued, days=2))
+    await store.mark_revoked(revoked.id)
+    await store.save_certificate(**_certificate_fields("renewed.example", issued=issued))  # superseded below
+    renewed = await store.save_certificate(**_certificate_fields("renewed.example", issued=now, days=90))
+
+    def allowed(name: str) -> bool:
+        return name in {"exact.example", "revoked.example", "renewed.example"} or name.split(".", 1)[1] == "tenants.example"
+
+    overview = await store.expiry_overview(now, allowed)
+    assert overview.certified == 3, "exact.example, a.tenants.example and renewed.example"
+    assert overview.soonest == issued + timedelta(days=90), "exact.example; never a disallowed or revoked certificate"
+    assert [(item.name, item.not_after) for item in overview.due] == [("exact.example", issued + timedelta(days=90))]
+    assert renewed.not_after > now
+
+    later = await store.expiry_overview(issued + timedelta(days=150), allowed)
+    assert sorted(item.name for item in later.due) == ["a.tenants.example", "exact.example", "renewed.example"]
+    assert (await store.expiry_overview(now, lambda name: False)) == type(overview)(certified=2, soonest=issued + timedelta(days=90), due=[]), (
+        "exact entries are counted in the database, whatever the callback says"
+    )
 
 
 async def test_current_certificates_for_many_names(store: Store) -> None:
