@@ -89,7 +89,7 @@ class Manager:
         #: aiohttp TraceConfigs given to the ACME client (request latency metrics); add before start().
         self.acme_trace_configs: list[Any] = []
         self._allowed: frozenset[str] = frozenset()
-        self._allowlist_fingerprint: tuple[int, datetime | None] | None = None
+        self._allowlist_version: int | None = None
         self._store: Store | None = None
         self._worker: Worker | None = None
         self._challenges: ChallengeBook | None = None
@@ -127,7 +127,7 @@ class Manager:
             events=self.events,
             trace_configs=self.acme_trace_configs,
         )
-        self._allowlist_fingerprint = await self._store.allowlist_fingerprint()
+        self._allowlist_version = await self._store.allowlist_version()
         self._allowed = await self._store.allowed_entries()
         self._last_certificate_id = await self._store.latest_certificate_id()
         self._started = True
@@ -347,10 +347,10 @@ class Manager:
     # -- watching other processes ----------------------------------------------------------
 
     async def _refresh_allowlist(self) -> None:
-        fingerprint = await self.store.allowlist_fingerprint()
-        if fingerprint == self._allowlist_fingerprint:
+        version = await self.store.allowlist_version()
+        if version == self._allowlist_version:
             return
-        self._allowlist_fingerprint = fingerprint
+        self._allowlist_version = version
         allowed = await self.store.allowed_entries()
         if allowed != self._allowed:
             added, removed = sorted(allowed - self._allowed), sorted(self._allowed - allowed)

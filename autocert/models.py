@@ -112,6 +112,16 @@ class AllowedRow(Base):
     cap: Mapped[int | None] = mapped_column(Integer)
 
 
+class AllowlistVersionRow(Base):
+    """One row whose ``version`` goes up with every change to ``allowed``, in the same
+    transaction: running servers poll this row every second instead of the whole list."""
+
+    __tablename__ = "allowlist_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+
+
 class CertificateRow(Base):
     """An issued certificate; rows are never rewritten except to mark revocation and to move
     ``renew_at`` into the CA's suggested renewal window.

@@ -49,6 +49,7 @@ from autocert.sealing import KeySealer
 from autocert.models import (
     AccountRow,
     AllowedRow,
+    AllowlistVersionRow,
     AttemptRow,
     CertificateRow,
     ChallengeRow,
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 
 _accounts: Table = AccountRow.__table__  # type: ignore[assignment]
 _allowed: Table = AllowedRow.__table__  # type: ignore[assignment]
+_allowlist_version: Table = AllowlistVersionRow.__table__  # type: ignore[assignment]
 _certificates: Table = CertificateRow.__table__  # type: ignore[assignment]
 _attempts: Table = AttemptRow.__table__  # type: ignore[assignment]
 _name_states: Table = NameStateRow.__table__  # type: ignore[assignment]
@@ -609,6 +611,8 @@ class Store:
                 added.update((await session.execute(stmt)).scalars())
                 if cap is not None:
                     await session.execute(update(_allowed).where(_allowed.c.entry.in_(chunk)).values(cap=cap))
+            if added or cap is not None:
+                await self._bump_allowlist_version(session)
         return [entry for entry in wanted if entry in added]
 
     async def pattern_cap(self, pattern: str) -> int | None:
@@ -632,7 +636,14 @@ class Store:
             for chunk in _chunks(wanted):
                 stmt = delete(_allowed).where(_allowed.c.entry.in_(chunk)).returning(_allowed.c.entry)
                 removed.update((await session.execute(stmt)).scalars())
+            if removed:
+                await self._bump_allowlist_version(session)
         return [entry for entry in wanted if entry in removed]
+
+    async def _bump_allowlist_version(self, session: AsyncSession) -> None:
+        bumped = await session.execute(update(_allowlist_version).where(_allowlist_version.c.id == 1).values(version=_allowlist_version.c.version + 1))
+        if bumped.rowcount == 0:  # a database created from the models rather than the migrations
+            await session.execute(self._insert(_allowlist_version).values(id=1, version=1).on_conflict_do_nothing(index_elements=["id"]))
 
     async def allowed(self) -> list[AllowedEntry]:
         """The whole allowlist, sorted by entry (in Python: database collations differ)."""
@@ -645,13 +656,12 @@ class Store:
         async with self._reading() as session:
             return frozenset((await session.execute(select(_allowed.c.entry))).scalars())
 
-    async def allowlist_fingerprint(self) -> tuple[int, datetime | None]:
-        """(count, newest added_at): changes whenever an entry is added or removed, and costs
-        one aggregate query, so servers can poll it every second whatever the list's size."""
-        stmt = select(func.count(), func.max(_allowed.c.added_at))
+    async def allowlist_version(self) -> int:
+        """A number that changes whenever an entry is added or removed: one row read, so
+        servers can poll it every second whatever the list's size."""
         async with self._reading() as session:
-            count, newest = (await session.execute(stmt)).one()
-        return int(count), newest
+            version = (await session.execute(select(_allowlist_version.c.version).where(_allowlist_version.c.id == 1))).scalar_one_or_none()
+        return int(version or 0)
 
     async def is_allowed(self, name: str) -> bool:
         """Whether ``name`` is allowed exactly or by the single-label pattern covering it."""

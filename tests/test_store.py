@@ -200,7 +200,7 @@ async def test_sqlite_memory_database_works() -> None:
 
 def test_migrations_are_found_in_the_source_tree() -> None:
     assert migrations_path() == REPO / "migrations"
-    assert head_revision() == "0006"
+    assert head_revision() == "0007"
 
 
 async def test_open_migrates_and_upgrade_is_idempotent(database_url: str) -> None:
@@ -312,6 +312,21 @@ async def test_allow_is_idempotent_and_reports_new_entries(store: Store) -> None
     assert [item.entry for item in listed] == ["*.example.com", "a.example", "b.example"]
     assert all(isinstance(item, AllowedEntry) and item.added_at.tzinfo is not None for item in listed)
     assert await store.allowed_entries() == frozenset({"*.example.com", "a.example", "b.example"})
+
+
+async def test_allowlist_version_moves_with_every_change_and_only_then(store: Store, other_store: Store) -> None:
+    start = await other_store.allowlist_version()
+    await store.allow(["a.example", "*.b.example"])
+    after_allow = await other_store.allowlist_version()
+    assert after_allow > start
+    await store.allow(["a.example"])
+    await store.disallow(["absent.example"])
+    assert await other_store.allowlist_version() == after_allow, "nothing changed"
+    await store.allow(["*.b.example"], cap=3)
+    after_cap = await other_store.allowlist_version()
+    assert after_cap > after_allow
+    await store.disallow(["a.example"])
+    assert await other_store.allowlist_version() > after_cap
 
 
 async def test_allow_normalises_again_and_refuses_bad_entries(store: Store) -> None:
