@@ -16,27 +16,30 @@ import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .config import (
     LETS_ENCRYPT_DIRECTORY,
+    ListenError,
+    ServeOptions,
+    bind_listeners,
+    check_admin_binding,
     check_ca_bundle,
     default_db_url,
+    listening_socket,
     parse_bool_env,
     parse_listen,
     parse_positive_float,
     parse_positive_int,
 )
 from .errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
-from .manager import Manager
 from .names import is_pattern, normalize_entry, normalize_name
-from .status import status_report
-from .server import ListenError, ServeOptions, TlsFront, check_admin_binding, http_app, listening_socket, serve, tls_app
-from .store import Store
 from .timefmt import isoformat
+
+if TYPE_CHECKING:  # imported where used: `serve` binds its ports before loading the server
+    from .manager import Manager
+    from .store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -148,6 +151,8 @@ def normalise_all(raw_names: Sequence[str], *, patterns: bool) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def open_store(args: argparse.Namespace) -> AsyncIterator[Store]:
+    from .store import Store
+
     store = await Store.open(db_url(args))
     try:
         yield store
@@ -195,6 +200,8 @@ class JsonLogFormatter(logging.Formatter):
 
 
 async def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from .store import Store
+
     store = await Store.open(db_url(args), migrate=False)
     try:
         revision = await store.upgrade()
@@ -244,6 +251,8 @@ async def cmd_list(args: argparse.Namespace) -> int:
 async def cmd_status(args: argparse.Namespace) -> int:
     names = normalise_all(args.names, patterns=False) if args.names else None
     directory = env("AUTOCERT_DIRECTORY", LETS_ENCRYPT_DIRECTORY) or LETS_ENCRYPT_DIRECTORY
+    from .status import status_report
+
     async with open_store(args) as store:
         report = await status_report(store, directory=directory, names=names)
     if wants_json(args):
@@ -320,6 +329,8 @@ def print_status(report: list[dict[str, Any]], *, colour: bool | None = None) ->
 
 
 def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str], **extra: Any) -> Manager:
+    from .manager import Manager
+
     extra.setdefault("renew", False)  # one-shot commands do only what they were asked
     return Manager(
         db=db_url(args),
@@ -431,6 +442,10 @@ def challenge_types_for(options: ServeOptions) -> list[str]:
 @contextlib.asynccontextmanager
 async def challenge_listeners(manager: Manager, options: ServeOptions) -> AsyncIterator[None]:
     """Answer challenges while the CLI orders; defer to a running ``serve`` holding the port."""
+    from aiohttp import web
+
+    from .server import TlsFront, http_app, tls_app
+
     listen = options.http if options.http is not None else options.https
     assert listen is not None
     try:
@@ -479,8 +494,18 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         challenge_types.append("tls-alpn-01")
     cache_size = parse_positive_int(args.cache_size, option="--cache-size")
     default_name = normalize_name(args.default_name) if args.default_name else None
-    manager = manager_from_args(args, challenge_types=challenge_types, cache_size=cache_size, default_name=default_name, renew=True)
-    await serve(manager, options)
+    check_ca_bundle(args.ca_bundle)
+    # Bound before the server's modules load (about a second): a client that connects while
+    # autocert starts or restarts waits in the kernel's queue instead of being refused.
+    sockets = bind_listeners(options)
+    try:
+        from .server import serve
+
+        manager = manager_from_args(args, challenge_types=challenge_types, cache_size=cache_size, default_name=default_name, renew=True)
+        await serve(manager, options, sockets=sockets)
+    finally:
+        for sock in sockets.values():
+            sock.close()
     return EXIT_OK
 
 

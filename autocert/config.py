@@ -6,7 +6,9 @@ its text is checked, so that ``serve``, ``issue`` and the ``Manager`` never disa
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +88,72 @@ def check_ca_bundle(path: str | None) -> str | None:
     if not Path(path).is_file():
         raise ConfigError(f"--ca-bundle {path!r}: no such file")
     return path
+
+
+@dataclass
+class ServeOptions:
+    https: Listen | None
+    http: Listen | None
+    admin: Listen | None
+    admin_token: str | None = None
+    upstream: str | None = None
+    first_contact_wait: float = 10.0
+    hsts: bool = False
+    hello_timeout: float = 5.0
+    handshake_timeout: float = 10.0
+    #: How long in-flight requests (a slow page, a proxied download) may run on after
+    #: SIGTERM; idle connections close at once, so an idle server still stops immediately.
+    shutdown_timeout: float = 30.0
+    on_event: str | None = None
+    webhook: str | None = None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_admin_binding(options: ServeOptions) -> None:
+    if options.admin is not None and not is_loopback(options.admin.host) and not options.admin_token:
+        raise ConfigError(f"--admin {options.admin}: refusing to expose the admin listener beyond loopback without --admin-token")
+
+
+class ListenError(ConfigError):
+    """A listener could not bind; ``errno`` tells a busy port from a forbidden one."""
+
+    def __init__(self, listen: Listen, error: OSError) -> None:
+        self.errno = error.errno
+        super().__init__(f"cannot listen on {listen}: {error.strerror or error}")
+
+
+def listening_socket(listen: Listen) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    try:
+        sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024, reuse_port=False)
+    except OSError as exc:
+        raise ListenError(listen, exc) from None
+    sock.setblocking(False)
+    return sock
+
+
+#: The order listeners are bound and reported in.
+LISTENER_LABELS = ("https", "http", "admin")
+
+
+def bind_listeners(options: ServeOptions) -> dict[str, socket.socket]:
+    """Bind every configured listener, or none: a port that is busy closes the others."""
+    bound: dict[str, socket.socket] = {}
+    try:
+        for label in LISTENER_LABELS:
+            listen = getattr(options, label)
+            if listen is not None:
+                bound[label] = listening_socket(listen)
+    except ListenError:
+        for sock in bound.values():
+            sock.close()
+        raise
+    return bound

@@ -12,19 +12,16 @@ import asyncio
 import asyncio.sslproto
 import contextlib
 import functools
-import ipaddress
 import logging
 import signal
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import cast
 
 from aiohttp import web
 
-from .config import Listen
-from .errors import ConfigError
+from .config import ServeOptions, bind_listeners, check_admin_binding
 from .manager import Manager
 from .metrics import Metrics
 from .monitor import ExpiryMonitor
@@ -43,38 +40,6 @@ from .web import CHALLENGE_PREFIX, challenge_response, middleware, status_app
 log = logging.getLogger(__name__)
 
 ACME_TLS_ALPN = "acme-tls/1"
-
-
-@dataclass
-class ServeOptions:
-    https: Listen | None
-    http: Listen | None
-    admin: Listen | None
-    admin_token: str | None = None
-    upstream: str | None = None
-    first_contact_wait: float = 10.0
-    hsts: bool = False
-    hello_timeout: float = 5.0
-    handshake_timeout: float = 10.0
-    #: How long in-flight requests (a slow page, a proxied download) may run on after
-    #: SIGTERM; idle connections close at once, so an idle server still stops immediately.
-    shutdown_timeout: float = 30.0
-    on_event: str | None = None
-    webhook: str | None = None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_admin_binding(options: ServeOptions) -> None:
-    if options.admin is not None and not is_loopback(options.admin.host) and not options.admin_token:
-        raise ConfigError(f"--admin {options.admin}: refusing to expose the admin listener beyond loopback without --admin-token")
 
 
 class TlsFront:
@@ -301,24 +266,6 @@ def ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio
     return asyncio.sslproto.SSLProtocol
 
 
-class ListenError(ConfigError):
-    """A listener could not bind; ``errno`` tells a busy port from a forbidden one."""
-
-    def __init__(self, listen: Listen, error: OSError) -> None:
-        self.errno = error.errno
-        super().__init__(f"cannot listen on {listen}: {error.strerror or error}")
-
-
-def listening_socket(listen: Listen) -> socket.socket:
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    try:
-        sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024, reuse_port=False)
-    except OSError as exc:
-        raise ListenError(listen, exc) from None
-    sock.setblocking(False)
-    return sock
-
-
 def tls_app(options: ServeOptions) -> web.Application:
     """What TLS clients reach when no upstream is configured: a short confirmation page."""
 
@@ -351,9 +298,25 @@ def http_app(manager: Manager, options: ServeOptions) -> web.Application:
     return app
 
 
-async def serve(manager: Manager, options: ServeOptions, *, ready: asyncio.Event | None = None) -> None:
-    """Run every listener until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(
+    manager: Manager, options: ServeOptions, *, sockets: dict[str, socket.socket] | None = None, ready: asyncio.Event | None = None
+) -> None:
+    """Run every listener until SIGTERM or SIGINT, then shut down gracefully.
+
+    ``sockets`` are the listeners already bound by :func:`autocert.config.bind_listeners`
+    (the CLI binds them before it imports the server, so connections made while it starts
+    wait in the kernel's queue instead of being refused); missing ones are bound here.
+    """
     check_admin_binding(options)
+    sockets = bind_listeners(options) if sockets is None else dict(sockets)
+    try:
+        await _serve(manager, options, sockets, ready)
+    finally:
+        for unused in sockets.values():  # a start that failed before handing them on
+            unused.close()
+
+
+async def _serve(manager: Manager, options: ServeOptions, sockets: dict[str, socket.socket], ready: asyncio.Event | None) -> None:
     if options.upstream:
         from .proxy import proxy_app
 
@@ -380,23 +343,23 @@ async def serve(manager: Manager, options: ServeOptions, *, ready: asyncio.Event
         return None
 
     await manager.start()
-    await monitor.start()
     try:
-        if options.http is not None:
-            runners.append(await _start_site(http_app(manager, options), options.http, "http", options))
-        if options.admin is not None:
+        if "http" in sockets:
+            runners.append(await _start_site(http_app(manager, options), sockets.pop("http"), "http", options))
+        if "admin" in sockets:
             admin = status_app(manager, token=options.admin_token, checks=[listeners_health])
-            runners.append(await _start_site(admin, options.admin, "admin", options))
-        if options.https is not None:
+            runners.append(await _start_site(admin, sockets.pop("admin"), "admin", options))
+        if "https" in sockets:
             https_runner = web.AppRunner(https_application, shutdown_timeout=options.shutdown_timeout, handle_signals=False)
             await https_runner.setup()
             runners.append(https_runner)
             assert https_runner.server is not None
-            listener = listening_socket(options.https)
+            listener = sockets.pop("https")
             front = TlsFront(manager, https_runner.server, options)
             accept_task = loop.create_task(front.serve(listener))
             accept_task.add_done_callback(lambda _t: listener.close())
             _announce("https", listener)
+        await monitor.start()  # its first scan runs once the listeners are up
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -416,10 +379,9 @@ async def serve(manager: Manager, options: ServeOptions, *, ready: asyncio.Event
             loop.remove_signal_handler(signum)
 
 
-async def _start_site(app: web.Application, listen: Listen, label: str, options: ServeOptions) -> web.AppRunner:
+async def _start_site(app: web.Application, sock: socket.socket, label: str, options: ServeOptions) -> web.AppRunner:
     runner = web.AppRunner(app, shutdown_timeout=options.shutdown_timeout, handle_signals=False, access_log=None)
     await runner.setup()
-    sock = listening_socket(listen)
     site = web.SockSite(runner, sock)
     await site.start()
     _announce(label, sock)

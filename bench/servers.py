@@ -39,7 +39,8 @@ from fixtures import name_for
 
 from autocert.config import Listen
 from autocert.manager import Manager
-from autocert.server import ServeOptions, TlsFront, listening_socket, tls_app
+from autocert.config import ServeOptions, listening_socket
+from autocert.server import TlsFront, tls_app
 from autocert.tls import (
     MAX_CLIENT_HELLO,
     NotClientHello,

@@ -85,17 +85,28 @@ class ServeProcess:
         self.stderr_path = workdir / f"serve-{id(self)}.err"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, timeout: float = 60) -> ServeProcess:
+    def launch(self) -> ServeProcess:
+        """Start the process without waiting for it to listen."""
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self.env, cwd=REPO, start_new_session=True)
         _started.append(self.process)
-        wanted = sum(1 for flag in ("--https", "--http", "--admin") if self._enabled(flag))
+        return self
+
+    def ready(self) -> bool:
+        """Whether every enabled listener has reported that it is listening."""
+        return self.stdout_path.exists() and self.stdout_path.read_text().count("listening on") >= self._listeners()
+
+    def _listeners(self) -> int:
+        return sum(1 for flag in ("--https", "--http", "--admin") if self._enabled(flag))
+
+    def start(self, *, timeout: float = 60) -> ServeProcess:
+        self.launch()
 
         def ready() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.output()}")
-            return self.stdout_path.read_text().count("listening on") >= wanted
+            return self.ready()
 
         wait_for(ready, timeout=timeout, what="autocert serve to listen")
         return self

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import autocert
@@ -40,3 +42,11 @@ def test_imports_flow_one_way() -> None:
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
                 target = node.module.split(".")[0]
                 assert LAYERS[target] <= LAYERS[module], f"{module} imports {target}, which sits above it"
+
+
+def test_the_cli_loads_the_server_stack_only_when_a_command_needs_it() -> None:
+    """`serve` binds its ports before importing SQLAlchemy and aiohttp (about a second), so
+    connections made while it starts wait in the kernel's queue instead of being refused."""
+    code = "import sys, autocert, autocert.cli; print(sorted(m for m in ('sqlalchemy', 'aiohttp', 'cryptography', 'autocert.manager') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

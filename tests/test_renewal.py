@@ -15,7 +15,8 @@ from aiohttp import web
 from autocert import Manager
 from autocert.config import Listen
 from autocert.scheduler import Scheduler
-from autocert.server import ServeOptions, http_app, listening_socket
+from autocert.config import ServeOptions, listening_socket
+from autocert.server import http_app
 from autocert.worker import RETRY_DELAYS, renewal_time, retry_delay
 from support import ServeProcess, acme_args, cli_json, eventually, handshake, openssl_s_client, run_cli, served_certificate
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
 import time
 import urllib.error
@@ -13,7 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
-from support import ServeProcess, cli_json, eventually, handshake, openssl_s_client, run_cli, served_certificate
+from support import ServeProcess, cli_json, client_context, eventually, handshake, openssl_s_client, run_cli, served_certificate
 
 
 @pytest.fixture()
@@ -37,6 +38,30 @@ def table_counts(db: str) -> dict[str, int]:
     with sqlite3.connect(path) as connection:
         tables = [row[0] for row in connection.execute("select name from sqlite_master where type='table'")]
         return {table: connection.execute(f"select count(*) from {table}").fetchone()[0] for table in tables}
+
+
+def test_a_connection_made_while_serve_starts_waits_and_is_served(pebble, root_ca: str, db: str, tmp_path: Path) -> None:
+    """The ports are bound before the server's modules load, so a client that connects during
+    a start or restart is queued by the kernel and answered, never refused."""
+    assert run_cli("allow", "early.example.test", db=db).returncode == 0
+    server = ServeProcess(db, pebble, tmp_path).launch()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.process is not None and server.process.poll() is None, server.output()
+            try:
+                raw = socket.create_connection(("127.0.0.1", server.https_port), timeout=60)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "the https port never accepted a connection"
+                time.sleep(0.005)
+        accepted_before_ready = not server.ready()
+        with client_context(root_ca).wrap_socket(raw, server_hostname="early.example.test") as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None and sans(x509.load_der_x509_certificate(der)) == ["early.example.test"]
+        assert accepted_before_ready, "the port should accept while the server is still loading"
+    finally:
+        server.stop()
 
 
 def test_issue_on_first_contact_serve_and_restart(pebble, root_ca: str, db: str, tmp_path: Path) -> None:
