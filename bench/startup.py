@@ -26,7 +26,8 @@ def rss_mib() -> float:
 
 import asyncio
 
-import autocert.cli  # noqa: F401  (what `autocert serve` imports before anything runs)
+import autocert.cli  # noqa: F401  (what `autocert serve` imports before it is ready)
+import autocert.server  # noqa: F401
 from autocert.manager import Manager
 from autocert.monitor import ExpiryMonitor
 from autocert.store import Store
