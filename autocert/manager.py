@@ -98,10 +98,10 @@ class Manager:
         self._watcher: asyncio.Task[None] | None = None
         self.schedules_renewals = renew
         self._scheduler: Scheduler | None = None
-        self._served_ids: dict[str, int] = {}
         self._scheduler_task: asyncio.Task[None] | None = None
         self._revocations_checked = datetime.now(timezone.utc)
         self._last_certificate_id = 0
+        self._revocations_seen = 0
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -127,15 +127,16 @@ class Manager:
             events=self.events,
             trace_configs=self.acme_trace_configs,
         )
-        self._allowlist_version = await self._store.allowlist_version()
+        marks = await self._store.change_marks()
         self._allowed = await self._store.allowed_entries()
-        self._last_certificate_id = await self._store.latest_certificate_id()
+        self._allowlist_version = marks.allowlist_version
+        self._last_certificate_id = marks.latest_certificate_id
+        self._revocations_seen = marks.revocations
         self._started = True
         if self.default_name:
             await self.context_for(self.default_name, wait=0)
         self._watcher = self._loop.create_task(self._watch(), name="autocert-watch")
         self._revocations_checked = datetime.now(timezone.utc)
-        self._served_ids.clear()
         if self.schedules_renewals:
             self._scheduler = Scheduler(self._store, self._worker, is_allowed=self.is_allowed)
             self._scheduler_task = self._loop.create_task(self._scheduler.run(), name="autocert-scheduler")
@@ -236,9 +237,8 @@ class Manager:
         if certificate is None:
             raise IssuanceError(name, "has no certificate to revoke")
         await self.worker.revoke(certificate, reason)
-        if self._served_ids.get(name) == certificate.id:
+        if self.cache.certificate_id(name) == certificate.id:
             self.cache.discard(name)
-            del self._served_ids[name]
         return certificate
 
     async def status(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -339,15 +339,16 @@ class Manager:
         if certificate.revoked_at is not None or not self.is_allowed(certificate.name):
             return None
         context = await asyncio.to_thread(build_context, certificate.chain_pem, certificate.key_pem)
-        self.cache.put(certificate.name, context)
-        self._served_ids[certificate.name] = certificate.id
+        self.cache.put(certificate.name, context, certificate.id)
         self._last_certificate_id = max(self._last_certificate_id, certificate.id)
         return context
 
     # -- watching other processes ----------------------------------------------------------
 
-    async def _refresh_allowlist(self) -> None:
-        version = await self.store.allowlist_version()
+    async def _refresh_allowlist(self, version: int | None = None) -> None:
+        """Reload the allowlist if its version moved (read now unless the caller just did)."""
+        if version is None:
+            version = (await self.store.change_marks()).allowlist_version
         if version == self._allowlist_version:
             return
         self._allowlist_version = version
@@ -369,9 +370,8 @@ class Manager:
         checked = datetime.now(timezone.utc)
         # Overlap the previous window a little: another host's clock may lag ours.
         for certificate in await self.store.revoked_since(self._revocations_checked - REVOCATION_OVERLAP):
-            if self._served_ids.get(certificate.name) == certificate.id:
+            if self.cache.certificate_id(certificate.name) == certificate.id:
                 self.cache.discard(certificate.name)
-                del self._served_ids[certificate.name]
                 log.info("%s serial %s was revoked; stopped serving it", certificate.name, certificate.serial)
         self._revocations_checked = checked
 
@@ -380,12 +380,16 @@ class Manager:
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
-                await self._refresh_allowlist()
-                for certificate in await self.store.certificates_since(self._last_certificate_id):
-                    self._last_certificate_id = max(self._last_certificate_id, certificate.id)
-                    if certificate.name in self.cache:
-                        await self._install(certificate)
-                await self._drop_revoked()
+                marks = await self.store.change_marks()  # one small query a second when nothing changes
+                await self._refresh_allowlist(marks.allowlist_version)
+                if marks.latest_certificate_id > self._last_certificate_id:
+                    for certificate in await self.store.certificates_since(self._last_certificate_id):
+                        self._last_certificate_id = max(self._last_certificate_id, certificate.id)
+                        if certificate.name in self.cache:
+                            await self._install(certificate)
+                if marks.revocations != self._revocations_seen:
+                    self._revocations_seen = marks.revocations
+                    await self._drop_revoked()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the database may be briefly unavailable; keep serving

@@ -34,11 +34,16 @@ async def status_report(
     """STATUS objects (see the contract) for every known name, or for ``names``."""
     now = now or datetime.now(timezone.utc)
     allowed_entries = await store.allowed_entries()
+    listed = await store.status_names(names)
+    # A few queries per chunk of names, not per name: /status.json may cover thousands.
+    certificates = {certificate.name: certificate for certificate in await store.current_certificates(listed)}
+    states = await store.name_states(listed)
+    attempts = await store.attempt_counts(listed)
     report: list[dict[str, Any]] = []
-    for name in await store.status_names(names):
+    for name in listed:
         allowed = is_allowed(name, allowed_entries)
-        certificate = await store.current_certificate(name)
-        state_row = await store.name_state(name)
+        certificate = certificates.get(name)
+        state_row = states.get(name)
         leased = (
             state_row is not None
             and state_row.lease_owner is not None
@@ -68,7 +73,7 @@ async def status_report(
                 "serial": certificate.serial if certificate else None,
                 "issuer": certificate.issuer if certificate else None,
                 "directory": certificate.directory if certificate else directory,
-                "attempts": await store.attempt_count(name),
+                "attempts": attempts.get(name, 0),
                 "last_error": state_row.last_error if state_row else None,
                 "next_attempt_at": isoformat(state_row.next_attempt_at) if state_row else None,
             }

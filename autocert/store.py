@@ -63,6 +63,7 @@ __all__ = [
     "AllowedEntry",
     "Attempt",
     "CertificateTimes",
+    "ChangeMarks",
     "ExpiryOverview",
     "NameState",
     "Store",
@@ -168,6 +169,15 @@ class CertificateTimes:
     not_before: datetime
     not_after: datetime
     renew_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeMarks:
+    """See :meth:`Store.change_marks`: each only grows, so a difference means news."""
+
+    allowlist_version: int
+    latest_certificate_id: int
+    revocations: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -656,12 +666,17 @@ class Store:
         async with self._reading() as session:
             return frozenset((await session.execute(select(_allowed.c.entry))).scalars())
 
-    async def allowlist_version(self) -> int:
-        """A number that changes whenever an entry is added or removed: one row read, so
-        servers can poll it every second whatever the list's size."""
+    async def change_marks(self) -> ChangeMarks:
+        """What running servers poll every second, in one cheap statement whatever the size:
+        the allowlist's version, the newest certificate id, and how many were ever revoked."""
+        stmt = select(
+            select(_allowlist_version.c.version).where(_allowlist_version.c.id == 1).scalar_subquery(),
+            select(func.coalesce(func.max(_certificates.c.id), 0)).scalar_subquery(),
+            select(func.count()).select_from(_certificates).where(_certificates.c.revoked_at.is_not(None)).scalar_subquery(),
+        )
         async with self._reading() as session:
-            version = (await session.execute(select(_allowlist_version.c.version).where(_allowlist_version.c.id == 1))).scalar_one_or_none()
-        return int(version or 0)
+            version, latest, revoked = (await session.execute(stmt)).one()
+        return ChangeMarks(allowlist_version=int(version or 0), latest_certificate_id=int(latest), revocations=int(revoked))
 
     async def is_allowed(self, name: str) -> bool:
         """Whether ``name`` is allowed exactly or by the single-label pattern covering it."""
@@ -949,12 +964,6 @@ class Store:
             rows = (await session.execute(stmt)).all()
         return [self._unsealed(_certificate(row)) for row in rows]
 
-    async def latest_certificate_id(self) -> int:
-        """The highest certificate id so far (0 when there is none): the starting point for
-        :meth:`certificates_since` in a server that loads certificates lazily."""
-        async with self._reading() as session:
-            return int((await session.execute(select(func.coalesce(func.max(_certificates.c.id), 0)))).scalar_one())
-
     async def certificate_names(self) -> list[str]:
         """Names that have at least one unrevoked certificate, sorted."""
         stmt = select(_certificates.c.name).where(_certificates.c.revoked_at.is_(None)).distinct()
@@ -1041,15 +1050,29 @@ class Store:
 
     async def attempt_count(self, name: str) -> int:
         """How many attempts were ever recorded for ``name``."""
-        stmt = select(func.count()).select_from(_attempts).where(_attempts.c.name == name)
+        return (await self.attempt_counts([name])).get(name, 0)
+
+    async def attempt_counts(self, names: Sequence[str]) -> dict[str, int]:
+        """:meth:`attempt_count` for many names, one query per chunk; names never tried are absent."""
+        counts: dict[str, int] = {}
         async with self._reading() as session:
-            return int((await session.execute(stmt)).scalar_one())
+            for chunk in _chunks(list(dict.fromkeys(names))):
+                stmt = select(_attempts.c.name, func.count()).where(_attempts.c.name.in_(chunk)).group_by(_attempts.c.name)
+                counts.update((name, int(count)) for name, count in (await session.execute(stmt)).all())
+        return counts
 
     async def name_state(self, name: str) -> NameState | None:
         """Backoff and lease state of ``name``, if it ever had any."""
+        return (await self.name_states([name])).get(name)
+
+    async def name_states(self, names: Sequence[str]) -> dict[str, NameState]:
+        """:meth:`name_state` for many names, one query per chunk; names without state are absent."""
+        found: dict[str, NameState] = {}
         async with self._reading() as session:
-            row = (await session.execute(select(_name_states).where(_name_states.c.name == name))).first()
-        return _name_state(row) if row is not None else None
+            for chunk in _chunks(list(dict.fromkeys(names))):
+                rows = (await session.execute(select(_name_states).where(_name_states.c.name.in_(chunk)))).all()
+                found.update((row.name, _name_state(row)) for row in rows)
+        return found
 
     async def set_next_attempt(self, name: str, when: datetime | None) -> None:
         """Schedule (or with None, clear) the earliest time the next order for ``name`` may start."""

@@ -65,6 +65,8 @@ class ContextCache:
             raise ValueError("the context cache needs room for at least one context")
         self.max_size = max_size
         self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        #: The stored certificate each context was built from, so a revocation finds what to drop.
+        self._certificate_ids: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
 
@@ -77,14 +79,24 @@ class ContextCache:
         self.hits += 1
         return context
 
-    def put(self, name: str, context: ssl.SSLContext) -> None:
+    def put(self, name: str, context: ssl.SSLContext, certificate_id: int | None = None) -> None:
         self._contexts[name] = context
         self._contexts.move_to_end(name)
+        if certificate_id is None:
+            self._certificate_ids.pop(name, None)
+        else:
+            self._certificate_ids[name] = certificate_id
         while len(self._contexts) > self.max_size:
-            self._contexts.popitem(last=False)
+            evicted, _ = self._contexts.popitem(last=False)
+            self._certificate_ids.pop(evicted, None)
+
+    def certificate_id(self, name: str) -> int | None:
+        """The id of the stored certificate ``name`` is served from, if it is cached."""
+        return self._certificate_ids.get(name)
 
     def discard(self, name: str) -> None:
         self._contexts.pop(name, None)
+        self._certificate_ids.pop(name, None)
 
     def names(self) -> list[str]:
         return list(self._contexts)

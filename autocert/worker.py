@@ -269,8 +269,11 @@ class Worker:
 
     async def _issue_once(self, name: str) -> StoredCertificate:
         async with self._limit:
-            if not await self._store.try_lease(name, self.owner, LEASE_SECONDS) and not await self._take_over_dead_lease(name):
-                return await self._await_other_owner(name)
+            while not await self._store.try_lease(name, self.owner, LEASE_SECONDS) and not await self._take_over_dead_lease(name):
+                certificate = await self._await_other_owner(name)
+                if certificate is not None:
+                    return certificate
+                # The other process's lease ran out without a result: it died; order ourselves.
             try:
                 await self._check_budget(name)
                 return await self._order(name)
@@ -411,8 +414,12 @@ class Worker:
         await self._store.release_lease(name, holder)
         return await self._store.try_lease(name, self.owner, LEASE_SECONDS)
 
-    async def _await_other_owner(self, name: str) -> StoredCertificate:
-        """Another process holds the lease: wait for its outcome rather than ordering twice."""
+    async def _await_other_owner(self, name: str) -> StoredCertificate | None:
+        """Another process holds the lease: wait for its outcome rather than ordering twice.
+
+        Returns its certificate, raises with its error if it released the lease after failing,
+        and returns None if the lease ran out unreleased (the holder died): the caller orders.
+        """
         log.info("%s is being ordered by another process; waiting for it", name)
         delay = 0.05
         while True:
@@ -424,5 +431,8 @@ class Worker:
         certificate = await self._store.current_certificate(name)
         if certificate is not None and certificate.not_after > utcnow():
             return certificate
+        if state is not None and state.lease_owner is not None:
+            log.warning("%s: the other process's lease ran out without a certificate; ordering here", name)
+            return None
         last_error = state.last_error if state is not None else None
         raise IssuanceError(name, last_error or "the other process ended without a certificate")

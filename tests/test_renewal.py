@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -60,6 +60,19 @@ async def running_manager(pebble, db: str, **kwargs) -> AsyncIterator[Manager]: 
     finally:
         await runner.cleanup()
         await manager.stop()
+
+
+async def test_a_lease_that_runs_out_unreleased_is_taken_over(pebble, tmp_path: Path) -> None:
+    """A holder on another host that vanished mid-order: wait for its lease, then order here."""
+    db = f"sqlite:///{tmp_path / 'lease.db'}"
+    async with running_manager(pebble, db, renew=False) as manager:
+        await manager.allow("orphan.example.test")
+        assert await manager.store.try_lease("orphan.example.test", "elsewhere.example:4242:gone", 1.5)
+        began = time.monotonic()
+        certificate = await asyncio.wait_for(manager.issue("orphan.example.test"), timeout=60)
+        assert certificate.name == "orphan.example.test"
+        assert time.monotonic() - began >= 1.0, "it waited for the other holder's lease first"
+        assert await manager.store.attempt_count("orphan.example.test") == 1
 
 
 async def test_scheduler_renews_due_names_and_parks_disallowed_ones(pebble, tmp_path: Path) -> None:

@@ -315,18 +315,18 @@ async def test_allow_is_idempotent_and_reports_new_entries(store: Store) -> None
 
 
 async def test_allowlist_version_moves_with_every_change_and_only_then(store: Store, other_store: Store) -> None:
-    start = await other_store.allowlist_version()
+    start = (await other_store.change_marks()).allowlist_version
     await store.allow(["a.example", "*.b.example"])
-    after_allow = await other_store.allowlist_version()
+    after_allow = (await other_store.change_marks()).allowlist_version
     assert after_allow > start
     await store.allow(["a.example"])
     await store.disallow(["absent.example"])
-    assert await other_store.allowlist_version() == after_allow, "nothing changed"
+    assert (await other_store.change_marks()).allowlist_version == after_allow, "nothing changed"
     await store.allow(["*.b.example"], cap=3)
-    after_cap = await other_store.allowlist_version()
+    after_cap = (await other_store.change_marks()).allowlist_version
     assert after_cap > after_allow
     await store.disallow(["a.example"])
-    assert await other_store.allowlist_version() > after_cap
+    assert (await other_store.change_marks()).allowlist_version > after_cap
 
 
 async def test_allow_normalises_again_and_refuses_bad_entries(store: Store) -> None:
@@ -504,13 +504,13 @@ async def test_current_certificates_for_many_names(store: Store) -> None:
 
 
 async def test_certificates_since_and_latest_id(store: Store, other_store: Store) -> None:
-    assert await store.latest_certificate_id() == 0
+    assert (await store.change_marks()).latest_certificate_id == 0
     assert await store.certificates_since(0) == []
     first = await store.save_certificate(**_certificate_fields("a.example"))
     second = await other_store.save_certificate(**_certificate_fields("b.example"))
     third = await other_store.save_certificate(**_certificate_fields("a.example", days=100))
     assert first.id < second.id < third.id
-    assert await store.latest_certificate_id() == third.id
+    assert (await store.change_marks()).latest_certificate_id == third.id
     assert await store.certificates_since(0) == [first, second, third]
     assert await store.certificates_since(first.id) == [second, third]
     assert await store.certificates_since(first.id, limit=1) == [second]

@@ -115,13 +115,17 @@ def test_context_from_memory_serves_the_certificate(tmp_path) -> None:
 def test_context_cache_is_a_bounded_lru() -> None:
     cache = ContextCache(2)
     contexts = [new_server_context() for _ in range(3)]
-    cache.put("a", contexts[0])
-    cache.put("b", contexts[1])
+    cache.put("a", contexts[0], 1)
+    cache.put("b", contexts[1], 2)
     assert cache.get("a") is contexts[0]  # a is now most recent
-    cache.put("c", contexts[2])
+    cache.put("c", contexts[2], 3)
     assert "b" not in cache and "a" in cache and "c" in cache
     assert cache.get("b") is None
     assert (cache.hits, cache.misses) == (1, 1)
+    # The certificate ids leave with their contexts: nothing grows beyond the bound.
+    assert (cache.certificate_id("a"), cache.certificate_id("b"), cache.certificate_id("c")) == (1, None, 3)
+    cache.discard("a")
+    assert cache.certificate_id("a") is None and len(cache._certificate_ids) == 1
 
 
 def test_alert_record_is_fatal_unrecognized_name() -> None:
