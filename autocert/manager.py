@@ -95,6 +95,9 @@ class Manager:
         self._challenges: ChallengeBook | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lookups: dict[str, asyncio.Task[ssl.SSLContext | None]] = {}
+        #: Names admitted under a capped pattern whose order has not finished yet: they count
+        #: against the cap before their attempt is in the database.
+        self._cap_reservations: dict[str, set[str]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self.schedules_renewals = renew
         self._scheduler: Scheduler | None = None
@@ -186,9 +189,10 @@ class Manager:
         """Whether ``name`` (already normalised) may get a certificate, from memory."""
         return is_allowed(name, self._allowed)
 
-    async def allow(self, *entries: str) -> list[str]:
+    async def allow(self, *entries: str, cap: int | None = None) -> list[str]:
+        """Allow names or ``*.patterns``; ``cap`` limits how many names a pattern may order."""
         normalised = [normalize_entry(entry) for entry in entries]
-        added = await self.store.allow(normalised)
+        added = await self.store.allow(normalised, cap=cap)
         await self._refresh_allowlist()
         return added
 
@@ -315,13 +319,18 @@ class Manager:
                 return None
             if not await self._within_pattern_cap(name):
                 return None
-            certificate = await self.worker.issue(name)
+            try:
+                certificate = await self.worker.issue(name)
+            finally:
+                self._release_cap_reservation(name)
         return await self._install(certificate)
 
     async def _within_pattern_cap(self, name: str) -> bool:
         """A name allowed only through a capped pattern may be ordered while the pattern has
         room (names already ordered under it keep their place). Checked off the handshake
-        path; concurrent first contacts can overshoot by at most the worker's concurrency."""
+        path. Names admitted here are reserved until their order ends, so concurrent first
+        contacts in one process cannot overshoot; several processes on one database still can,
+        by the few names that start ordering in the same instant."""
         pattern = pattern_for(name)
         if name in self._allowed or pattern is None:
             return True
@@ -329,10 +338,21 @@ class Manager:
         if cap is None:
             return True
         used = await self.store.names_under(pattern)
-        if name in used or len(used) < cap:
+        # No await from here on: the check and the reservation happen as one step.
+        reserved = self._cap_reservations.setdefault(pattern, set())
+        if name in used or name in reserved or len(used | reserved) < cap:
+            reserved.add(name)
             return True
         log.warning("%s: the pattern %s has reached its cap of %d names; not ordering", name, pattern, cap)
         return False
+
+    def _release_cap_reservation(self, name: str) -> None:
+        pattern = pattern_for(name)
+        reserved = self._cap_reservations.get(pattern) if pattern is not None else None
+        if reserved is not None:
+            reserved.discard(name)
+            if not reserved:
+                del self._cap_reservations[pattern]  # type: ignore[arg-type]
 
     async def _install(self, certificate: StoredCertificate) -> ssl.SSLContext | None:
         """Hot-insert a certificate: the next handshake for its name gets it."""

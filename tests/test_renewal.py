@@ -75,6 +75,16 @@ async def test_a_lease_that_runs_out_unreleased_is_taken_over(pebble, tmp_path: 
         assert await manager.store.attempt_count("orphan.example.test") == 1
 
 
+async def test_concurrent_first_contacts_under_a_capped_pattern_order_no_more_than_the_cap(pebble, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'cap.db'}"
+    async with running_manager(pebble, db, renew=False) as manager:
+        await manager.allow("*.capped.example.test", cap=2)
+        names = [f"t{index}.capped.example.test" for index in range(5)]
+        contexts = await asyncio.gather(*(manager.context_for(name, wait=60) for name in names))
+        assert sum(context is not None for context in contexts) == 2
+        assert len(await manager.store.names_under("*.capped.example.test")) == 2, "the others were never ordered"
+
+
 async def test_scheduler_renews_due_names_and_parks_disallowed_ones(pebble, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'sched.db'}"
     async with running_manager(pebble, db, renew=False) as manager:
