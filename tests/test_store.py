@@ -201,6 +201,25 @@ async def test_sqlite_memory_database_works() -> None:
 def test_migrations_are_found_in_the_source_tree() -> None:
     assert migrations_path() == REPO / "migrations"
     assert head_revision() == "0007"
+    assert store_module._script_directory().get_heads() == [head_revision()], "the light reading agrees with Alembic's"
+
+
+def test_opening_a_current_database_does_not_load_alembic(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'current.db'}"
+    code = textwrap.dedent(f"""
+        import asyncio, sys
+        from autocert.store import Store
+        async def main():
+            await (await Store.open({url!r})).close()  # creates and migrates: Alembic loads
+            loaded = "alembic" in sys.modules
+            for name in [m for m in sys.modules if m == "alembic" or m.startswith("alembic.")]:
+                del sys.modules[name]
+            await (await Store.open({url!r})).close()  # already current
+            print(loaded, "alembic" in sys.modules)
+        asyncio.run(main())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    assert out.split() == ["True", "False"]
 
 
 async def test_open_migrates_and_upgrade_is_idempotent(database_url: str) -> None:
