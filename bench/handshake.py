@@ -1,6 +1,6 @@
 """Server CPU per TLS handshake, side by side in one run, as ratios to a static server.
 
-    /work/venv/bin/python bench/handshake.py [--count 3000] [--rounds 5] [--names 100000]
+    .venv/bin/python bench/handshake.py [--rounds 20] [--count 500] [--names 100000] [--alternatives]
 
 See bench/README.md for what each row means and the targets. Absolute microseconds drift
 between machines and runs; only ratios measured in the same run are compared.
@@ -381,7 +381,7 @@ def report(per_round: dict[str, list[float]], serve_idle: float, args: argparse.
               f"{target}{verdict} | {vs_nginx} |")
     print()
     print(f"idle `autocert serve` with {args.names:,} allowed names: {serve_idle * 100:.1f}% of a core "
-          f"(the manager's once-a-second polls)")
+          f"(the manager's once-a-second poll)")
 
 
 def startup_and_memory(db: str, workdir: Path, args: argparse.Namespace, serve_server: object) -> None:
