@@ -348,6 +348,21 @@ async def test_allowlist_version_moves_with_every_change_and_only_then(store: St
     assert (await other_store.change_marks()).allowlist_version > after_cap
 
 
+async def test_the_poll_connection_is_replaced_after_the_server_drops_it(store: Store) -> None:
+    if store.dialect != "postgresql":
+        pytest.skip("needs a database server that can drop one client connection")
+    await store.change_marks()
+    assert store._poll_connection is not None
+    pid = (await store._poll_connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    await store._poll_connection.rollback()
+    async with store._engine.connect() as admin:
+        await admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    with pytest.raises(StoreError):
+        await store.change_marks()
+    await store.allow(["after.example"])  # the pool recovers too
+    assert (await store.change_marks()).allowlist_version >= 1, "the next poll reconnects"
+
+
 async def test_allow_normalises_again_and_refuses_bad_entries(store: Store) -> None:
     assert await store.allow(["Bücher.Example."]) == ["xn--bcher-kva.example"]
     with pytest.raises(InvalidName):
