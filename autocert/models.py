@@ -136,6 +136,8 @@ class CertificateRow(Base):
         Index("ix_certificates_current", "name", "not_after", "id", sqlite_where=text("revoked_at IS NULL"),
               postgresql_where=text("revoked_at IS NULL")),
         Index("ix_certificates_renew_at", "renew_at", sqlite_where=text("revoked_at IS NULL"), postgresql_where=text("revoked_at IS NULL")),
+        Index("ix_certificates_ari_next_check_at", "ari_next_check_at", sqlite_where=text("revoked_at IS NULL"),
+              postgresql_where=text("revoked_at IS NULL")),
         # Revoked rows only (servers ask every second what was revoked lately); a full index on
         # revoked_at would tempt SQLite's planner into using it for ``revoked_at IS NULL``.
         Index("ix_certificates_revoked_at", "revoked_at", sqlite_where=text("revoked_at IS NOT NULL"),

@@ -529,6 +529,25 @@ async def test_expiry_overview_counts_allowed_names_and_lists_only_overdue_curre
     )
 
 
+async def test_renewal_info_due_puts_never_fetched_first_then_the_longest_due(store: Store) -> None:
+    issued = datetime(2026, 1, 1, tzinfo=UTC)
+    never = await store.save_certificate(**_certificate_fields("never.example", issued=issued))
+    late = await store.save_certificate(**_certificate_fields("late.example", issued=issued))
+    early = await store.save_certificate(**_certificate_fields("early.example", issued=issued))
+    future = await store.save_certificate(**_certificate_fields("future.example", issued=issued))
+    old = await store.save_certificate(**_certificate_fields("renewed.example", issued=issued))
+    await store.save_certificate(**_certificate_fields("renewed.example", issued=issued, days=120))  # supersedes old
+    for certificate, when in ((late, issued + timedelta(days=2)), (early, issued + timedelta(days=1)),
+                              (future, issued + timedelta(days=30)), (old, issued)):
+        await store.set_renewal(certificate.id, renew_at=certificate.renew_at, ari_next_check_at=when)
+    before = issued + timedelta(days=3)
+    due = await store.renewal_info_due(before)
+    assert [item.name for item in due][:1] == ["never.example"]
+    assert [item.name for item in due if item.ari_next_check_at is not None] == ["early.example", "late.example"]
+    assert never.id in {item.id for item in due} and old.id not in {item.id for item in due}
+    assert [item.name for item in await store.renewal_info_due(before, limit=2)] == ["never.example", "renewed.example"]
+
+
 async def test_current_certificates_for_many_names(store: Store) -> None:
     names = [f"n{i:04d}.example" for i in range(600)]
     for name in names:

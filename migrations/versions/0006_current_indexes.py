@@ -1,5 +1,6 @@
 """Partial indexes over unrevoked certificates: finding each name's current certificate and the
-soonest renewal without scanning every row, which the scheduler and the expiry watch do often.
+soonest renewal or renewal-information fetch without scanning every row, which the scheduler
+and the expiry watch do often.
 The index on revoked_at becomes partial too (revoked rows only): SQLite's planner otherwise
 picks it for ``revoked_at IS NULL``, which matches nearly every row.
 
@@ -30,9 +31,12 @@ def upgrade() -> None:
     op.create_index("ix_certificates_current", "certificates", ["name", "not_after", "id"],
                     sqlite_where=UNREVOKED, postgresql_where=UNREVOKED)
     op.create_index("ix_certificates_renew_at", "certificates", ["renew_at"], sqlite_where=UNREVOKED, postgresql_where=UNREVOKED)
+    op.create_index("ix_certificates_ari_next_check_at", "certificates", ["ari_next_check_at"],
+                    sqlite_where=UNREVOKED, postgresql_where=UNREVOKED)
 
 
 def downgrade() -> None:
+    op.drop_index("ix_certificates_ari_next_check_at", table_name="certificates")
     op.drop_index("ix_certificates_renew_at", table_name="certificates")
     op.drop_index("ix_certificates_current", table_name="certificates")
     op.drop_index("ix_certificates_revoked_at", table_name="certificates")
