@@ -157,6 +157,9 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+            return  # its stderr file stays for a look at what went wrong
+        if self.stderr_path is not None:
+            self.stderr_path.unlink(missing_ok=True)
 
 
 def run_clients(targets: Mapping[str, tuple[int, int | None]], count: int, *, clients: int = 2, extra: Sequence[str] = (),
