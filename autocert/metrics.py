@@ -105,7 +105,7 @@ class Metrics:
     async def render(self) -> bytes:
         """The exposition text; refreshes the expiry figures first when they are stale."""
         with contextlib.suppress(AutocertError):  # not started: report what is known
-            await self.monitor.figures()
+            await self.monitor.refresh_if_stale()
         return generate_latest(self.registry)
 
 

@@ -70,7 +70,7 @@ class ExpiryMonitor:
         self.certified = 0
         self.soonest: datetime | None = None
         self.scanned_at: datetime | None = None
-        #: Set when an event may have moved the figures above; :meth:`figures` then rescans.
+        #: Set when an event may have moved the figures above; :meth:`refresh_if_stale` then rescans.
         self.stale = True
         self._reported: dict[tuple[str, str, int], datetime] = {}
         self._task: asyncio.Task[None] | None = None
@@ -125,13 +125,12 @@ class ExpiryMonitor:
         self.certified, self.soonest, self.scanned_at = overview.certified, overview.soonest, now
         return overview.due
 
-    async def figures(self) -> tuple[int, datetime | None]:
-        """``(certified, soonest)``, rescanned first when an event made them stale or they are
-        older than :data:`FIGURES_MAX_AGE` (a revocation by another process raises no event)."""
+    async def refresh_if_stale(self) -> None:
+        """Rescan when an event made ``certified`` and ``soonest`` stale or they are older than
+        :data:`FIGURES_MAX_AGE` (a revocation by another process raises no event)."""
         scanned = self.scanned_at
         if self.stale or scanned is None or _utcnow() - scanned > FIGURES_MAX_AGE:
             await self.refresh()
-        return self.certified, self.soonest
 
     async def check(self, now: datetime | None = None) -> list[Event]:
         """Scan once and emit ``expiring``/``expired`` for what needs attention; returns them."""

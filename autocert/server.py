@@ -236,11 +236,8 @@ class _HelloReader(asyncio.Protocol):
             self._wanted = client_hello_wanted(data)
             return
         self._data = b""
-        front = self._front
-        front._young.discard(self)
-        if front._old:
-            front._old.discard(self)
-        front._hello_received(self, self._transport, hello, data)  # type: ignore[arg-type]
+        self._front._done_waiting(self)
+        self._front._hello_received(self, self._transport, hello, data)  # type: ignore[arg-type]
 
     def eof_received(self) -> bool | None:
         return None  # closed before a complete ClientHello: nothing to answer
@@ -305,7 +302,8 @@ async def serve(
 
     ``sockets`` are the listeners already bound by :func:`autocert.config.bind_listeners`
     (the CLI binds them before it imports the server, so connections made while it starts
-    wait in the kernel's queue instead of being refused); missing ones are bound here.
+    wait in the kernel's queue instead of being refused); without them every configured
+    listener is bound here. Sockets a failed start did not hand on are closed.
     """
     check_admin_binding(options)
     sockets = bind_listeners(options) if sockets is None else dict(sockets)

@@ -390,9 +390,11 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
 
 
-def _chunks(items: Sequence[_T], size: int = _CHUNK) -> Iterator[Sequence[_T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _chunks(items: Iterable[_T], size: int = _CHUNK) -> Iterator[list[_T]]:
+    """The distinct items, in their first order, a bounded number per ``IN (...)`` query."""
+    distinct = list(dict.fromkeys(items))
+    for start in range(0, len(distinct), size):
+        yield distinct[start : start + size]
 
 
 def _aware(value: datetime, what: str) -> datetime:
@@ -850,25 +852,16 @@ class Store:
 
     async def current_certificate(self, name: str) -> StoredCertificate | None:
         """The unrevoked certificate for ``name`` that lasts longest (it may have expired)."""
-        stmt = (
-            select(_certificates)
-            .where(_certificates.c.name == name, _certificates.c.revoked_at.is_(None))
-            .order_by(_certificates.c.not_after.desc(), _certificates.c.id.desc())
-            .limit(1)
-        )
+        stmt = select(_certificates).where(_is_current(), _certificates.c.name == name)
         async with self._reading() as session:
             row = (await session.execute(stmt)).first()
         return self._unsealed(_certificate(row)) if row is not None else None
 
     async def current_certificates(self, names: Sequence[str] | None = None) -> list[StoredCertificate]:
         """:meth:`current_certificate` for every name (or the given ones), in one query per chunk."""
-        if names is not None:
-            wanted = list(dict.fromkeys(names))
-            if not wanted:
-                return []
-            chunks: Iterable[Sequence[str] | None] = _chunks(wanted)
-        else:
-            chunks = [None]
+        chunks: list[list[str]] | list[None] = list(_chunks(names)) if names is not None else [None]
+        if not chunks:
+            return []
         found: list[StoredCertificate] = []
         async with self._reading() as session:
             for chunk in chunks:
@@ -1014,12 +1007,6 @@ class Store:
             rows = (await session.execute(stmt)).all()
         return [self._unsealed(_certificate(row)) for row in rows]
 
-    async def certificate_names(self) -> list[str]:
-        """Names that have at least one unrevoked certificate, sorted."""
-        stmt = select(_certificates.c.name).where(_certificates.c.revoked_at.is_(None)).distinct()
-        async with self._reading() as session:
-            return sorted((await session.execute(stmt)).scalars())
-
     async def mark_revoked(self, cert_id: int, when: datetime | None = None) -> bool:
         """Record that a certificate was revoked; False if it was unknown or already revoked."""
         at = _aware(when, "when") if when is not None else utcnow()
@@ -1106,7 +1093,7 @@ class Store:
         """:meth:`attempt_count` for many names, one query per chunk; names never tried are absent."""
         counts: dict[str, int] = {}
         async with self._reading() as session:
-            for chunk in _chunks(list(dict.fromkeys(names))):
+            for chunk in _chunks(names):
                 stmt = select(_attempts.c.name, func.count()).where(_attempts.c.name.in_(chunk)).group_by(_attempts.c.name)
                 counts.update((name, int(count)) for name, count in (await session.execute(stmt)).all())
         return counts
@@ -1119,7 +1106,7 @@ class Store:
         """:meth:`name_state` for many names, one query per chunk; names without state are absent."""
         found: dict[str, NameState] = {}
         async with self._reading() as session:
-            for chunk in _chunks(list(dict.fromkeys(names))):
+            for chunk in _chunks(names):
                 rows = (await session.execute(select(_name_states).where(_name_states.c.name.in_(chunk)))).all()
                 found.update((row.name, _name_state(row)) for row in rows)
         return found

@@ -79,13 +79,10 @@ class ContextCache:
         self.hits += 1
         return context
 
-    def put(self, name: str, context: ssl.SSLContext, certificate_id: int | None = None) -> None:
+    def put(self, name: str, context: ssl.SSLContext, certificate_id: int) -> None:
         self._contexts[name] = context
         self._contexts.move_to_end(name)
-        if certificate_id is None:
-            self._certificate_ids.pop(name, None)
-        else:
-            self._certificate_ids[name] = certificate_id
+        self._certificate_ids[name] = certificate_id
         while len(self._contexts) > self.max_size:
             evicted, _ = self._contexts.popitem(last=False)
             self._certificate_ids.pop(evicted, None)

@@ -573,15 +573,6 @@ async def test_certificates_since_and_latest_id(store: Store, other_store: Store
     assert await store.certificates_since(third.id) == []
 
 
-async def test_certificate_names(store: Store) -> None:
-    await store.save_certificate(**_certificate_fields("b.example"))
-    await store.save_certificate(**_certificate_fields("b.example", days=1))
-    await store.save_certificate(**_certificate_fields("a.example"))
-    revoked = await store.save_certificate(**_certificate_fields("c.example"))
-    await store.mark_revoked(revoked.id)
-    assert await store.certificate_names() == ["a.example", "b.example"]
-
-
 async def test_pem_text_is_accepted_and_returned_as_bytes(store: Store) -> None:
     saved = await store.save_certificate(**_certificate_fields("t.example", key_pem="KEY", chain_pem="CHAIN"))
     assert (saved.key_pem, saved.chain_pem) == (b"KEY", b"CHAIN")
