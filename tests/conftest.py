@@ -134,3 +134,21 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 # --- end of the databases section ---
+
+
+# ---------------------------------------------------------------------------------------------
+# A client's trust in Pebble, and a fresh SQLite database per test
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def root_ca(pebble: Pebble, tmp_path: Path) -> str:
+    """Pebble's root as a PEM file, for clients that verify what autocert serves."""
+    path = tmp_path / "pebble-root.pem"
+    path.write_bytes(pebble.root_pem())
+    return str(path)
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'autocert.db'}"

@@ -15,11 +15,6 @@ import autocert
 from support import run_cli
 
 
-@pytest.fixture()
-def db(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'cli.db'}"
-
-
 def snapshot(db: str) -> str:
     """A digest of every row of every table: equal digests mean nothing was written."""
     path = db.removeprefix("sqlite:///")

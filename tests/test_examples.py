@@ -51,13 +51,6 @@ def curl(name: str, port: int, path: str, root: Path | str, *extra: str) -> subp
 
 
 @pytest.fixture()
-def root_ca(pebble, tmp_path: Path) -> Path:
-    path = tmp_path / "pebble-root.pem"
-    path.write_bytes(pebble.root_pem())
-    return path
-
-
-@pytest.fixture()
 def wsgi_app(tmp_path: Path) -> Iterator[int]:
     """examples/wsgi_upstream.py on a free loopback port, as its docstring runs it."""
     port = free_port()
@@ -158,7 +151,7 @@ def test_demo_sh_sets_up_then_runs_the_demo_with_its_arguments(tmp_path: Path) -
 # -- examples behind serve --upstream -----------------------------------------------------------------
 
 
-def test_wsgi_example_behind_serve_upstream(pebble, wsgi_app: int, root_ca: Path, tmp_path: Path) -> None:
+def test_wsgi_example_behind_serve_upstream(pebble, wsgi_app: int, root_ca: str, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'autocert.db'}"
     name = "wsgi.example.test"
     assert run_cli("allow", name, db=db).returncode == 0
@@ -183,7 +176,7 @@ def test_wsgi_example_behind_serve_upstream(pebble, wsgi_app: int, root_ca: Path
         assert "200 OK" in page.stdout and f"You reached https://{name}:{server.https_port}/" in page.stdout
 
 
-def test_multi_tenant_script_serves_each_tenant_its_own_certificate(pebble, wsgi_app: int, root_ca: Path, tmp_path: Path) -> None:
+def test_multi_tenant_script_serves_each_tenant_its_own_certificate(pebble, wsgi_app: int, root_ca: str, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'tenants.db'}"
     https_port, admin_port = pebble.tlsalpn01_port, free_port()
     env = cli_env({

@@ -42,18 +42,6 @@ def event_loop_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 @pytest.fixture()
-def root_ca(pebble: Pebble, tmp_path: Path) -> str:
-    path = tmp_path / "pebble-root.pem"
-    path.write_bytes(pebble.root_pem())
-    return str(path)
-
-
-@pytest.fixture()
-def db(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'autocert.db'}"
-
-
-@pytest.fixture()
 def serve(pebble: Pebble, db: str, tmp_path: Path, event_loop_env: dict[str, str]) -> Iterator[ServeFactory]:
     started: list[ServeProcess] = []
 

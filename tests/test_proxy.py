@@ -180,13 +180,6 @@ def upstream() -> Iterator[Upstream]:
 
 
 @pytest.fixture()
-def root_ca(pebble, tmp_path: Path) -> str:
-    path = tmp_path / "pebble-root.pem"
-    path.write_bytes(pebble.root_pem())
-    return str(path)
-
-
-@pytest.fixture()
 def proxy(pebble, upstream: Upstream, root_ca: str, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     """Start ``autocert serve --upstream`` (extra args allowed) with a certificate for NAME."""
     db = f"sqlite:///{tmp_path / 'autocert.db'}"

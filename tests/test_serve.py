@@ -17,18 +17,6 @@ from cryptography.x509.oid import ExtensionOID
 from support import ServeProcess, cli_json, client_context, eventually, handshake, openssl_s_client, run_cli, served_certificate
 
 
-@pytest.fixture()
-def root_ca(pebble, tmp_path: Path) -> str:
-    path = tmp_path / "pebble-root.pem"
-    path.write_bytes(pebble.root_pem())
-    return str(path)
-
-
-@pytest.fixture()
-def db(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'autocert.db'}"
-
-
 def sans(certificate: x509.Certificate) -> list[str]:
     return certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value.get_values_for_type(x509.DNSName)
 
