@@ -35,15 +35,12 @@ from multidict import CIMultiDictProxy
 
 from autocert._version import __version__
 from autocert.crypto import CertificateInfo, leaf_certificate_der, make_csr, parse_certificate_chain
-from autocert.errors import AcmeError
+from autocert.errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REPLACED, PROBLEM_BAD_NONCE, AcmeError
 
 __all__ = ["AcmeClient", "ChallengeResponder", "IssuedCertificate", "RenewalInfo"]
 
 log = logging.getLogger(__name__)
 
-ERROR_PREFIX = "urn:ietf:params:acme:error:"
-BAD_NONCE = ERROR_PREFIX + "badNonce"
-ACCOUNT_DOES_NOT_EXIST = ERROR_PREFIX + "accountDoesNotExist"
 
 _JOSE_JSON = "application/jose+json"
 _PEM_CHAIN = "application/pem-certificate-chain"
@@ -178,7 +175,6 @@ class RenewalInfo:
     explanation_url: str | None
 
 
-ALREADY_REPLACED = "urn:ietf:params:acme:error:alreadyReplaced"
 
 
 class AcmeClient:
@@ -302,7 +298,7 @@ class AcmeClient:
         try:
             resp = await self._post(new_account_url, {"onlyReturnExisting": True}, use_kid=False)
         except AcmeError as exc:
-            if exc.problem_type == ACCOUNT_DOES_NOT_EXIST:
+            if exc.problem_type == PROBLEM_ACCOUNT_DOES_NOT_EXIST:
                 return None
             raise
         self._account_url = resp.location
@@ -519,7 +515,7 @@ class AcmeClient:
         try:
             return await self.new_order(names, profile=profile, replaces=replaces)
         except AcmeError as exc:
-            if replaces is None or not (exc.status == 409 or exc.problem_type == ALREADY_REPLACED):
+            if replaces is None or not (exc.status == 409 or exc.problem_type == PROBLEM_ALREADY_REPLACED):
                 raise
             log.warning("the CA refused replaces=%s (%s); placing a plain order", replaces, exc)
             return await self.new_order(names, profile=profile)
@@ -594,7 +590,7 @@ class AcmeClient:
             if resp.status < 400:
                 return resp
             error = self._response_error(resp)
-            if error.problem_type == BAD_NONCE and bad_nonces < self._bad_nonce_retries:
+            if error.problem_type == PROBLEM_BAD_NONCE and bad_nonces < self._bad_nonce_retries:
                 bad_nonces += 1
                 log.debug("badNonce from %s, retry %d/%d", url, bad_nonces, self._bad_nonce_retries)
                 continue

@@ -7,6 +7,15 @@ CLI can all raise and catch the same classes without importing each other.
 from __future__ import annotations
 
 
+#: RFC 8555 problem types (``urn:ietf:params:acme:error:...``) that autocert acts on, named
+#: once so the client and the worker compare against the same strings.
+ACME_ERROR_PREFIX = "urn:ietf:params:acme:error:"
+PROBLEM_BAD_NONCE = ACME_ERROR_PREFIX + "badNonce"
+PROBLEM_ACCOUNT_DOES_NOT_EXIST = ACME_ERROR_PREFIX + "accountDoesNotExist"
+PROBLEM_ALREADY_REPLACED = ACME_ERROR_PREFIX + "alreadyReplaced"
+PROBLEM_ALREADY_REVOKED = ACME_ERROR_PREFIX + "alreadyRevoked"
+
+
 class AutocertError(Exception):
     """Base class of every error autocert raises on purpose."""
 

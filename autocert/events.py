@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from .timefmt import isoformat
+from .timefmt import isoformat, utcnow
 
 __all__ = ["EVENT_KINDS", "Event", "EventBus", "EventKind", "Subscriber", "log_event"]
 
@@ -28,10 +28,6 @@ EventKind = Literal["issued", "renewed", "failed", "expiring", "expired", "allow
 EVENT_KINDS: tuple[EventKind, ...] = ("issued", "renewed", "failed", "expiring", "expired", "allowed", "disallowed")
 
 log = logging.getLogger("autocert.events")
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +43,7 @@ class Event:
     name: str
     state: str
     error: str | None = None
-    at: datetime = field(default_factory=_utcnow)
+    at: datetime = field(default_factory=utcnow)
     previous: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

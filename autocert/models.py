@@ -16,6 +16,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from .timefmt import utcnow
+
 __all__ = [
     "NAME_LENGTH",
     "AccountRow",
@@ -42,11 +44,6 @@ NAMING_CONVENTION = {
 #: A DNS name is at most 253 octets; 255 leaves room for a ``*.`` pattern prefix.
 NAME_LENGTH = 255
 URL_LENGTH = 1024
-
-
-def utcnow() -> datetime:
-    """The current time as an aware UTC datetime, the only kind the schema stores."""
-    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from .errors import AutocertError
 from .events import Event
-from .timefmt import isoformat
+from .timefmt import isoformat, utcnow
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -47,10 +47,6 @@ def is_expiring(not_before: datetime, not_after: datetime, renew_at: datetime | 
         return False
     grace = min(MAX_GRACE, lifetime / 50)
     return renew_at is None or now >= renew_at + grace
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class ExpiryMonitor:
@@ -119,7 +115,7 @@ class ExpiryMonitor:
 
     async def refresh(self, now: datetime | None = None) -> list[CertificateTimes]:
         """Reload the figures; returns the allowed names' certificates past their renewal time."""
-        now = now or _utcnow()
+        now = now or utcnow()
         self.stale = False
         overview = await self.manager.store.expiry_overview(now, self.manager.is_allowed)
         self.certified, self.soonest, self.scanned_at = overview.certified, overview.soonest, now
@@ -129,12 +125,12 @@ class ExpiryMonitor:
         """Rescan when an event made ``certified`` and ``soonest`` stale or they are older than
         :data:`FIGURES_MAX_AGE` (a revocation by another process raises no event)."""
         scanned = self.scanned_at
-        if self.stale or scanned is None or _utcnow() - scanned > FIGURES_MAX_AGE:
+        if self.stale or scanned is None or utcnow() - scanned > FIGURES_MAX_AGE:
             await self.refresh()
 
     async def check(self, now: datetime | None = None) -> list[Event]:
         """Scan once and emit ``expiring``/``expired`` for what needs attention; returns them."""
-        now = now or _utcnow()
+        now = now or utcnow()
         due = await self.refresh(now)
         emitted: list[Event] = []
         for certificate in due:

@@ -15,13 +15,10 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from .store import Store
+from .timefmt import utcnow
 from .worker import Worker, is_parked
 
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 #: Let's Encrypt asks clients to check renewal information about twice a day.

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from .crypto import ari_certificate_id, generate_private_key, tls_alpn_challenge_certificate
-from .errors import AcmeError, AutocertError, IssuanceError
+from .errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REVOKED, AcmeError, AutocertError, IssuanceError
 from .events import Event, EventBus
 from .store import NameState, StoredCertificate, Store
+from .timefmt import utcnow
 
 if TYPE_CHECKING:
     from .acme_client import AcmeClient, RenewalInfo
@@ -62,18 +63,12 @@ class RateBudget:
 #: How soon an order held back by the account-wide budget is looked at again.
 BUDGET_RECHECK = timedelta(minutes=5)
 
-ACCOUNT_GONE = "urn:ietf:params:acme:error:accountDoesNotExist"
-
 #: After this long of consecutive failures a name is parked (CertMagic and Let's Encrypt
 #: both advise giving up on dead domains rather than retrying forever).
 PARK_AFTER = timedelta(days=30)
 
 #: How long an order may hold its lease before another process may take the name over.
 LEASE_SECONDS = 300.0
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def retry_delay(failures: int) -> timedelta:
@@ -302,7 +297,7 @@ class Worker:
                 issued = await client.issue([name], key_pem, self._challenges, profile=profile, replaces=replaces,
                                             resume_url=pending.order_url if pending else None, on_order=remember)
             except AcmeError as exc:
-                if exc.problem_type != ACCOUNT_GONE:
+                if exc.problem_type != PROBLEM_ACCOUNT_DOES_NOT_EXIST:
                     raise
                 log.warning("the CA no longer knows our account; registering the same key again")
                 client = await self._acme(stale=client)
@@ -357,7 +352,7 @@ class Worker:
         try:
             await client.revoke(certificate.chain_pem, reason)
         except AcmeError as exc:
-            if exc.problem_type != "urn:ietf:params:acme:error:alreadyRevoked":
+            if exc.problem_type != PROBLEM_ALREADY_REVOKED:
                 raise
         await self._store.mark_revoked(certificate.id)
         log.info("revoked %s serial %s", certificate.name, certificate.serial)
