@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError, StoreError
+from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError, StoreError
 
 if TYPE_CHECKING:
-    from .manager import Manager
+    from ._manager import Manager
 
 __all__ = [
     "AcmeError",
@@ -29,7 +29,7 @@ def __getattr__(name: str) -> Any:
     # Loaded on first use: the CLI imports this package for every command, and `serve`
     # binds its ports before the database and TLS stack (about a second of imports) load.
     if name == "Manager":
-        from .manager import Manager
+        from ._manager import Manager
 
         return Manager
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``python -m autocert`` is the same program as the ``autocert`` command."""
 
-from .cli import main
+from ._cli import main
 
 main()

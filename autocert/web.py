@@ -19,13 +19,13 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .errors import InvalidName
-from .manager import Manager
-from .metrics import Metrics
-from .monitor import ExpiryMonitor, is_expiring
-from .names import normalize_name
-from .status import STATES
-from .timefmt import isoformat
+from ._errors import InvalidName
+from ._manager import Manager
+from ._metrics import Metrics
+from ._monitor import ExpiryMonitor, is_expiring
+from ._names import normalize_name
+from ._status import STATES
+from ._timefmt import isoformat
 
 __all__ = ["MANAGER_KEY", "middleware", "setup", "status_app"]
 

@@ -69,7 +69,7 @@ def make_chain(common_name: str = f"n0.{BENCH_DOMAIN}") -> Chain:
 
 
 async def _seed(url: str, chain: Chain, directory: str) -> None:
-    from autocert.store import Store
+    from autocert._store import Store
 
     store = await Store.open(url)
     try:

@@ -389,7 +389,7 @@ def report(per_round: dict[str, list[float]], serve_idle: float, args: argparse.
 
 def startup_and_memory(db: str, workdir: Path, args: argparse.Namespace, serve_server: object) -> None:
     make = serve_server  # type: ignore[assignment]
-    code = "import time; t = time.perf_counter(); import autocert.cli, autocert.server; print(time.perf_counter() - t)"
+    code = "import time; t = time.perf_counter(); import autocert._cli, autocert._server; print(time.perf_counter() - t)"
     imports = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     def probed(make_server: object) -> list[tuple[float, float, float]]:
         timings = []
@@ -439,7 +439,7 @@ def startup_and_memory(db: str, workdir: Path, args: argparse.Namespace, serve_s
     print(f"- RSS after touching {args.touch:,} distinct names ({ok} served, {failed} failed): {rss:.0f} MiB, "
           f"peak {peak:.0f} MiB, {rss_start:.0f} MiB at start (target < 200 MB: {'met' if rss * 1.048576 < 200 else '**missed**'})")
     print("- step by step in one process (bench/startup.py), seconds and RSS after the step:")
-    for key, label in [("imports", "import autocert.cli and autocert.server (what serve loads before it is ready)"), ("allowed_entries", "read the allowlist (cold)"),
+    for key, label in [("imports", "import autocert._cli and autocert._server (what serve loads before it is ready)"), ("allowed_entries", "read the allowlist (cold)"),
                        ("manager_start", "Manager.start()"),
                        ("poll", "the once-a-second poll (Store.change_marks)"),
                        ("expiry_scan", "ExpiryMonitor first scan (starts right after listening)")]:

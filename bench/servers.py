@@ -7,7 +7,7 @@ the only difference between them is how a connection gets to its TLS context:
 
 - ``static``: ``loop.create_server(ssl=context)`` with one context, the floor for this loop;
 - ``sni``: the same, with ``Manager.ssl_context()`` choosing the context in ``sni_callback``;
-- ``front``: ``autocert.server.TlsFront``, the ClientHello front ``serve`` runs;
+- ``front``: ``autocert._server.TlsFront``, the ClientHello front ``serve`` runs;
 - ``front-task``: the front's first design, kept here to measure against: ``sock_accept``,
   a task per connection, ``MSG_PEEK`` and ``connect_accepted_socket``;
 - ``front-reader``: the same hand-off, but accepting in a reader callback and peeking at
@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixtures import name_for
 
-from autocert.config import Listen
-from autocert.manager import Manager
-from autocert.config import ServeOptions, listening_socket
-from autocert.server import TlsFront, tls_app
-from autocert.tls import (
+from autocert._config import Listen
+from autocert._manager import Manager
+from autocert._config import ServeOptions, listening_socket
+from autocert._server import TlsFront, tls_app
+from autocert._tls import (
     MAX_CLIENT_HELLO,
     NotClientHello,
     build_context,
@@ -117,7 +117,7 @@ class TaskFront(TlsFront):
 
     @staticmethod
     def _reject_socket(connection: socket.socket) -> None:
-        from autocert.tls import UNRECOGNIZED_NAME_ALERT
+        from autocert._tls import UNRECOGNIZED_NAME_ALERT
 
         with contextlib.suppress(OSError):
             while connection.recv(MAX_CLIENT_HELLO + 5):
@@ -160,7 +160,7 @@ class AlertOnly(asyncio.Protocol):
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        from autocert.tls import UNRECOGNIZED_NAME_ALERT
+        from autocert._tls import UNRECOGNIZED_NAME_ALERT
 
         self.transport.write(UNRECOGNIZED_NAME_ALERT)
         self.transport.close()

@@ -27,12 +27,12 @@ def rss_mib() -> float:
 import asyncio
 import importlib
 
-for module in ("autocert.cli", "autocert.server"):  # what `autocert serve` imports before it is ready
+for module in ("autocert._cli", "autocert._server"):  # what `autocert serve` imports before it is ready
     importlib.import_module(module)
 
-from autocert.manager import Manager
-from autocert.monitor import ExpiryMonitor
-from autocert.store import Store
+from autocert._manager import Manager
+from autocert._monitor import ExpiryMonitor
+from autocert._store import Store
 
 UNREACHABLE_CA = "https://127.0.0.1:9/directory"
 

@@ -17,7 +17,7 @@ from typing import Any
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from autocert.models import Base
+from autocert._models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -79,7 +79,7 @@ async def _postgres_execute(dsn: str, *statements: str) -> None:
 
 
 async def _drop_autocert_tables(dsn: str) -> None:
-    from autocert.models import Base
+    from autocert._models import Base
 
     tables = ", ".join(f'"{name}"' for name in [*Base.metadata.tables, "alembic_version"])
     await _postgres_execute(dsn, f"DROP TABLE IF EXISTS {tables} CASCADE")

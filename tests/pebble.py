@@ -407,7 +407,7 @@ class TlsAlpn01Responder:
 
     async def present(self, name: str, challenge_type: str, token: str, key_authorization: str) -> None:
         # Imported here so that the harness itself does not need the package importable.
-        from autocert.crypto import tls_alpn_challenge_certificate
+        from autocert._crypto import tls_alpn_challenge_certificate
 
         assert self._dir is not None, "use the responder as an async context manager"
         cert_pem, key_pem = tls_alpn_challenge_certificate(name, key_authorization)

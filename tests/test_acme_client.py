@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from pebble import Http01Responder, Pebble, TlsAlpn01Responder
 
-from autocert.acme_client import AcmeClient, IssuedCertificate, parse_retry_after
-from autocert.crypto import (
+from autocert._acme_client import AcmeClient, IssuedCertificate, parse_retry_after
+from autocert._crypto import (
     ACME_IDENTIFIER_OID,
     CertificateInfo,
     generate_private_key,
@@ -36,7 +36,7 @@ from autocert.crypto import (
     parse_certificate_chain,
     tls_alpn_challenge_certificate,
 )
-from autocert.errors import AcmeError
+from autocert._errors import AcmeError
 
 ACME_URN = "urn:ietf:params:acme:error:"
 

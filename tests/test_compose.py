@@ -189,7 +189,7 @@ def test_depends_on_names_real_services() -> None:
 
 
 def test_autocert_commands_parse_and_point_at_the_other_services() -> None:
-    from autocert.cli import build_parser
+    from autocert._cli import build_parser
 
     found = services()
     serve = argv(found["autocert"]["command"])

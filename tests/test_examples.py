@@ -251,7 +251,7 @@ def seconds(value: str) -> float:
 
 
 def test_systemd_unit_is_valid_and_hardened(tmp_path: Path) -> None:
-    from autocert.config import ServeOptions
+    from autocert._config import ServeOptions
 
     text = (EXAMPLES / "autocert.service").read_text()
     assert re.search(r"^\[Unit\]$", text, re.MULTILINE) and re.search(r"^\[Service\]$", text, re.MULTILINE) and re.search(r"^\[Install\]$", text, re.MULTILINE)
@@ -292,7 +292,7 @@ def test_systemd_unit_is_valid_and_hardened(tmp_path: Path) -> None:
 def test_compose_stop_grace_covers_the_drain() -> None:
     import yaml
 
-    from autocert.config import ServeOptions
+    from autocert._config import ServeOptions
 
     grace = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["autocert"]["stop_grace_period"]
     assert seconds(grace) > ServeOptions(https=None, http=None, admin=None).shutdown_timeout

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from autocert.errors import InvalidName
-from autocert.names import (
+from autocert._errors import InvalidName
+from autocert._names import (
     is_pattern,
     matches,
     normalize_entry,

@@ -22,10 +22,10 @@ from aiohttp import web
 from support import ServeProcess, eventually, free_port, handshake, run_cli
 
 import autocert
-from autocert.cli import JsonLogFormatter
-from autocert.events import Event, EventBus, log_event
-from autocert.monitor import ExpiryMonitor, is_expiring
-from autocert.notify import Notifier
+from autocert._cli import JsonLogFormatter
+from autocert._events import Event, EventBus, log_event
+from autocert._monitor import ExpiryMonitor, is_expiring
+from autocert._notify import Notifier
 
 GOOD, BAD = "notify-good.example.test", "notify-bad.example.test"
 PROBLEM_PREFIX = "urn:ietf:params:acme:error:"
@@ -445,7 +445,7 @@ def test_serve_rejects_a_webhook_that_is_not_a_url(tmp_path: Path) -> None:
 
 
 async def test_issue_then_forced_renewal_emit_issued_then_renewed(pebble, tmp_path: Path) -> None:
-    from autocert.metrics import Metrics
+    from autocert._metrics import Metrics
     from autocert.web import middleware
 
     manager = autocert.Manager(db=f"sqlite:///{tmp_path / 'events.db'}", directory=pebble.directory_url,

@@ -35,8 +35,8 @@ from support import (
     served_certificate,
 )
 
-from autocert.errors import ConfigError
-from autocert.proxy import forwarded_headers, proxy_app, strip_hop_by_hop
+from autocert._errors import ConfigError
+from autocert._proxy import forwarded_headers, proxy_app, strip_hop_by_hop
 
 NAME = "proxy.example.test"
 FIVE_MB = 5 * 1024 * 1024

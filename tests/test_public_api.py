@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import autocert
@@ -12,17 +13,39 @@ import autocert.web
 
 PACKAGE = Path(autocert.__file__).parent
 
-# Imports flow one way: a module may import only modules of its own layer or below.
+# Imports flow one way: a module may import only modules of its own layer or below. A
+# subpackage (``_store``, ``_acme``) counts as one module; its files may import each other.
 LAYERS = {
-    "errors": 0, "names": 0, "config": 0, "sealing": 0, "timefmt": 0, "_version": 0, "models": 0, "crypto": 0, "events": 0, "notify": 1,
-    "store": 1,
-    "acme_client": 2, "tls": 2,
-    "worker": 3, "status": 3, "scheduler": 3,
-    "manager": 4,
-    "web": 5, "proxy": 5, "monitor": 5, "metrics": 5,
-    "server": 6,
-    "cli": 7, "__main__": 8, "__init__": 8,
+    "_errors": 0, "_names": 0, "_config": 0, "_sealing": 0, "_timefmt": 0, "_version": 0, "_models": 0, "_crypto": 0, "_events": 0,
+    "_policy": 1, "_notify": 1, "_tls": 1,
+    "_store": 2,
+    "_acme": 3, "_acme_client": 3, "_status": 3,
+    "_worker": 4, "_scheduler": 4,
+    "_manager": 5,
+    "_front": 6, "web": 6, "_proxy": 6, "_monitor": 6, "_metrics": 6,
+    "_server": 7,
+    "_cli": 8, "__main__": 9, "__init__": 9,
 }
+
+
+def _imported_modules(path: Path) -> Iterator[str]:
+    """The top-level autocert modules ``path`` imports, relative or absolute, anywhere in it."""
+    inside = path.parent != PACKAGE  # a file of a subpackage: one more level to climb
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                parts = (node.module or "").split(".")
+                if parts[0] == "autocert":
+                    yield from ([parts[1]] if len(parts) > 1 else [alias.name for alias in node.names])
+            elif node.level == 1 and inside:
+                continue  # a sibling in the same subpackage
+            elif node.level == (2 if inside else 1):
+                yield from ([node.module.split(".")[0]] if node.module else [alias.name for alias in node.names])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "autocert" and len(parts) > 1:
+                    yield parts[1]
 
 
 def test_public_names_are_pinned() -> None:
@@ -35,18 +58,27 @@ def test_public_names_are_pinned() -> None:
 
 
 def test_imports_flow_one_way() -> None:
-    for path in PACKAGE.glob("*.py"):
-        module = path.stem
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE)
+        module = relative.parts[0].removesuffix(".py")
         assert module in LAYERS, f"add {module} to the layer table"
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-                target = node.module.split(".")[0]
-                assert LAYERS[target] <= LAYERS[module], f"{module} imports {target}, which sits above it"
+        for target in _imported_modules(path):
+            assert target in LAYERS, f"{relative} imports autocert.{target}, which is not in the layer table"
+            assert LAYERS[target] <= LAYERS[module], f"{relative} imports {target}, which sits above it"
+
+
+def test_only_the_public_api_is_unprefixed() -> None:
+    """Everything but ``autocert`` itself and ``autocert.web`` is private (``_``-prefixed)."""
+    public = sorted(
+        path.name for path in PACKAGE.iterdir()
+        if not path.name.startswith("_") and (path.suffix == ".py" or (path / "__init__.py").exists())
+    )
+    assert public == ["web.py"]
 
 
 def test_the_cli_loads_the_server_stack_only_when_a_command_needs_it() -> None:
     """`serve` binds its ports before importing SQLAlchemy and aiohttp (about a second), so
     connections made while it starts wait in the kernel's queue instead of being refused."""
-    code = "import sys, autocert, autocert.cli; print(sorted(m for m in ('sqlalchemy', 'aiohttp', 'cryptography', 'autocert.manager') if m in sys.modules))"
+    code = "import sys, autocert, autocert._cli; print(sorted(m for m in ('sqlalchemy', 'aiohttp', 'cryptography', 'autocert._manager') if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"

@@ -13,11 +13,11 @@ import pytest
 from aiohttp import web
 
 from autocert import Manager
-from autocert.config import Listen
-from autocert.scheduler import Scheduler
-from autocert.config import ServeOptions, listening_socket
-from autocert.server import http_app
-from autocert.worker import RETRY_DELAYS, renewal_time, retry_delay
+from autocert._config import Listen
+from autocert._scheduler import Scheduler
+from autocert._config import ServeOptions, listening_socket
+from autocert._server import http_app
+from autocert._worker import RETRY_DELAYS, renewal_time, retry_delay
 from support import ServeProcess, acme_args, cli_json, eventually, handshake, openssl_s_client, run_cli, served_certificate
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -244,7 +244,7 @@ def test_sigkill_during_issuance_then_restart_ends_valid_without_duplicates(pebb
 async def test_renewal_info_window_sets_renew_at_and_the_renewal_sends_replaces(pebble, tmp_path: Path) -> None:
     from ari_double import AriDouble, RenewalWindow
 
-    from autocert.crypto import ari_certificate_id
+    from autocert._crypto import ari_certificate_id
 
     with AriDouble(pebble) as double:
         # The double relays to Pebble, so challenges are still validated on Pebble's ports.
@@ -280,7 +280,7 @@ async def test_renewal_info_window_sets_renew_at_and_the_renewal_sends_replaces(
 async def test_replaces_refused_with_409_falls_back_to_a_plain_order(pebble, tmp_path: Path) -> None:
     from ari_double import AriDouble
 
-    from autocert.crypto import ari_certificate_id
+    from autocert._crypto import ari_certificate_id
 
     with AriDouble(pebble, refuse_replaces=True) as double:
         async with running_manager(pebble, f"sqlite:///{tmp_path / 'ari409.db'}", renew=False) as manager:
@@ -309,8 +309,8 @@ async def test_without_renewal_info_the_lifetime_rule_stands(pebble, tmp_path: P
 
 
 async def test_rate_budgets_hold_orders_back_without_contacting_the_ca(pebble, tmp_path: Path) -> None:
-    from autocert.errors import IssuanceError
-    from autocert.worker import RateBudget
+    from autocert._errors import IssuanceError
+    from autocert._worker import RateBudget
 
     budget = RateBudget(orders=2, failures_per_name=4)
     async with running_manager(pebble, f"sqlite:///{tmp_path / 'budget.db'}", renew=False, budget=budget) as manager:
@@ -343,7 +343,7 @@ async def test_rate_budgets_hold_orders_back_without_contacting_the_ca(pebble, t
 async def test_a_name_failing_for_over_30_days_is_parked(pebble, tmp_path: Path) -> None:
     import sqlite3
 
-    from autocert.errors import IssuanceError
+    from autocert._errors import IssuanceError
 
     path = tmp_path / "park.db"
     pebble.add_a("dead.example.test", "127.0.0.2")  # nothing listens there: validation fails
@@ -376,7 +376,7 @@ async def test_a_name_failing_for_over_30_days_is_parked(pebble, tmp_path: Path)
 async def test_profile_is_ordered_stored_and_reused_on_renewal(pebble, tmp_path: Path) -> None:
     from ari_double import AriDouble
 
-    from autocert.errors import IssuanceError
+    from autocert._errors import IssuanceError
 
     profiles = {"classic": "90 days", "shortlived": "160 hours"}
     db = f"sqlite:///{tmp_path / 'profile.db'}"

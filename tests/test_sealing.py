@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from autocert.errors import StoreError
-from autocert.sealing import SEALED_PREFIX, KeySealer
-from autocert.store import Store
+from autocert._errors import StoreError
+from autocert._sealing import SEALED_PREFIX, KeySealer
+from autocert._store import Store
 from support import ServeProcess, handshake, run_cli
 
 

@@ -442,7 +442,7 @@ async def test_status_app_mounts_under_a_prefix_in_an_embedding_app(tmp_path: Pa
     from aiohttp.test_utils import TestClient, TestServer
 
     import autocert
-    from autocert.monitor import ExpiryMonitor
+    from autocert._monitor import ExpiryMonitor
     from autocert.web import setup, status_app
 
     manager = autocert.Manager(db=f"sqlite:///{tmp_path / 'embed.db'}", directory="https://127.0.0.1:9/dir", renew=False)

@@ -21,10 +21,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from autocert import store as store_module
-from autocert.errors import ConfigError, InvalidName, StoreError
-from autocert.models import Base
-from autocert.store import (
+from autocert import _store as store_module
+from autocert._errors import ConfigError, InvalidName, StoreError
+from autocert._models import Base
+from autocert._store import (
     Account,
     AllowedEntry,
     Store,
@@ -208,7 +208,7 @@ def test_opening_a_current_database_does_not_load_alembic(tmp_path: Path) -> Non
     url = f"sqlite:///{tmp_path / 'current.db'}"
     code = textwrap.dedent(f"""
         import asyncio, sys
-        from autocert.store import Store
+        from autocert._store import Store
         async def main():
             await (await Store.open({url!r})).close()  # creates and migrates: Alembic loads
             loaded = "alembic" in sys.modules
@@ -291,7 +291,7 @@ async def test_concurrent_opens_in_one_process_migrate_once(database_url: str) -
 async def test_concurrent_opens_in_several_processes_migrate_once(database_url: str) -> None:
     code = """
         import asyncio, sys
-        from autocert.store import Store
+        from autocert._store import Store
         async def main():
             store = await Store.open(sys.argv[1])
             print(await store.revision())
@@ -692,7 +692,7 @@ async def test_concurrent_leases_from_two_stores_have_one_winner(store: Store, o
 async def test_concurrent_leases_from_several_processes_have_one_winner(store: Store, database_url: str) -> None:
     code = """
         import asyncio, sys
-        from autocert.store import Store
+        from autocert._store import Store
         async def main():
             store = await Store.open(sys.argv[1])
             owner = sys.argv[2]

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import trustme
 
-from autocert.tls import (
+from autocert._tls import (
     UNRECOGNIZED_NAME_ALERT,
     ContextCache,
     NotClientHello,

@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-25
 
-Written out in full rather than importing autocert.models, so that this revision keeps
+Written out in full rather than importing autocert._models, so that this revision keeps
 creating exactly this schema however the models change later. Timestamps are
 ``timestamptz`` on PostgreSQL and text on SQLite; the models' UTCDateTime type makes both
 read back as aware UTC datetimes.

@@ -13,7 +13,7 @@ import functools
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from .errors import StoreError
+from ._errors import StoreError
 
 SEALED_PREFIX = b"autocert-sealed:v1:"
 _SALT = b"autocert private keys at rest v1"

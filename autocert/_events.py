@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from .timefmt import isoformat, utcnow
+from ._timefmt import isoformat, utcnow
 
 __all__ = ["EVENT_KINDS", "Event", "EventBus", "EventKind", "Subscriber", "log_event"]
 

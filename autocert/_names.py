@@ -13,7 +13,7 @@ import ipaddress
 
 import idna
 
-from autocert.errors import InvalidName
+from autocert._errors import InvalidName
 
 __all__ = ["is_pattern", "matches", "normalize_entry", "normalize_name", "pattern_for"]
 

@@ -15,7 +15,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autocert.tls")
 
 #: The fatal ``unrecognized_name`` alert record, as a server would send it in plaintext before
 #: any TLS state exists: content type alert (21), legacy version TLS 1.2, length 2, level fatal

@@ -1,7 +1,7 @@
 """Database schema as SQLAlchemy 2 declarative models.
 
 These classes are the schema's single source of truth: Alembic migrations are checked against
-them in the tests, and :mod:`autocert.store` is the only module that queries them. Nothing
+them in the tests, and :mod:`autocert._store` is the only module that queries them. Nothing
 outside the store sees a model instance; the store hands out frozen dataclasses instead, so
 that no caller can trigger lazy SQL from the event loop or hold a session open by accident.
 """
@@ -16,7 +16,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from .timefmt import utcnow
+from ._timefmt import utcnow
 
 __all__ = [
     "NAME_LENGTH",

@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .crypto import ari_certificate_id, generate_private_key, tls_alpn_challenge_certificate
-from .errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REVOKED, AcmeError, AutocertError, IssuanceError
-from .events import Event, EventBus
-from .store import NameState, StoredCertificate, Store
-from .timefmt import utcnow
+from ._crypto import ari_certificate_id, generate_private_key, tls_alpn_challenge_certificate
+from ._errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REVOKED, AcmeError, AutocertError, IssuanceError
+from ._events import Event, EventBus
+from ._store import NameState, StoredCertificate, Store
+from ._timefmt import utcnow
 
 if TYPE_CHECKING:
-    from .acme_client import AcmeClient, RenewalInfo
+    from ._acme_client import AcmeClient, RenewalInfo
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autocert.worker")
 
 #: Waits before retrying a name whose last attempt failed, indexed by the number of
 #: consecutive failures (the last entry repeats). Grows quickly so a dead name never burns
@@ -248,7 +248,7 @@ class Worker:
             account_url = None if stale is not None else account.url
             # Imported on first use: the ACME stack (acme, josepy, requests) is a third of
             # the server's start-up time and is not needed until something is ordered.
-            from .acme_client import AcmeClient
+            from ._acme_client import AcmeClient
 
             client = AcmeClient(self.directory, account.key_pem, ca_bundle=self._ca_bundle, account_url=account_url,
                                 trace_configs=self._trace_configs)

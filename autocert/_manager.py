@@ -15,17 +15,17 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
-from .errors import AutocertError, InvalidName, IssuanceError
-from .events import Event, EventBus, log_event
-from .names import normalize_entry, normalize_name, pattern_for
-from .status import is_allowed, status_report
-from .store import Store, StoredCertificate
-from .tls import ContextCache, build_context, install_alert_flush_fix, new_server_context
-from .scheduler import Scheduler
-from .worker import ChallengeBook, RateBudget, Worker, is_parked
+from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
+from ._errors import AutocertError, InvalidName, IssuanceError
+from ._events import Event, EventBus, log_event
+from ._names import normalize_entry, normalize_name, pattern_for
+from ._status import is_allowed, status_report
+from ._store import Store, StoredCertificate
+from ._tls import ContextCache, build_context, install_alert_flush_fix, new_server_context
+from ._scheduler import Scheduler
+from ._worker import ChallengeBook, RateBudget, Worker, is_parked
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autocert.manager")
 
 REVOCATION_OVERLAP = timedelta(seconds=10)
 

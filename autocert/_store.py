@@ -13,7 +13,7 @@ that a server and a CLI (or several servers) can share the database safely:
   clocks in sync (they need that for TLS validity checks anyway); lease lengths should be
   far longer than the expected skew.
 
-Names and allowlist entries are expected in the form :mod:`autocert.names` produces.
+Names and allowlist entries are expected in the form :mod:`autocert._names` produces.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from autocert.errors import ConfigError, StoreError
-from autocert.sealing import KeySealer
-from autocert.models import (
+from autocert._errors import ConfigError, StoreError
+from autocert._sealing import KeySealer
+from autocert._models import (
     AccountRow,
     AllowedRow,
     AllowlistVersionRow,
@@ -58,7 +58,7 @@ from autocert.models import (
     NameStateRow,
     utcnow,
 )
-from autocert.names import is_pattern, normalize_entry, pattern_for
+from autocert._names import is_pattern, normalize_entry, pattern_for
 
 __all__ = [
     "Account",
@@ -75,7 +75,7 @@ __all__ = [
     "migrations_path",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autocert.store")
 
 _accounts: Table = AccountRow.__table__  # type: ignore[assignment]
 _allowed: Table = AllowedRow.__table__  # type: ignore[assignment]
@@ -642,7 +642,7 @@ class Store:
     async def allow(self, entries: Iterable[str], *, cap: int | None = None) -> list[str]:
         """Add entries; returns those that were not there yet, in the order given.
 
-        Entries are passed through :func:`autocert.names.normalize_entry` again (it is
+        Entries are passed through :func:`autocert._names.normalize_entry` again (it is
         idempotent) so that a caller's mistake cannot store a name the SNI check never matches.
         ``cap`` sets (or, for entries already present, replaces) the patterns' name limit.
         """

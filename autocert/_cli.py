@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .config import (
+from ._config import (
     LETS_ENCRYPT_DIRECTORY,
     ListenError,
     ServeOptions,
@@ -33,13 +33,13 @@ from .config import (
     parse_positive_float,
     parse_positive_int,
 )
-from .errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
-from .names import is_pattern, normalize_entry, normalize_name
-from .timefmt import isoformat
+from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
+from ._names import is_pattern, normalize_entry, normalize_name
+from ._timefmt import isoformat
 
 if TYPE_CHECKING:  # imported where used: `serve` binds its ports before loading the server
-    from .manager import Manager
-    from .store import Store
+    from ._manager import Manager
+    from ._store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -151,7 +151,7 @@ def normalise_all(raw_names: Sequence[str], *, patterns: bool) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def open_store(args: argparse.Namespace) -> AsyncIterator[Store]:
-    from .store import Store
+    from ._store import Store
 
     store = await Store.open(db_url(args))
     try:
@@ -200,7 +200,7 @@ class JsonLogFormatter(logging.Formatter):
 
 
 async def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from .store import Store
+    from ._store import Store
 
     store = await Store.open(db_url(args), migrate=False)
     try:
@@ -251,7 +251,7 @@ async def cmd_list(args: argparse.Namespace) -> int:
 async def cmd_status(args: argparse.Namespace) -> int:
     names = normalise_all(args.names, patterns=False) if args.names else None
     directory = env("AUTOCERT_DIRECTORY", LETS_ENCRYPT_DIRECTORY) or LETS_ENCRYPT_DIRECTORY
-    from .status import status_report
+    from ._status import status_report
 
     async with open_store(args) as store:
         report = await status_report(store, directory=directory, names=names)
@@ -329,7 +329,7 @@ def print_status(report: list[dict[str, Any]], *, colour: bool | None = None) ->
 
 
 def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str], **extra: Any) -> Manager:
-    from .manager import Manager
+    from ._manager import Manager
 
     extra.setdefault("renew", False)  # one-shot commands do only what they were asked
     return Manager(
@@ -444,7 +444,7 @@ async def challenge_listeners(manager: Manager, options: ServeOptions) -> AsyncI
     """Answer challenges while the CLI orders; defer to a running ``serve`` holding the port."""
     from aiohttp import web
 
-    from .server import TlsFront, http_app, tls_app
+    from ._server import TlsFront, http_app, tls_app
 
     listen = options.http if options.http is not None else options.https
     assert listen is not None
@@ -499,7 +499,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     # autocert starts or restarts waits in the kernel's queue instead of being refused.
     sockets = bind_listeners(options)
     try:
-        from .server import serve
+        from ._server import serve
 
         manager = manager_from_args(args, challenge_types=challenge_types, cache_size=cache_size, default_name=default_name, renew=True)
         await serve(manager, options, sockets=sockets)

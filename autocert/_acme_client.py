@@ -34,12 +34,12 @@ from cryptography.hazmat.primitives import hashes
 from multidict import CIMultiDictProxy
 
 from autocert._version import __version__
-from autocert.crypto import CertificateInfo, leaf_certificate_der, make_csr, parse_certificate_chain
-from autocert.errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REPLACED, PROBLEM_BAD_NONCE, AcmeError
+from autocert._crypto import CertificateInfo, leaf_certificate_der, make_csr, parse_certificate_chain
+from autocert._errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REPLACED, PROBLEM_BAD_NONCE, AcmeError
 
 __all__ = ["AcmeClient", "ChallengeResponder", "IssuedCertificate", "RenewalInfo"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autocert.acme_client")
 
 
 _JOSE_JSON = "application/jose+json"

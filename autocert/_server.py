@@ -21,12 +21,12 @@ from typing import cast
 
 from aiohttp import web
 
-from .config import ServeOptions, bind_listeners, check_admin_binding
-from .manager import Manager
-from .metrics import Metrics
-from .monitor import ExpiryMonitor
-from .notify import Notifier
-from .tls import (
+from ._config import ServeOptions, bind_listeners, check_admin_binding
+from ._manager import Manager
+from ._metrics import Metrics
+from ._monitor import ExpiryMonitor
+from ._notify import Notifier
+from ._tls import (
     MAX_CLIENT_HELLO,
     UNRECOGNIZED_NAME_ALERT,
     ClientHello,
@@ -37,7 +37,7 @@ from .tls import (
 )
 from .web import CHALLENGE_PREFIX, challenge_response, middleware, status_app
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autocert.server")
 
 ACME_TLS_ALPN = "acme-tls/1"
 
@@ -300,7 +300,7 @@ async def serve(
 ) -> None:
     """Run every listener until SIGTERM or SIGINT, then shut down gracefully.
 
-    ``sockets`` are the listeners already bound by :func:`autocert.config.bind_listeners`
+    ``sockets`` are the listeners already bound by :func:`autocert._config.bind_listeners`
     (the CLI binds them before it imports the server, so connections made while it starts
     wait in the kernel's queue instead of being refused); without them every configured
     listener is bound here. Sockets a failed start did not hand on are closed.
@@ -316,7 +316,7 @@ async def serve(
 
 async def _serve(manager: Manager, options: ServeOptions, sockets: dict[str, socket.socket], ready: asyncio.Event | None) -> None:
     if options.upstream:
-        from .proxy import proxy_app
+        from ._proxy import proxy_app
 
         # Built before anything starts: a bad --upstream is a usage error with nothing written.
         https_application = proxy_app(options.upstream, hsts=options.hsts)

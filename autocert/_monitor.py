@@ -20,17 +20,17 @@ import weakref
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from .errors import AutocertError
-from .events import Event
-from .timefmt import isoformat, utcnow
+from ._errors import AutocertError
+from ._events import Event
+from ._timefmt import isoformat, utcnow
 
 if TYPE_CHECKING:
-    from .manager import Manager
-    from .store import CertificateTimes
+    from ._manager import Manager
+    from ._store import CertificateTimes
 
 __all__ = ["ExpiryMonitor", "is_expiring"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autocert.monitor")
 
 #: Once the renewal time has passed, how long renewal gets before ``expiring`` is raised: at most
 #: an hour, less for short lifetimes, so a renewal that is merely in progress does not alarm.

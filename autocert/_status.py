@@ -9,9 +9,9 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from .names import pattern_for
-from .store import Store
-from .timefmt import isoformat
+from ._names import pattern_for
+from ._store import Store
+from ._timefmt import isoformat
 
 STATES = ("pending", "issuing", "valid", "renewing", "failed", "expired", "disallowed")
 

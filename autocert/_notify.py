@@ -22,11 +22,11 @@ from typing import Any
 
 import aiohttp
 
-from .events import Event, EventBus
+from ._events import Event, EventBus
 
 __all__ = ["NOTIFIED_KINDS", "RATE_LIMITS", "RETRY_DELAYS", "Notifier"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autocert.notify")
 
 #: The events worth interrupting someone for; allow/disallow are the operator's own doing.
 NOTIFIED_KINDS = frozenset({"issued", "renewed", "failed", "expiring", "expired"})

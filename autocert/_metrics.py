@@ -25,12 +25,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .errors import AutocertError
-from .events import EVENT_KINDS, Event
-from .monitor import ExpiryMonitor
+from ._errors import AutocertError
+from ._events import EVENT_KINDS, Event
+from ._monitor import ExpiryMonitor
 
 if TYPE_CHECKING:
-    from .manager import Manager
+    from ._manager import Manager
 
 __all__ = ["HANDSHAKE_OUTCOMES", "Metrics"]
 

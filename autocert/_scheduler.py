@@ -14,11 +14,11 @@ import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from .store import Store
-from .timefmt import utcnow
-from .worker import Worker, is_parked
+from ._store import Store
+from ._timefmt import utcnow
+from ._worker import Worker, is_parked
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autocert.scheduler")
 
 
 #: Let's Encrypt asks clients to check renewal information about twice a day.

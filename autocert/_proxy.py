@@ -27,11 +27,11 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .errors import ConfigError
+from ._errors import ConfigError
 
 __all__ = ["proxy_app"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autocert.proxy")
 
 #: Headers that belong to one connection (RFC 9110 section 7.6.1), plus the ``Proxy-*`` family,
 #: which is meant for a forward proxy and must never reach an application.
