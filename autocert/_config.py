@@ -92,19 +92,48 @@ def check_ca_bundle(path: str | None) -> str | None:
 
 @dataclass
 class ServeOptions:
+    """What ``autocert serve`` runs with, one field per option of the contract.
+
+    Each field says its default and what goes wrong when it is set badly.
+    """
+
+    #: The TLS listener (SNI routing, tls-alpn-01); None disables it. CLI default
+    #: ``0.0.0.0:443``. Without it nothing is served over HTTPS and tls-alpn-01 cannot be answered.
     https: Listen | None
+    #: The plain HTTP listener: http-01 answers, everything else 308 to https. CLI default
+    #: ``0.0.0.0:80``. Without it (and without another server on the same database holding
+    #: port 80) http-01 validation fails.
     http: Listen | None
+    #: The admin listener (status page, JSON, metrics, health). CLI default ``127.0.0.1:8081``.
+    #: It shows every name and its errors: beyond loopback it is refused without ``admin_token``.
     admin: Listen | None
+    #: Bearer token every admin request must carry. Default None (loopback only, no token).
+    #: Anyone holding it reads the status of every name.
     admin_token: str | None = None
+    #: URL of the web app every TLS request is proxied to. Default None: TLS clients get a
+    #: one-line confirmation page. A wrong URL shows clients a 502 page, never the address.
     upstream: str | None = None
+    #: Seconds a first handshake for an allowed name waits while its certificate is issued.
+    #: Default 10. Clients give up after their own timeout (often 10-30 s), so much longer
+    #: only holds connections open; shorter turns slow CAs into refused first contacts.
     first_contact_wait: float = 10.0
+    #: Add ``Strict-Transport-Security: max-age=31536000`` to responses that lack it. Default
+    #: off. Once a browser has seen it, the name must keep working over HTTPS for a year.
     hsts: bool = False
+    #: Seconds a new connection may take to send its whole ClientHello before it is dropped.
+    #: Default 5. Longer lets idle connections hold sockets; far shorter drops slow clients.
     hello_timeout: float = 5.0
+    #: Seconds the TLS handshake may take once it starts. Default 10.
     handshake_timeout: float = 10.0
     #: How long in-flight requests (a slow page, a proxied download) may run on after
     #: SIGTERM; idle connections close at once, so an idle server still stops immediately.
+    #: Default 30. A supervisor that kills sooner cuts those requests off.
     shutdown_timeout: float = 30.0
+    #: Shell command run with each notified event's JSON on stdin. Default None. It runs
+    #: with the server's privileges: it must be trusted.
     on_event: str | None = None
+    #: URL each notified event is POSTed to as JSON. Default None. Events name the failing
+    #: domains and their errors: send them only to an endpoint you control.
     webhook: str | None = None
 
 

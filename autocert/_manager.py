@@ -1,14 +1,17 @@
 """``Manager``: the object an embedder holds. It owns the store, the context cache and the
 worker, and decides on every handshake what to serve.
 
-The handshake path (``_sni_callback``) never waits for I/O: it answers from memory (the
-allowlist snapshot and the context cache) and hands anything slower to a task.
+Both handshake paths, the ``sni_callback`` of :meth:`Manager.ssl_context` (embedded) and the
+ClientHello front of ``serve``, ask :meth:`Manager.route` what to do. It never waits for I/O:
+it answers from memory (the allowlist snapshot and the context cache) and leaves anything
+slower to the caller's task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import logging
 import ssl
 from collections.abc import Sequence
@@ -19,37 +22,83 @@ from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
 from ._errors import AutocertError, InvalidName, IssuanceError
 from ._events import Event, EventBus, log_event
 from ._names import normalize_entry, normalize_name, pattern_for
-from ._status import is_allowed, status_report
-from ._store import Store, StoredCertificate
-from ._tls import ContextCache, build_context, install_alert_flush_fix, new_server_context
+from ._policy import RateBudget, hold_reason, is_allowed, within_cap
 from ._scheduler import Scheduler
-from ._worker import ChallengeBook, RateBudget, Worker, is_parked
+from ._status import status_report
+from ._store import Store, StoredCertificate
+from ._tls import ACME_TLS_ALPN, ContextCache, build_context, install_alert_flush_fix, new_server_context
+from ._worker import ChallengeBook, Worker
 
 log = logging.getLogger("autocert.manager")
 
 REVOCATION_OVERLAP = timedelta(seconds=10)
 
 
+class Route(enum.Enum):
+    """What :meth:`Manager.route` decided for a handshake; the value is its ``handshakes`` counter."""
+
+    #: A cached context: start TLS with it now.
+    SERVE = "served"
+    #: An ``acme-tls/1`` client: the pending tls-alpn-01 context (None: build it, or refuse).
+    CHALLENGE = "challenge"
+    #: Allowed, nothing in memory: load the certificate or issue one, then serve.
+    LOAD = "pending"
+    #: Not allowed, no name, or not started: alert ``unrecognized_name``.
+    REFUSE = "unknown_name"
+
+
+_REFUSED: tuple[Route, str, None] = (Route.REFUSE, "", None)
+
+
 class Manager:
     """Automatic certificates for the names in the allowlist, served through ``ssl_context()``.
 
-    Parameters:
-        db: SQLAlchemy URL of the database (``sqlite:///path`` or ``postgresql://...``);
-            defaults to ``autocert.db`` under ``$AUTOCERT_HOME``.
-        directory: ACME directory URL of the CA.
-        email: contact address for the ACME account.
-        agree_tos: accept the CA's terms of service (most CAs require it).
-        ca_bundle: PEM file trusted for the ACME server's own TLS (None: system store).
-        profile: ACME certificate profile, when the CA offers profiles.
-        cache_size: how many TLS contexts stay in memory; others are rebuilt on demand.
-        default_name: certificate for clients that send no SNI (else they get alert 112).
-        challenge_types: challenge types to answer, in order of preference.
-        poll_interval: how often (seconds) the allowlist and certificates written by other
-            processes are re-read, so ``allow``/``disallow``/``issue`` apply without a restart.
-        concurrency: orders running at once.
-        budget: the order and failure limits kept per account and name (below the CA's).
-        renew: run the scheduler that renews certificates and retries failed names (a
-            one-shot command such as ``autocert issue`` turns it off).
+    Every parameter, with its default and what goes wrong when it is set badly:
+
+    db:
+        SQLAlchemy URL of the database, ``sqlite:///path`` or ``postgresql://...``. Default
+        ``autocert.db`` under ``$AUTOCERT_HOME``. It holds every private key: keep it private,
+        and set ``AUTOCERT_SECRET`` to encrypt keys at rest. Servers that should share
+        certificates and leases must name the same database (PostgreSQL across hosts).
+    directory:
+        ACME directory URL of the CA. Default Let's Encrypt production, whose rate limits
+        are real: test against a staging or local CA first.
+    email:
+        Contact address for the ACME account. Default none; the CA then cannot reach you.
+    agree_tos:
+        Accept the CA's terms of service. Default False; most CAs refuse to register an
+        account without it, so every order fails until it is set.
+    ca_bundle:
+        PEM file trusted for the ACME server's own TLS. Default None, the system store;
+        a wrong file makes every ACME request fail certificate verification.
+    profile:
+        ACME certificate profile, when the CA offers profiles (Let's Encrypt: ``classic``,
+        ``tlsserver``, ``shortlived``). Default None, the CA's default. Short-lived profiles
+        renew often: a long CA outage then leaves less slack.
+    cache_size:
+        How many TLS contexts stay in memory (LRU); others are rebuilt from the database on
+        their next handshake. Default 10,000, about 24 KiB each. Too small and busy names are
+        rebuilt (~0.65 ms each) over and over; too large and memory grows with every name seen.
+    default_name:
+        The name whose certificate clients without SNI get. Default None: they get alert 112.
+    challenge_types:
+        Challenge types to answer, in order of preference. Default ``("http-01",)``, which
+        needs port 80 reachable by the CA; ``tls-alpn-01`` needs this process's TLS listener
+        on port 443 (the embedded ``sni_callback`` does not answer it).
+    poll_interval:
+        Seconds between looks at the database for changes other processes made (allowlist,
+        new and revoked certificates). Default 1.0. Longer delays ``disallow`` and
+        ``revoke`` in this process; shorter costs one small query each time.
+    concurrency:
+        Orders running at once in this process. Default 4. Higher gets a burst of first
+        contacts issued sooner and loads the CA harder.
+    renew:
+        Run the scheduler that renews certificates and retries failed names. Default True.
+        Only a one-shot command (``autocert issue``) turns it off: without it nothing renews.
+    budget:
+        The order and failure limits kept per account and per name, below the CA's
+        (:class:`autocert._policy.RateBudget`). Default: under Let's Encrypt's published
+        limits. Raising it past the CA's own gets the account rate-limited.
     """
 
     def __init__(
@@ -86,8 +135,13 @@ class Manager:
         self.events.subscribe(log_event)
         #: Handshakes by outcome (served, unknown_name, pending, challenge); plain ints, read by metrics.
         self.handshakes: collections.Counter[str] = collections.Counter()
-        #: aiohttp TraceConfigs given to the ACME client (request latency metrics); add before start().
+        #: aiohttp TraceConfigs given to the ACME client (request latency metrics). The client is
+        #: created on the first order, so configs added before then apply.
         self.acme_trace_configs: list[Any] = []
+        #: Helpers that exist once per manager and live as long as it, keyed by their class:
+        #: the expiry watch and the metrics (``ExpiryMonitor.of``, ``Metrics.of``) put
+        #: themselves here so every user (the server, the status pages) shares one.
+        self.attachments: dict[type, Any] = {}
         self._allowed: frozenset[str] = frozenset()
         self._allowlist_version: int | None = None
         self._store: Store | None = None
@@ -260,19 +314,36 @@ class Manager:
         context.sni_callback = self._sni_callback
         return context
 
-    def _sni_callback(self, ssl_object: Any, server_name: str | None, _context: ssl.SSLContext) -> int | None:
+    def route(self, server_name: str | None, alpn: Sequence[str] = ()) -> tuple[Route, str, ssl.SSLContext | None]:
+        """Decide a handshake from memory alone: the route, the normalised name and the context
+        to serve (when there is one). Counts ``served``, ``challenge`` and ``unknown_name``;
+        a ``LOAD`` is counted by the caller once it knows how the load ended.
+
+        The one decision behind both SNI paths; it never waits and never touches the database.
+        """
         name = (server_name or self.default_name or "").rstrip(".").lower()
-        if not name or not self._started or not self.is_allowed(name):
+        if not name or not self._started or not is_allowed(name, self._allowed):
             self.handshakes["unknown_name"] += 1
-            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            return _REFUSED
+        if ACME_TLS_ALPN in alpn:
+            self.handshakes["challenge"] += 1
+            return Route.CHALLENGE, name, self._challenges.cached_context(name)  # type: ignore[union-attr]
         context = self.cache.get(name)
         if context is None:
+            return Route.LOAD, name, None
+        self.handshakes["served"] += 1
+        return Route.SERVE, name, context
+
+    def _sni_callback(self, ssl_object: Any, server_name: str | None, _context: ssl.SSLContext) -> int | None:
+        route, name, context = self.route(server_name)
+        if route is Route.SERVE:
+            ssl_object.context = context
+            return None
+        if route is Route.LOAD:
+            # Embedded mode cannot hold a handshake open: refuse this one, the next is served.
             self.handshakes["pending"] += 1
             self._lookup(name)
-            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        self.handshakes["served"] += 1
-        ssl_object.context = context
-        return None
+        return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
 
     async def context_for(self, name: str, *, wait: float = 0.0) -> ssl.SSLContext | None:
         """The context for an allowed ``name``, loading it or issuing it if needed.
@@ -312,10 +383,9 @@ class Manager:
         certificate = await self.store.current_certificate(name)
         if certificate is None or certificate.not_after <= now:
             state = await self.store.name_state(name)
-            if state is not None and state.next_attempt_at is not None and state.next_attempt_at > now:
-                log.debug("%s failed recently; next attempt at %s", name, state.next_attempt_at)
-                return None
-            if is_parked(state):
+            reason = hold_reason(state, now)
+            if reason is not None:
+                log.debug("%s is not ordered now: %s (next attempt at %s)", name, reason, state and state.next_attempt_at)
                 return None
             if not await self._within_pattern_cap(name):
                 return None
@@ -340,7 +410,7 @@ class Manager:
         used = await self.store.names_under(pattern)
         # No await from here on: the check and the reservation happen as one step.
         reserved = self._cap_reservations.setdefault(pattern, set())
-        if name in used or name in reserved or len(used | reserved) < cap:
+        if within_cap(name, cap, used, reserved):
             reserved.add(name)
             return True
         log.warning("%s: the pattern %s has reached its cap of %d names; not ordering", name, pattern, cap)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import weakref
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from types import SimpleNamespace
@@ -45,8 +44,6 @@ ACME_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 class Metrics:
     """The metrics of one manager; get it with :meth:`of` so every user shares one registry."""
 
-    _instances: weakref.WeakKeyDictionary[Manager, Metrics] = weakref.WeakKeyDictionary()
-
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
         self.monitor = ExpiryMonitor.of(manager)
@@ -72,10 +69,12 @@ class Metrics:
 
     @classmethod
     def of(cls, manager: Manager) -> Metrics:
-        metrics = cls._instances.get(manager)
+        """The metrics of ``manager``, created on first use. Its ACME latency hook applies to
+        the ACME client the manager creates for its first order, so get it before then."""
+        metrics = manager.attachments.get(cls)
         if metrics is None:
-            metrics = cls._instances[manager] = cls(manager)
-        return metrics
+            metrics = manager.attachments[cls] = cls(manager)
+        return metrics  # type: ignore[no-any-return]
 
     def _on_event(self, event: Event) -> None:
         self.events.labels(event.kind).inc()

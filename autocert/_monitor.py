@@ -16,37 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from ._errors import AutocertError
 from ._events import Event
+from ._policy import is_expiring
 from ._timefmt import isoformat, utcnow
 
 if TYPE_CHECKING:
     from ._manager import Manager
     from ._store import CertificateTimes
 
-__all__ = ["ExpiryMonitor", "is_expiring"]
+__all__ = ["ExpiryMonitor"]
 
 log = logging.getLogger("autocert.monitor")
 
-#: Once the renewal time has passed, how long renewal gets before ``expiring`` is raised: at most
-#: an hour, less for short lifetimes, so a renewal that is merely in progress does not alarm.
-MAX_GRACE = timedelta(hours=1)
-
 #: How old the figures a scrape reports may be; the aggregate query is cheap at any size.
 FIGURES_MAX_AGE = timedelta(minutes=5)
-
-
-def is_expiring(not_before: datetime, not_after: datetime, renew_at: datetime | None, now: datetime) -> bool:
-    """Less than a third of the lifetime left and the renewal that was due has not happened."""
-    lifetime = not_after - not_before
-    if now >= not_after or not_after - now >= lifetime / 3:
-        return False
-    grace = min(MAX_GRACE, lifetime / 50)
-    return renew_at is None or now >= renew_at + grace
 
 
 class ExpiryMonitor:
@@ -55,8 +42,6 @@ class ExpiryMonitor:
     ``remind`` bounds how often the same certificate is reported again, so the log and the
     notification channels get a daily reminder rather than one line every scan.
     """
-
-    _instances: weakref.WeakKeyDictionary[Manager, ExpiryMonitor] = weakref.WeakKeyDictionary()
 
     def __init__(self, manager: Manager, *, interval: float = 600.0, remind: timedelta = timedelta(days=1)) -> None:
         self.manager = manager
@@ -76,10 +61,10 @@ class ExpiryMonitor:
     @classmethod
     def of(cls, manager: Manager) -> ExpiryMonitor:
         """The monitor of ``manager``, created on first use: several users share one scan."""
-        monitor = cls._instances.get(manager)
+        monitor = manager.attachments.get(cls)
         if monitor is None:
-            monitor = cls._instances[manager] = cls(manager)
-        return monitor
+            monitor = manager.attachments[cls] = cls(manager)
+        return monitor  # type: ignore[no-any-return]
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import idna
 
 from autocert._errors import InvalidName
 
-__all__ = ["is_pattern", "matches", "normalize_entry", "normalize_name", "pattern_for"]
+__all__ = ["is_pattern", "normalize_entry", "normalize_name", "pattern_for"]
 
 PATTERN_PREFIX = "*."
 MAX_NAME_OCTETS = 253
@@ -72,7 +72,7 @@ def normalize_entry(raw: str) -> str:
 
     Patterns need a base of at least two labels so that nobody allows a whole top-level
     domain (``*.com``) by mistake; the base is normalised exactly like a host name so that
-    :func:`matches` can compare strings.
+    :func:`autocert._policy.is_allowed` can compare strings.
     """
     if not isinstance(raw, str):
         raise InvalidName(repr(raw), "an allowlist entry must be a string")
@@ -112,13 +112,6 @@ def pattern_for(name: str) -> str | None:
     if not sep or not first or "." not in rest:
         return None
     return PATTERN_PREFIX + rest
-
-
-def matches(entry: str, name: str) -> bool:
-    """Whether the normalised allowlist ``entry`` allows the normalised host ``name``."""
-    if entry == name:
-        return True
-    return is_pattern(entry) and pattern_for(name) == entry
 
 
 def _reject_ip_address(raw: str, text: str) -> None:

@@ -3,7 +3,8 @@
 The scheduler sleeps until the earliest ``renew_at`` or backoff end recorded in the database
 (so restarts neither forget a renewal nor retry early) and hands due names to the worker,
 which records every attempt and grows the backoff on failure. Names that are no longer
-allowed are parked rather than renewed forever.
+allowed are left alone rather than renewed forever. Once an hour it also sweeps the http-01
+answers a killed process left behind.
 """
 
 from __future__ import annotations
@@ -14,28 +15,12 @@ import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from ._policy import ARI_ERROR_RETRY, STALE_CHALLENGE_AGE, ari_next_check, hold_reason, time_in_window
 from ._store import Store
 from ._timefmt import utcnow
-from ._worker import Worker, is_parked
+from ._worker import Worker
 
 log = logging.getLogger("autocert.scheduler")
-
-
-#: Let's Encrypt asks clients to check renewal information about twice a day.
-ARI_CHECK_INTERVAL = timedelta(hours=12)
-#: Bounds on a CA's Retry-After for renewal information, so a bad value neither hammers
-#: the CA nor lets a revoked certificate's new window go unseen for days.
-ARI_MIN_RECHECK = timedelta(minutes=30)
-ARI_MAX_RECHECK = timedelta(days=1)
-ARI_ERROR_RETRY = timedelta(hours=1)
-
-
-def time_in_window(start: datetime, end: datetime, now: datetime, rng: random.Random) -> datetime:
-    """A uniformly random time in the CA's window, or now if the window has passed (RFC 9773 §4.2)."""
-    if end <= now:
-        return now
-    start = max(start, now)
-    return start + (end - start) * rng.random()
 
 
 class Scheduler:
@@ -65,7 +50,8 @@ class Scheduler:
         self._min_sleep = min_sleep
         self._batch = batch
         self._wake = asyncio.Event()
-        self._parked: set[str] = set()
+        self._skipped_disallowed: set[str] = set()
+        self._challenges_swept: datetime | None = None
         self._ari_unsupported = False
         self._random = rng or random.Random()
 
@@ -79,7 +65,7 @@ class Scheduler:
                 started = await self.run_once()
                 delay = await self._delay()
                 if not started and delay <= self._min_sleep:
-                    # Everything due is parked or backing off; wait for a poke or the bound.
+                    # Everything due is parked, backing off or disallowed; wait for a poke or the bound.
                     delay = self._max_sleep
             except asyncio.CancelledError:
                 raise
@@ -97,16 +83,14 @@ class Scheduler:
         returns the names started."""
         await self.check_renewal_info()
         now = self._clock()
+        await self._sweep_stale_challenges(now)
         started: list[str] = []
         for certificate in await self._store.renewals_due(now, self._batch):
             name = certificate.name
             if not self._allowed(name):
                 continue
-            state = await self._store.name_state(name)
-            if state is not None and state.next_attempt_at is not None and state.next_attempt_at > now:
-                continue  # the last renewal failed; its backoff decides
-            if is_parked(state):
-                continue
+            if hold_reason(await self._store.name_state(name), now) is not None:
+                continue  # the last renewal failed: its backoff decides, or it is parked
             log.info("renewing %s (renew_at %s, expires %s)", name, certificate.renew_at.isoformat(), certificate.not_after.isoformat())
             self._start(name)
             started.append(name)
@@ -145,8 +129,7 @@ class Scheduler:
                 self._ari_unsupported = True
                 return checked
             renew_at = time_in_window(info.start, info.end, now, self._random)
-            wait = timedelta(seconds=info.retry_after) if info.retry_after else ARI_CHECK_INTERVAL * self._random.uniform(0.9, 1.1)
-            next_check = now + min(max(wait, ARI_MIN_RECHECK), ARI_MAX_RECHECK)
+            next_check = ari_next_check(now, info.retry_after, self._random)
             await self._store.set_renewal(certificate.id, renew_at=renew_at, ari_next_check_at=next_check)
             if renew_at != certificate.renew_at:
                 log.info("%s: the CA suggests renewing between %s and %s; renewing at %s",
@@ -154,14 +137,24 @@ class Scheduler:
             checked += 1
         return checked
 
+    async def _sweep_stale_challenges(self, now: datetime) -> None:
+        """Drop http-01 answers a killed process left behind, at most once per
+        :data:`STALE_CHALLENGE_AGE`."""
+        if self._challenges_swept is not None and now - self._challenges_swept < STALE_CHALLENGE_AGE:
+            return
+        self._challenges_swept = now
+        removed = await self._store.purge_challenges(now - STALE_CHALLENGE_AGE)
+        if removed:
+            log.info("removed %d http-01 answer(s) left by an order that did not finish", removed)
+
     def _allowed(self, name: str) -> bool:
-        """The zombie breaker: a name removed from the allowlist is parked, not renewed."""
+        """The zombie breaker: a name removed from the allowlist is not renewed (said once)."""
         if self._is_allowed(name):
-            self._parked.discard(name)
+            self._skipped_disallowed.discard(name)
             return True
-        if name not in self._parked:
-            self._parked.add(name)
-            log.warning("%s is due but no longer allowed; parked (not renewed)", name)
+        if name not in self._skipped_disallowed:
+            self._skipped_disallowed.add(name)
+            log.warning("%s is due but no longer allowed; not renewed", name)
         return False
 
     def _start(self, name: str) -> None:

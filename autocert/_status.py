@@ -6,22 +6,12 @@ One function builds it for both, so the CLI and the admin listener can never dis
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
-from ._names import pattern_for
+from ._policy import is_allowed, lease_held, name_status
 from ._store import Store
-from ._timefmt import isoformat
-
-STATES = ("pending", "issuing", "valid", "renewing", "failed", "expired", "disallowed")
-
-
-def is_allowed(name: str, allowed_entries: Collection[str]) -> bool:
-    if name in allowed_entries:
-        return True
-    pattern = pattern_for(name)
-    return pattern is not None and pattern in allowed_entries
-
+from ._timefmt import isoformat, utcnow
 
 async def status_report(
     store: Store,
@@ -32,7 +22,7 @@ async def status_report(
     now: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """STATUS objects (see the contract) for every known name, or for ``names``."""
-    now = now or datetime.now(timezone.utc)
+    now = now or utcnow()
     allowed_entries = await store.allowed_entries()
     listed = await store.status_names(names)
     # A few queries per chunk of names, not per name: /status.json may cover thousands.
@@ -44,25 +34,14 @@ async def status_report(
         allowed = is_allowed(name, allowed_entries)
         certificate = certificates.get(name)
         state_row = states.get(name)
-        leased = (
-            state_row is not None
-            and state_row.lease_owner is not None
-            and state_row.lease_until is not None
-            and state_row.lease_until > now
+        leased = state_row is not None and lease_held(state_row.lease_owner, state_row.lease_until, now)
+        state = name_status(
+            allowed=allowed,
+            not_after=certificate.not_after if certificate is not None else None,
+            ordering=leased or name in in_flight,
+            failures=state_row.failures if state_row is not None else 0,
+            now=now,
         )
-        ordering = leased or name in in_flight
-        if not allowed:
-            state = "disallowed"
-        elif certificate is not None and certificate.not_after <= now:
-            state = "renewing" if ordering else "expired"
-        elif certificate is not None:
-            state = "renewing" if ordering else "valid"
-        elif ordering:
-            state = "issuing"
-        elif state_row is not None and state_row.failures > 0:
-            state = "failed"
-        else:
-            state = "pending"
         report.append(
             {
                 "name": name,

@@ -24,6 +24,9 @@ UNRECOGNIZED_NAME_ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70])
 
 DEFAULT_ALPN = ("http/1.1",)
 
+#: The ALPN protocol a CA offers when it validates tls-alpn-01 (RFC 8737).
+ACME_TLS_ALPN = "acme-tls/1"
+
 
 def new_server_context(alpn: Sequence[str] = DEFAULT_ALPN) -> ssl.SSLContext:
     """A server context with our baseline policy (TLS 1.2+, no compression, ALPN)."""

@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import socket
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -24,87 +23,31 @@ import aiohttp
 from ._crypto import ari_certificate_id, generate_private_key, tls_alpn_challenge_certificate
 from ._errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REVOKED, AcmeError, AutocertError, IssuanceError
 from ._events import Event, EventBus
-from ._store import NameState, StoredCertificate, Store
+from ._policy import (
+    PARK_AFTER,
+    RateBudget,
+    failure_budget_hold,
+    lease_held,
+    next_attempt_after_failure,
+    order_budget_hold,
+    renewal_time,
+)
+from ._store import StoredCertificate, Store
 from ._timefmt import utcnow
+from ._tls import ACME_TLS_ALPN, build_context
 
 if TYPE_CHECKING:
     from ._acme_client import AcmeClient, RenewalInfo
 
 log = logging.getLogger("autocert.worker")
 
-#: Waits before retrying a name whose last attempt failed, indexed by the number of
-#: consecutive failures (the last entry repeats). Grows quickly so a dead name never burns
-#: the CA's failed-validation limit (Let's Encrypt: 5 per name per hour).
-RETRY_DELAYS = (
-    timedelta(minutes=1),
-    timedelta(minutes=2),
-    timedelta(minutes=5),
-    timedelta(minutes=10),
-    timedelta(minutes=30),
-    timedelta(hours=1),
-    timedelta(hours=3),
-    timedelta(hours=6),
-)
-
-@dataclass(frozen=True)
-class RateBudget:
-    """Limits we keep to, below the CA's own, so the account never gets locked out.
-
-    Defaults sit under Let's Encrypt's: 300 new orders per account per 3 hours, and 5 failed
-    validations per name per hour (we stop at 4 so a manual retry still fits).
-    """
-
-    orders: int = 270
-    order_window: timedelta = timedelta(hours=3)
-    failures_per_name: int = 4
-    failure_window: timedelta = timedelta(hours=1)
-
-
-#: How soon an order held back by the account-wide budget is looked at again.
-BUDGET_RECHECK = timedelta(minutes=5)
-
-#: After this long of consecutive failures a name is parked (CertMagic and Let's Encrypt
-#: both advise giving up on dead domains rather than retrying forever).
-PARK_AFTER = timedelta(days=30)
-
 #: How long an order may hold its lease before another process may take the name over.
 LEASE_SECONDS = 300.0
-
-
-def retry_delay(failures: int) -> timedelta:
-    """The wait after ``failures`` consecutive failed attempts."""
-    if failures <= 0:
-        return timedelta(0)
-    return RETRY_DELAYS[min(failures, len(RETRY_DELAYS)) - 1]
-
-
-#: Renewals are spread over a window before the nominal time, so certificates issued together
-#: (a migration, a batch of tenants) do not all renew in the same minute.
-JITTER_FRACTION = 0.05
-JITTER_CAP = timedelta(hours=12)
-
-
-def renewal_time(not_before: datetime, not_after: datetime, *, jitter: float | None = None) -> datetime:
-    """When to renew: a third of the lifetime before expiry, half for lifetimes under 10 days
-    (so 6-day certificates keep days of slack), minus a random share of a small window.
-
-    ``jitter`` in [0, 1] picks the point in that window (None: random); tests pass it.
-    """
-    lifetime = not_after - not_before
-    remaining = lifetime / 2 if lifetime < timedelta(days=10) else lifetime / 3
-    window = min(lifetime * JITTER_FRACTION, JITTER_CAP)
-    share = random.random() if jitter is None else min(max(jitter, 0.0), 1.0)
-    return not_after - remaining - window * share
 
 
 def new_owner_id() -> str:
     """Identifies this process in leases, so an operator can tell who holds a name."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def is_parked(state: NameState | None) -> bool:
-    """A name that kept failing past PARK_AFTER: no automatic attempts until a manual one."""
-    return state is not None and state.failures > 0 and state.next_attempt_at is None
 
 
 def renewal_replaces(previous: StoredCertificate | None) -> str | None:
@@ -143,7 +86,30 @@ class ChallengeBook:
     def __init__(self, store: Store, challenge_types: Sequence[str]) -> None:
         self._store = store
         self.challenge_types: Sequence[str] = tuple(challenge_types)
+        #: Pending tls-alpn-01 certificates by name: (certificate PEM, key PEM).
         self.tls_alpn: dict[str, tuple[bytes, bytes]] = {}
+        #: The context built for each pending certificate, with the PEM it was built from.
+        self._contexts: dict[str, tuple[bytes, ssl.SSLContext]] = {}
+
+    def cached_context(self, name: str) -> ssl.SSLContext | None:
+        """The tls-alpn-01 context for ``name`` if it is pending and already built (no waiting)."""
+        pending = self.tls_alpn.get(name)
+        built = self._contexts.get(name) if pending is not None else None
+        if built is None or built[0] != pending[0]:  # type: ignore[index]
+            return None
+        return built[1]
+
+    async def context(self, name: str) -> ssl.SSLContext | None:
+        """The tls-alpn-01 context for ``name``, served only to ``acme-tls/1`` clients while
+        its challenge is pending; built off the event loop on first use."""
+        context = self.cached_context(name)
+        pending = self.tls_alpn.get(name)
+        if context is not None or pending is None:
+            return context
+        cert_pem, key_pem = pending
+        context = await asyncio.to_thread(build_context, cert_pem, key_pem, (ACME_TLS_ALPN,))
+        self._contexts[name] = (cert_pem, context)
+        return context
 
     async def present(self, name: str, challenge_type: str, token: str, key_authorization: str) -> None:
         if challenge_type == "http-01":
@@ -158,6 +124,7 @@ class ChallengeBook:
             await self._store.delete_challenge(token)
         else:
             self.tls_alpn.pop(name, None)
+            self._contexts.pop(name, None)
 
 
 class Worker:
@@ -369,13 +336,12 @@ class Worker:
         state = await self._store.name_state(name)
         failures = state.failures if state is not None else 1
         now = utcnow()
-        if failures > len(await self._store.failures_since(name, now - PARK_AFTER)):
-            # Failing for longer than PARK_AFTER: a dead domain. Stop retrying on our own;
-            # an explicit `autocert issue` or `renew --force` still tries.
-            await self._store.set_next_attempt(name, None)
+        recent = len(await self._store.failures_since(name, now - PARK_AFTER))
+        next_attempt = next_attempt_after_failure(now, failures, recent)
+        await self._store.set_next_attempt(name, next_attempt)
+        if next_attempt is None:
+            # A dead domain: no more attempts of our own; `autocert issue` or `renew --force` still tries.
             log.error("%s has failed for over %d days; parked: no more automatic attempts", name, PARK_AFTER.days)
-        else:
-            await self._store.set_next_attempt(name, now + retry_delay(failures))
         log.warning("issuing %s failed: %s", name, error)
         problem = f"{error.problem_type}: {error.detail}" if error.problem_type else error.detail
         self._events.emit(Event("failed", name, "failed", error=problem, previous="renewing" if renewing else "issuing"))
@@ -383,13 +349,12 @@ class Worker:
     async def _check_budget(self, name: str) -> None:
         """Hold an order back (without contacting the CA) when it would break a rate limit."""
         now = utcnow()
-        failures = await self._store.failures_since(name, now - self.budget.failure_window)
-        if len(failures) >= self.budget.failures_per_name:
-            resume = failures[len(failures) - self.budget.failures_per_name] + self.budget.failure_window
-            await self._hold_back(name, resume, f"{len(failures)} failed validations in the last hour")
-        orders = await self._store.orders_since(self.directory, now - self.budget.order_window)
-        if orders >= self.budget.orders:
-            await self._hold_back(name, now + BUDGET_RECHECK, f"{orders} orders in the last {self.budget.order_window}")
+        hold = failure_budget_hold(self.budget, await self._store.failures_since(name, now - self.budget.failure_window))
+        if hold is None:
+            orders = await self._store.orders_since(self.directory, now - self.budget.order_window)
+            hold = order_budget_hold(self.budget, orders, now)
+        if hold is not None:
+            await self._hold_back(name, *hold)
 
     async def _hold_back(self, name: str, until: datetime, why: str) -> None:
         state = await self._store.name_state(name)
@@ -419,7 +384,7 @@ class Worker:
         delay = 0.05
         while True:
             state = await self._store.name_state(name)
-            if state is None or state.lease_owner is None or state.lease_until is None or state.lease_until <= utcnow():
+            if state is None or not lease_held(state.lease_owner, state.lease_until, utcnow()):
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)

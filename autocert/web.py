@@ -22,9 +22,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ._errors import InvalidName
 from ._manager import Manager
 from ._metrics import Metrics
-from ._monitor import ExpiryMonitor, is_expiring
+from ._monitor import ExpiryMonitor
 from ._names import normalize_name
-from ._status import STATES
+from ._policy import STATES, is_expiring
 from ._timefmt import isoformat
 
 __all__ = ["MANAGER_KEY", "middleware", "setup", "status_app"]

@@ -7,7 +7,6 @@ import pytest
 from autocert._errors import InvalidName
 from autocert._names import (
     is_pattern,
-    matches,
     normalize_entry,
     normalize_name,
     pattern_for,
@@ -161,20 +160,3 @@ def test_is_pattern(entry: str, expected: bool) -> None:
 )
 def test_pattern_for(name: str, expected: str | None) -> None:
     assert pattern_for(name) == expected
-
-
-@pytest.mark.parametrize(
-    ("entry", "name", "expected"),
-    [
-        ("example.com", "example.com", True),
-        ("example.com", "www.example.com", False),
-        ("*.example.com", "www.example.com", True),
-        ("*.example.com", "example.com", False),  # a pattern does not cover its base
-        ("*.example.com", "a.b.example.com", False),  # nor more than one label
-        ("*.example.com", "wwwexample.com", False),
-        ("*.example.com", "www.example.org", False),
-        ("www.example.com", "www.example.com", True),
-    ],
-)
-def test_matches(entry: str, name: str, expected: bool) -> None:
-    assert matches(entry, name) is expected

@@ -24,7 +24,8 @@ from support import ServeProcess, eventually, free_port, handshake, run_cli
 import autocert
 from autocert._cli import JsonLogFormatter
 from autocert._events import Event, EventBus, log_event
-from autocert._monitor import ExpiryMonitor, is_expiring
+from autocert._monitor import ExpiryMonitor
+from autocert._policy import is_expiring
 from autocert._notify import Notifier
 
 GOOD, BAD = "notify-good.example.test", "notify-bad.example.test"

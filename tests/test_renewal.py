@@ -17,7 +17,7 @@ from autocert._config import Listen
 from autocert._scheduler import Scheduler
 from autocert._config import ServeOptions, listening_socket
 from autocert._server import http_app
-from autocert._worker import RETRY_DELAYS, renewal_time, retry_delay
+from autocert._policy import RETRY_DELAYS, renewal_time, retry_delay
 from support import ServeProcess, acme_args, cli_json, eventually, handshake, openssl_s_client, run_cli, served_certificate
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -310,7 +310,7 @@ async def test_without_renewal_info_the_lifetime_rule_stands(pebble, tmp_path: P
 
 async def test_rate_budgets_hold_orders_back_without_contacting_the_ca(pebble, tmp_path: Path) -> None:
     from autocert._errors import IssuanceError
-    from autocert._worker import RateBudget
+    from autocert._policy import RateBudget
 
     budget = RateBudget(orders=2, failures_per_name=4)
     async with running_manager(pebble, f"sqlite:///{tmp_path / 'budget.db'}", renew=False, budget=budget) as manager:
@@ -423,3 +423,18 @@ async def test_an_interrupted_order_is_resumed_from_its_stored_url(pebble, tmp_p
         assert certificate.order_url == pending.order_url, "the stored order is resumed, not re-created"
         assert certificate.key_pem == pending.key_pem
         assert await manager.store.pending_order("resume.example.test", manager.directory) is None
+
+
+async def test_the_scheduler_sweeps_http01_answers_a_killed_order_left_behind(pebble, tmp_path: Path) -> None:
+    """An order that ends without withdrawing its answer (the process was killed) must not
+    leave it in the database for ever; an answer younger than an hour may be a live order's."""
+    manager = Manager(db=f"sqlite:///{tmp_path / 'sweep.db'}", directory=pebble.directory_url, ca_bundle=pebble.ca_bundle, renew=False)
+    async with manager:
+        await manager.store.put_challenge("left-behind", "gone.example.test", "left-behind.key")
+        clock = {"now": datetime.now(timezone.utc) + timedelta(minutes=59)}
+        scheduler = Scheduler(manager.store, manager.worker, is_allowed=manager.is_allowed, clock=lambda: clock["now"])
+        await scheduler.run_once()
+        assert await manager.store.get_challenge("left-behind") == "left-behind.key", "younger than an hour: kept"
+        clock["now"] += timedelta(hours=1, minutes=2)
+        await scheduler.run_once()
+        assert await manager.store.get_challenge("left-behind") is None

@@ -1,0 +1,270 @@
+"""The rules autocert follows, and nothing else: who may be served, who may be ordered now,
+when to renew, retry and park, and what state a name is in.
+
+Pure functions and small value types, no I/O and no clock of their own: callers read the
+database and the time, and ask here what to do. Each rule is written once, so the handshake
+path, the worker, the scheduler, the status report and the expiry watch cannot disagree, and
+each can be tested with nothing but values.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal, Protocol
+
+from ._names import pattern_for
+
+__all__ = [
+    "BUDGET_RECHECK",
+    "Backoff",
+    "HoldReason",
+    "PARK_AFTER",
+    "RETRY_DELAYS",
+    "STALE_CHALLENGE_AGE",
+    "STATES",
+    "RateBudget",
+    "ari_next_check",
+    "failure_budget_hold",
+    "hold_reason",
+    "is_allowed",
+    "is_expiring",
+    "is_parked",
+    "lease_held",
+    "name_status",
+    "next_attempt_after_failure",
+    "order_budget_hold",
+    "renewal_time",
+    "retry_delay",
+    "time_in_window",
+    "within_cap",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Who may be served
+
+
+def is_allowed(name: str, allowed_entries: Collection[str]) -> bool:
+    """Whether the normalised ``name`` is on the allowlist, exactly or by the one pattern
+    (``*.base``, one label) that can cover it: two set look-ups, whatever the list's size."""
+    if name in allowed_entries:
+        return True
+    pattern = pattern_for(name)
+    return pattern is not None and pattern in allowed_entries
+
+
+def within_cap(name: str, cap: int | None, used: Collection[str], reserved: Collection[str]) -> bool:
+    """Whether a name allowed only through a pattern may be ordered under the pattern's cap.
+
+    ``used`` are the names ever ordered under the pattern and ``reserved`` those admitted
+    but not ordered yet; a name already among them keeps its place.
+    """
+    if cap is None or name in used or name in reserved:
+        return True
+    return len(set(used) | set(reserved)) < cap
+
+
+# ---------------------------------------------------------------------------------------------
+# When to retry, and when to give up
+
+#: The wait before the next attempt, indexed by consecutive failures; the last entry repeats.
+#: Grows quickly so a dead name never burns the CA's failed-validation limit (Let's Encrypt:
+#: 5 per name per hour); close to CertMagic's table and Let's Encrypt's advice.
+RETRY_DELAYS: tuple[timedelta, ...] = (
+    #                        failure  next attempt, counted from the first failure
+    timedelta(minutes=1),  # 1        1 min
+    timedelta(minutes=2),  # 2        3 min
+    timedelta(minutes=5),  # 3        8 min
+    timedelta(minutes=10),  # 4       18 min
+    timedelta(minutes=30),  # 5       48 min
+    timedelta(hours=1),  # 6          1 h 48 min
+    timedelta(hours=3),  # 7          4 h 48 min
+    timedelta(hours=6),  # 8+         10 h 48 min, then every 6 h until PARK_AFTER
+)
+
+#: After failing this long without a success a name is parked: no automatic attempts until a
+#: manual one (``autocert issue``, ``renew --force``). CertMagic and Let's Encrypt both advise
+#: giving up on dead domains rather than retrying forever.
+PARK_AFTER = timedelta(days=30)
+
+
+def retry_delay(failures: int) -> timedelta:
+    """The wait after ``failures`` consecutive failed attempts."""
+    if failures <= 0:
+        return timedelta(0)
+    return RETRY_DELAYS[min(failures, len(RETRY_DELAYS)) - 1]
+
+
+def next_attempt_after_failure(now: datetime, failures: int, failures_within_park_window: int) -> datetime | None:
+    """When a name that just failed for the ``failures``-th time in a row may be tried again;
+    None parks it: its first consecutive failure is older than :data:`PARK_AFTER`, because
+    fewer failures than that fell inside the window."""
+    if failures > failures_within_park_window:
+        return None
+    return now + retry_delay(failures)
+
+
+class Backoff(Protocol):
+    """The part of a name's stored state the retry rules read."""
+
+    @property
+    def failures(self) -> int: ...
+
+    @property
+    def next_attempt_at(self) -> datetime | None: ...
+
+
+def is_parked(state: Backoff | None) -> bool:
+    """Failing with no next attempt scheduled: parked after :data:`PARK_AFTER` of failures."""
+    return state is not None and state.failures > 0 and state.next_attempt_at is None
+
+
+def lease_held(owner: str | None, until: datetime | None, now: datetime) -> bool:
+    """Whether some process holds a name's order lease at ``now`` (an expired one is free)."""
+    return owner is not None and until is not None and until > now
+
+
+HoldReason = Literal["backoff", "parked"]
+
+
+def hold_reason(state: Backoff | None, now: datetime) -> HoldReason | None:
+    """Why a name may not be ordered on its own now (a handshake, a scheduled retry), or None.
+
+    An explicit order (``autocert issue``) ignores both.
+    """
+    if state is None:
+        return None
+    if state.next_attempt_at is not None and state.next_attempt_at > now:
+        return "backoff"
+    if is_parked(state):
+        return "parked"
+    return None
+
+
+#: An http-01 answer older than this belongs to an order that ended without withdrawing it
+#: (the process was killed): a CA validates within minutes of being asked, and an order's
+#: lease lasts five. Such answers are swept.
+STALE_CHALLENGE_AGE = timedelta(hours=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets: limits kept below the CA's, so the account never gets locked out
+
+
+@dataclass(frozen=True)
+class RateBudget:
+    """Limits kept per account and per name, below the CA's own.
+
+    Defaults sit under Let's Encrypt's: 300 new orders per account per 3 hours, and 5 failed
+    validations per name per hour (we stop at 4 so a manual retry still fits).
+    """
+
+    orders: int = 270
+    order_window: timedelta = timedelta(hours=3)
+    failures_per_name: int = 4
+    failure_window: timedelta = timedelta(hours=1)
+
+
+#: How soon an order held back by the account-wide budget is looked at again.
+BUDGET_RECHECK = timedelta(minutes=5)
+
+
+def failure_budget_hold(budget: RateBudget, failures: Sequence[datetime]) -> tuple[datetime, str] | None:
+    """Until when, and why, a name must wait given the start times of its failed attempts
+    within ``budget.failure_window`` (oldest first); None when it may be ordered."""
+    if len(failures) < budget.failures_per_name:
+        return None
+    resume = failures[len(failures) - budget.failures_per_name] + budget.failure_window
+    return resume, f"{len(failures)} failed validations in the last hour"
+
+
+def order_budget_hold(budget: RateBudget, orders: int, now: datetime) -> tuple[datetime, str] | None:
+    """Until when, and why, any new order must wait given the account's ``orders`` within
+    ``budget.order_window``; None when there is room."""
+    if orders < budget.orders:
+        return None
+    return now + BUDGET_RECHECK, f"{orders} orders in the last {budget.order_window}"
+
+
+# ---------------------------------------------------------------------------------------------
+# When to renew
+
+#: Renewals are spread over a window before the nominal time, so certificates issued together
+#: (a migration, a batch of tenants) do not all renew in the same minute.
+JITTER_FRACTION = 0.05
+JITTER_CAP = timedelta(hours=12)
+
+
+def renewal_time(not_before: datetime, not_after: datetime, *, jitter: float | None = None) -> datetime:
+    """When to renew: a third of the lifetime before expiry, half for lifetimes under 10 days
+    (so 6-day certificates keep days of slack), minus a random share of a small window.
+
+    ``jitter`` in [0, 1] picks the point in that window (None: random); tests pass it.
+    """
+    lifetime = not_after - not_before
+    remaining = lifetime / 2 if lifetime < timedelta(days=10) else lifetime / 3
+    window = min(lifetime * JITTER_FRACTION, JITTER_CAP)
+    share = random.random() if jitter is None else min(max(jitter, 0.0), 1.0)
+    return not_after - remaining - window * share
+
+
+#: Let's Encrypt asks clients to check renewal information (ARI) about twice a day.
+ARI_CHECK_INTERVAL = timedelta(hours=12)
+#: Bounds on a CA's Retry-After for renewal information, so a bad value neither hammers
+#: the CA nor lets a revoked certificate's new window go unseen for days.
+ARI_MIN_RECHECK = timedelta(minutes=30)
+ARI_MAX_RECHECK = timedelta(days=1)
+#: When the CA could not be asked, ask again after this long.
+ARI_ERROR_RETRY = timedelta(hours=1)
+
+
+def time_in_window(start: datetime, end: datetime, now: datetime, rng: random.Random) -> datetime:
+    """A uniformly random time in the CA's window, or now if the window has passed (RFC 9773 §4.2)."""
+    if end <= now:
+        return now
+    start = max(start, now)
+    return start + (end - start) * rng.random()
+
+
+def ari_next_check(now: datetime, retry_after: float | None, rng: random.Random) -> datetime:
+    """When to fetch a certificate's renewal information again: the CA's Retry-After, else
+    about :data:`ARI_CHECK_INTERVAL` (randomised by 10 %), bounded either way."""
+    wait = timedelta(seconds=retry_after) if retry_after else ARI_CHECK_INTERVAL * rng.uniform(0.9, 1.1)
+    return now + min(max(wait, ARI_MIN_RECHECK), ARI_MAX_RECHECK)
+
+
+# ---------------------------------------------------------------------------------------------
+# What state a name is in, and when to warn
+
+#: Every state a name can be in, as ``status`` and the status page show it.
+STATES = ("pending", "issuing", "valid", "renewing", "failed", "expired", "disallowed")
+
+#: Once the renewal time has passed, how long renewal gets before ``expiring`` is raised: at most
+#: an hour, less for short lifetimes, so a renewal that is merely in progress does not alarm.
+MAX_EXPIRY_GRACE = timedelta(hours=1)
+
+
+def name_status(*, allowed: bool, not_after: datetime | None, ordering: bool, failures: int, now: datetime) -> str:
+    """One of :data:`STATES` for a name, from whether it is allowed, its current certificate's
+    expiry (None: none), whether an order is under way, and its consecutive failures."""
+    if not allowed:
+        return "disallowed"
+    if not_after is not None and not_after <= now:
+        return "renewing" if ordering else "expired"
+    if not_after is not None:
+        return "renewing" if ordering else "valid"
+    if ordering:
+        return "issuing"
+    return "failed" if failures > 0 else "pending"
+
+
+def is_expiring(not_before: datetime, not_after: datetime, renew_at: datetime | None, now: datetime) -> bool:
+    """Less than a third of the lifetime left and the renewal that was due has not happened."""
+    lifetime = not_after - not_before
+    if now >= not_after or not_after - now >= lifetime / 3:
+        return False
+    grace = min(MAX_EXPIRY_GRACE, lifetime / 50)
+    return renew_at is None or now >= renew_at + grace
