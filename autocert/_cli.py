@@ -218,23 +218,25 @@ async def cmd_allow(args: argparse.Namespace) -> int:
         raise UsageError(f"--cap {args.cap}: applies to *.patterns only, not {next(e for e in entries if not is_pattern(e))}")
     async with open_store(args) as store:
         added = await store.allow(entries, cap=cap)
-    if wants_json(args):
-        emit_json({"allowed": entries, "added": added})
-    else:
-        for entry in entries:
-            print(f"allowed {entry}" + ("" if entry in added else " (already allowed)"))
-    return EXIT_OK
+    return report_allowlist_change(args, entries, added, ("allowed", "added", "already allowed"))
 
 
 async def cmd_disallow(args: argparse.Namespace) -> int:
     entries = normalise_all(args.names, patterns=True)
     async with open_store(args) as store:
         removed = await store.disallow(entries)
+    return report_allowlist_change(args, entries, removed, ("disallowed", "removed", "was not allowed"))
+
+
+def report_allowlist_change(args: argparse.Namespace, entries: list[str], changed: list[str], words: tuple[str, str, str]) -> int:
+    """One line per entry (or the JSON object): ``words`` are the verb, the JSON key of the
+    entries that changed, and the note for those that did not."""
+    verb, changed_key, unchanged = words
     if wants_json(args):
-        emit_json({"disallowed": entries, "removed": removed})
+        emit_json({verb: entries, changed_key: changed})
     else:
         for entry in entries:
-            print(f"disallowed {entry}" + ("" if entry in removed else " (was not allowed)"))
+            print(f"{verb} {entry}" + ("" if entry in changed else f" ({unchanged})"))
     return EXIT_OK
 
 

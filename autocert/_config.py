@@ -11,8 +11,11 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ._errors import ConfigError
+
+_Number = TypeVar("_Number", int, float)
 
 LETS_ENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
 
@@ -61,24 +64,24 @@ def parse_bool_env(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def parse_positive_float(value: str, *, option: str) -> float:
+def _parse_number(value: str, option: str, kind: type[_Number], expected: str, minimum: _Number, below: str) -> _Number:
     try:
-        number = float(value)
+        number = kind(value)
     except ValueError:
-        raise ConfigError(f"{option} {value!r}: expected a number of seconds") from None
-    if number < 0:
-        raise ConfigError(f"{option} {value!r}: must not be negative")
+        raise ConfigError(f"{option} {value!r}: expected {expected}") from None
+    if number < minimum:
+        raise ConfigError(f"{option} {value!r}: {below}")
     return number
+
+
+def parse_positive_float(value: str, *, option: str) -> float:
+    """Seconds: any number from zero up."""
+    return _parse_number(value, option, float, "a number of seconds", 0.0, "must not be negative")
 
 
 def parse_positive_int(value: str, *, option: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{option} {value!r}: expected a whole number") from None
-    if number < 1:
-        raise ConfigError(f"{option} {value!r}: must be at least 1")
-    return number
+    """A count: a whole number from one up."""
+    return _parse_number(value, option, int, "a whole number", 1, "must be at least 1")
 
 
 def check_ca_bundle(path: str | None) -> str | None:
