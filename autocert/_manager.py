@@ -15,7 +15,7 @@ import enum
 import logging
 import ssl
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
@@ -26,6 +26,7 @@ from ._policy import RateBudget, hold_reason, is_allowed, within_cap
 from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
+from ._timefmt import utcnow
 from ._tls import ACME_TLS_ALPN, ContextCache, build_context, install_alert_flush_fix, new_server_context
 from ._worker import ChallengeBook, Worker
 
@@ -45,9 +46,19 @@ class Route(enum.Enum):
     LOAD = "pending"
     #: Not allowed, no name, or not started: alert ``unrecognized_name``.
     REFUSE = "unknown_name"
+    #: Allowed, but held back (backoff, parked, over its pattern's cap or a budget) and known
+    #: to be so from memory: alert ``unrecognized_name`` without touching the database.
+    HELD = "held"
 
 
 _REFUSED: tuple[Route, str, None] = (Route.REFUSE, "", None)
+
+#: At most this many held-back names are remembered; beyond it the oldest are forgotten (they
+#: are then looked up once more, and remembered again).
+HELD_NAMES_MAX = 100_000
+
+#: Refusals under a capped pattern after the first are logged as one count per this many seconds.
+OVER_CAP_LOG_INTERVAL = 60.0
 
 
 class Manager:
@@ -152,11 +163,18 @@ class Manager:
         #: Names admitted under a capped pattern whose order has not finished yet: they count
         #: against the cap before their attempt is in the database.
         self._cap_reservations: dict[str, set[str]] = {}
+        #: Allowed names that may not be ordered now: (loop time the hold ends, why). Read by
+        #: :meth:`route`, so retries of a held name cost what an unknown name costs. Dropped
+        #: when the name gets a certificate and whenever the allowlist changes.
+        self._held: dict[str, tuple[float, str]] = {}
+        #: Per capped pattern: (loop time of the last log line, refusals since) for the
+        #: one-line-a-minute report of names refused over its cap.
+        self._over_cap_log: dict[str, tuple[float, int]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self.schedules_renewals = renew
         self._scheduler: Scheduler | None = None
         self._scheduler_task: asyncio.Task[None] | None = None
-        self._revocations_checked = datetime.now(timezone.utc)
+        self._revocations_checked = utcnow()
         self._last_certificate_id = 0
         self._revocations_seen = 0
         self._started = False
@@ -193,7 +211,7 @@ class Manager:
         if self.default_name:
             await self.context_for(self.default_name, wait=0)
         self._watcher = self._loop.create_task(self._watch(), name="autocert-watch")
-        self._revocations_checked = datetime.now(timezone.utc)
+        self._revocations_checked = utcnow()
         if self.schedules_renewals:
             self._scheduler = Scheduler(self._store, self._worker, is_allowed=self.is_allowed)
             self._scheduler_task = self._loop.create_task(self._scheduler.run(), name="autocert-scheduler")
@@ -269,7 +287,7 @@ class Manager:
         Returns each name's new certificate, or the error that stopped it. Names not due are
         left out unless forced.
         """
-        now = datetime.now(timezone.utc)
+        now = utcnow()
         if names is None:
             candidates = await self.store.current_certificates() if force else await self.store.renewals_due(now, limit=1_000_000)
         else:
@@ -330,6 +348,12 @@ class Manager:
             return Route.CHALLENGE, name, self._challenges.cached_context(name)  # type: ignore[union-attr]
         context = self.cache.get(name)
         if context is None:
+            held = self._held.get(name)
+            if held is not None:
+                if held[0] > self._loop.time():  # type: ignore[union-attr]
+                    self.handshakes["held"] += 1
+                    return Route.HELD, name, None
+                del self._held[name]
             return Route.LOAD, name, None
         self.handshakes["served"] += 1
         return Route.SERVE, name, context
@@ -379,21 +403,40 @@ class Manager:
     async def _load_or_issue(self, name: str) -> ssl.SSLContext | None:
         if not _is_host_name(name):
             return None  # e.g. a literal "*.example.com" SNI, or a bad label under a pattern
-        now = datetime.now(timezone.utc)
+        now = utcnow()
         certificate = await self.store.current_certificate(name)
         if certificate is None or certificate.not_after <= now:
             state = await self.store.name_state(name)
             reason = hold_reason(state, now)
             if reason is not None:
                 log.debug("%s is not ordered now: %s (next attempt at %s)", name, reason, state and state.next_attempt_at)
+                self._hold(name, state.next_attempt_at if state is not None else None, reason)
                 return None
             if not await self._within_pattern_cap(name):
+                self._hold(name, None, "cap")
                 return None
             try:
                 certificate = await self.worker.issue(name)
+            except AutocertError:
+                # Failed, or held back by a budget: the worker stored when to try again.
+                state = await self.store.name_state(name)
+                reason = hold_reason(state, utcnow())
+                if reason is not None:
+                    self._hold(name, state.next_attempt_at if state is not None else None, reason)
+                raise
             finally:
                 self._release_cap_reservation(name)
         return await self._install(certificate)
+
+    def _hold(self, name: str, until: datetime | None, reason: str) -> None:
+        """Remember that ``name`` may not be ordered before ``until`` (None: until its state
+        changes), so that :meth:`route` refuses it from memory meanwhile."""
+        assert self._loop is not None
+        ends = float("inf") if until is None else self._loop.time() + (until - utcnow()).total_seconds()
+        self._held.pop(name, None)  # re-inserted last: the oldest go first when full
+        self._held[name] = (ends, reason)
+        while len(self._held) > HELD_NAMES_MAX:
+            del self._held[next(iter(self._held))]
 
     async def _within_pattern_cap(self, name: str) -> bool:
         """A name allowed only through a capped pattern may be ordered while the pattern has
@@ -413,8 +456,24 @@ class Manager:
         if within_cap(name, cap, used, reserved):
             reserved.add(name)
             return True
-        log.warning("%s: the pattern %s has reached its cap of %d names; not ordering", name, pattern, cap)
+        self._log_over_cap(name, pattern, cap)
         return False
+
+    def _log_over_cap(self, name: str, pattern: str, cap: int) -> None:
+        """The first name refused under a pattern is logged; after it, one count a minute, so
+        a flood of made-up labels cannot fill the log."""
+        assert self._loop is not None
+        now = self._loop.time()
+        logged = self._over_cap_log.get(pattern)
+        if logged is None:
+            log.warning("%s: the pattern %s has reached its cap of %d names; not ordering", name, pattern, cap)
+            self._over_cap_log[pattern] = (now, 0)
+        elif now - logged[0] >= OVER_CAP_LOG_INTERVAL:
+            log.warning("%d more names refused under %s in the last %.0f s: it has reached its cap of %d names",
+                        logged[1] + 1, pattern, now - logged[0], cap)
+            self._over_cap_log[pattern] = (now, 0)
+        else:
+            self._over_cap_log[pattern] = (logged[0], logged[1] + 1)
 
     def _release_cap_reservation(self, name: str) -> None:
         pattern = pattern_for(name)
@@ -430,6 +489,7 @@ class Manager:
             return None
         context = await asyncio.to_thread(build_context, certificate.chain_pem, certificate.key_pem)
         self.cache.put(certificate.name, context, certificate.id)
+        self._held.pop(certificate.name, None)
         self._last_certificate_id = max(self._last_certificate_id, certificate.id)
         return context
 
@@ -443,6 +503,9 @@ class Manager:
             return
         self._allowlist_version = version
         allowed = await self.store.allowed_entries()
+        # A cap may have been raised or a name removed: let held names be looked at again.
+        self._held.clear()
+        self._over_cap_log.clear()
         if allowed != self._allowed:
             added, removed = sorted(allowed - self._allowed), sorted(self._allowed - allowed)
             self._allowed = allowed
@@ -457,7 +520,7 @@ class Manager:
 
     async def _drop_revoked(self) -> None:
         """Stop serving certificates revoked by any process (``autocert revoke``)."""
-        checked = datetime.now(timezone.utc)
+        checked = utcnow()
         # Overlap the previous window a little: another host's clock may lag ours.
         for certificate in await self.store.revoked_since(self._revocations_checked - REVOCATION_OVERLAP):
             if self.cache.certificate_id(certificate.name) == certificate.id:
@@ -475,6 +538,7 @@ class Manager:
                 if marks.latest_certificate_id > self._last_certificate_id:
                     for certificate in await self.store.certificates_since(self._last_certificate_id):
                         self._last_certificate_id = max(self._last_certificate_id, certificate.id)
+                        self._held.pop(certificate.name, None)  # e.g. `autocert issue` ended a backoff
                         if certificate.name in self.cache:
                             await self._install(certificate)
                 if marks.revocations != self._revocations_seen:

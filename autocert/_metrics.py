@@ -35,7 +35,7 @@ __all__ = ["HANDSHAKE_OUTCOMES", "Metrics"]
 
 #: Every outcome a handshake is counted under; all are exported, zeros included, so a
 #: dashboard can rely on the series existing.
-HANDSHAKE_OUTCOMES = ("served", "unknown_name", "pending", "challenge")
+HANDSHAKE_OUTCOMES = ("served", "unknown_name", "held", "pending", "challenge")
 
 #: ACME requests take milliseconds against a local CA and seconds against a busy public one.
 ACME_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

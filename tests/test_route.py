@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
+from datetime import timedelta
 from pathlib import Path
+
+import pytest
 
 from autocert import Manager
 from autocert._manager import Route
+from autocert._timefmt import utcnow
 
 
 async def test_one_decision_for_every_handshake(tmp_path: Path) -> None:
@@ -25,3 +30,46 @@ async def test_one_decision_for_every_handshake(tmp_path: Path) -> None:
         assert manager.route(None)[0] is Route.REFUSE, "no SNI and no default name"
         assert manager.route("shop.example.test", ("acme-tls/1",)) == (Route.CHALLENGE, "shop.example.test", None)
         assert dict(manager.handshakes) == {"served": 2, "unknown_name": 4, "challenge": 1}
+
+
+async def test_a_held_back_name_is_refused_from_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Backoff, parked and over-cap names: after one look at the database, every retry is
+    refused from memory, as cheaply as an unknown name, until their state changes."""
+    manager = Manager(db=f"sqlite:///{tmp_path / 'held.db'}", directory="https://127.0.0.1:9/dir", renew=False)
+    async with manager:
+        store = manager.store
+        await manager.allow("backoff.example.test", "parked.example.test")
+        await manager.allow("*.capped.example.test", cap=1)
+        for name in ("backoff.example.test", "parked.example.test"):
+            await store.finish_attempt(await store.start_attempt(name, manager.directory), "failed", None, "boom")
+        await store.set_next_attempt("backoff.example.test", utcnow() + timedelta(hours=1))
+        await store.set_next_attempt("parked.example.test", None)
+        await store.start_attempt("first.capped.example.test", manager.directory)  # the cap's one name
+
+        caplog.set_level(logging.WARNING, logger="autocert.manager")
+        held = ["backoff.example.test", "parked.example.test", "a.capped.example.test", "b.capped.example.test", "c.capped.example.test"]
+        for name in held:
+            assert manager.route(name)[0] is Route.LOAD
+            assert await manager.context_for(name, wait=5) is None
+        cap_lines = [r for r in caplog.records if "reached its cap" in r.getMessage()]
+        assert len(cap_lines) == 1, "the first name over a cap is logged, the rest are counted"
+
+        reads = {"count": 0}
+
+        def counting(method):  # type: ignore[no-untyped-def]
+            async def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+                reads["count"] += 1
+                return await method(*args, **kwargs)
+            return wrapper
+
+        for method in ("name_state", "current_certificate", "pattern_cap", "names_under"):
+            monkeypatch.setattr(store, method, counting(getattr(store, method)))
+        before = manager.handshakes["held"]
+        for _ in range(100):
+            for name in held:
+                assert manager.route(name) == (Route.HELD, name, None)
+        assert reads["count"] == 0 and not manager.worker.in_flight
+        assert manager.handshakes["held"] - before == 100 * len(held)
+
+        await manager.allow("unrelated.example.test")  # any allowlist change lets them be looked at again
+        assert manager.route("b.capped.example.test")[0] is Route.LOAD
