@@ -9,6 +9,7 @@ ordering again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
@@ -161,6 +162,10 @@ class Worker:
         self.owner = new_owner_id()
         self._in_flight: dict[str, asyncio.Task[StoredCertificate]] = {}
         self._client: AcmeClient | None = None
+        #: Orders (and lookups) using each client, and replaced clients still in use: a client
+        #: is never closed under a request.
+        self._client_users: collections.Counter[AcmeClient] = collections.Counter()
+        self._retired: set[AcmeClient] = set()
         self._client_lock = asyncio.Lock()
 
     @property
@@ -192,22 +197,44 @@ class Worker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        clients = [*self._retired, *([self._client] if self._client is not None else [])]
+        self._client, self._retired = None, set()
+        self._client_users.clear()
+        for client in clients:
+            await client.close()
 
-    async def _acme(self, *, stale: AcmeClient | None = None) -> AcmeClient:
-        """The account-bound client, created once; the account key is stored before first use.
+    async def _acquire(self, *, stale: AcmeClient | None = None) -> AcmeClient:
+        """The account-bound client, marked in use until :meth:`_release`; created once, with
+        the account key stored before first use.
 
         ``stale`` is a client whose account the CA no longer knows (a test CA restarted, an
-        account deactivated): it is replaced by one that registers the same key again.
+        account deactivated): the first caller replaces it by one that registers the same key
+        again, and every later caller with the same stale client gets that replacement. The
+        stale client is closed only once no order uses it any more.
         """
+        client = await self._current_client(stale)
+        self._client_users[client] += 1
+        return client
+
+    async def _release(self, client: AcmeClient) -> None:
+        self._client_users[client] -= 1
+        if self._client_users[client] <= 0:
+            del self._client_users[client]
+            if client in self._retired:
+                self._retired.discard(client)
+                await client.close()
+
+    async def _current_client(self, stale: AcmeClient | None) -> AcmeClient:
         async with self._client_lock:
             if self._client is not None and self._client is not stale:
                 return self._client
             if self._client is not None:
-                await self._client.close()
-                self._client = None
+                retired, self._client = self._client, None
+                if self._client_users[retired] > 0:
+                    self._retired.add(retired)  # closed by the last order still using it
+                else:
+                    self._client_users.pop(retired, None)
+                    await retired.close()
             account = await self._store.get_account(self.directory)
             if account is None:
                 key_pem = await asyncio.to_thread(generate_private_key)
@@ -250,8 +277,9 @@ class Worker:
         attempt_id = await self._store.start_attempt(name, self.directory)
         started = asyncio.get_running_loop().time()
         log.info("issuing %s from %s", name, self.directory)
+        client: AcmeClient | None = None
         try:
-            client = await self._acme()
+            client = await self._acquire()
             pending = await self._store.pending_order(name, self.directory)
             key_pem = pending.key_pem if pending else await asyncio.to_thread(generate_private_key)
             replaces = renewal_replaces(previous)
@@ -267,7 +295,9 @@ class Worker:
                 if exc.problem_type != PROBLEM_ACCOUNT_DOES_NOT_EXIST:
                     raise
                 log.warning("the CA no longer knows our account; registering the same key again")
-                client = await self._acme(stale=client)
+                stale, client = client, None
+                await self._release(stale)
+                client = await self._acquire(stale=stale)
                 issued = await client.issue([name], key_pem, self._challenges, profile=profile, replaces=replaces,
                                             on_order=remember)
         except (AutocertError, OSError, asyncio.TimeoutError) as exc:
@@ -276,6 +306,9 @@ class Worker:
         except asyncio.CancelledError:
             await asyncio.shield(self._store.finish_attempt(attempt_id, "failed", None, "interrupted"))
             raise
+        finally:
+            if client is not None:
+                await self._release(client)
         info = issued.info
         certificate = await self._store.save_certificate(
             name=name,
@@ -303,24 +336,29 @@ class Worker:
 
     async def renewal_info(self, certificate: StoredCertificate) -> RenewalInfo | None:
         """The CA's renewal window for ``certificate``, or None if the CA publishes none."""
-        client = await self._acme()
-        directory = await client.directory()
-        if "renewalInfo" not in directory.to_partial_json():
-            return None
+        client = await self._acquire()
         try:
-            certificate_id = ari_certificate_id(certificate.chain_pem)
-        except ValueError:
-            return None
-        return await client.renewal_info(certificate_id)
+            directory = await client.directory()
+            if "renewalInfo" not in directory.to_partial_json():
+                return None
+            try:
+                certificate_id = ari_certificate_id(certificate.chain_pem)
+            except ValueError:
+                return None
+            return await client.renewal_info(certificate_id)
+        finally:
+            await self._release(client)
 
     async def revoke(self, certificate: StoredCertificate, reason: int = 0) -> None:
         """Revoke at the CA, then record it so no server serves the certificate again."""
-        client = await self._acme()
+        client = await self._acquire()
         try:
             await client.revoke(certificate.chain_pem, reason)
         except AcmeError as exc:
             if exc.problem_type != PROBLEM_ALREADY_REVOKED:
                 raise
+        finally:
+            await self._release(client)
         await self._store.mark_revoked(certificate.id)
         log.info("revoked %s serial %s", certificate.name, certificate.serial)
 

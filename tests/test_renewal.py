@@ -438,3 +438,22 @@ async def test_the_scheduler_sweeps_http01_answers_a_killed_order_left_behind(pe
         clock["now"] += timedelta(hours=1, minutes=2)
         await scheduler.run_once()
         assert await manager.store.get_challenge("left-behind") is None
+
+
+def test_concurrent_orders_after_the_ca_forgot_the_account_are_all_issued(pebble_factory, tmp_path: Path) -> None:
+    """A CA that forgot the account (Pebble restarted) fails every order in flight at once:
+    one re-registration serves them all, and no order loses its connection to a client that
+    another order replaced."""
+    ca = pebble_factory()
+    db = f"sqlite:///{tmp_path / 'forgot.db'}"
+    names = [f"n{i}.forgot.example.test" for i in range(10)]
+    assert run_cli("allow", "first.forgot.example.test", *names, db=db).returncode == 0
+    listen = ["--http", f"127.0.0.1:{ca.http01_port}"]
+    first = run_cli("issue", "first.forgot.example.test", *acme_args(ca), *listen, db=db, timeout=120)
+    assert first.returncode == 0, first.stderr
+    ca.stop()
+    ca.start()  # Pebble keeps nothing: the account is gone
+    result = run_cli("issue", *names, *acme_args(ca), *listen, "--json", db=db, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Unclosed" not in result.stderr, result.stderr
+    assert result.stderr.count("registering the same key again") >= 1
