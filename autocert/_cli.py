@@ -35,6 +35,7 @@ from ._config import (
 )
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._names import is_pattern, normalize_entry, normalize_name
+from ._policy import MAX_CAP
 from ._timefmt import isoformat
 
 if TYPE_CHECKING:  # imported where used: `serve` binds its ports before loading the server
@@ -213,7 +214,7 @@ async def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 async def cmd_allow(args: argparse.Namespace) -> int:
     entries = normalise_all(args.names, patterns=True)
-    cap = parse_positive_int(args.cap, option="--cap") if args.cap is not None else None
+    cap = parse_positive_int(args.cap, option="--cap", maximum=MAX_CAP) if args.cap is not None else None
     if cap is not None and not all(is_pattern(entry) for entry in entries):
         raise UsageError(f"--cap {args.cap}: applies to *.patterns only, not {next(e for e in entries if not is_pattern(e))}")
     async with open_store(args) as store:

@@ -79,9 +79,12 @@ def parse_positive_float(value: str, *, option: str) -> float:
     return _parse_number(value, option, float, "a number of seconds", 0.0, "must not be negative")
 
 
-def parse_positive_int(value: str, *, option: str) -> int:
-    """A count: a whole number from one up."""
-    return _parse_number(value, option, int, "a whole number", 1, "must be at least 1")
+def parse_positive_int(value: str, *, option: str, maximum: int | None = None) -> int:
+    """A count: a whole number from one up (to ``maximum``)."""
+    number = _parse_number(value, option, int, "a whole number", 1, "must be at least 1")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"{option} {value!r}: must be at most {maximum}")
+    return number
 
 
 def check_ca_bundle(path: str | None) -> str | None:

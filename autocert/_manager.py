@@ -22,7 +22,7 @@ from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
 from ._errors import AutocertError, InvalidName, IssuanceError
 from ._events import Event, EventBus, log_event
 from ._names import normalize_entry, normalize_name, pattern_for
-from ._policy import RateBudget, hold_reason, is_allowed, within_cap
+from ._policy import MAX_CAP, RateBudget, hold_reason, is_allowed, within_cap
 from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
@@ -263,6 +263,8 @@ class Manager:
 
     async def allow(self, *entries: str, cap: int | None = None) -> list[str]:
         """Allow names or ``*.patterns``; ``cap`` limits how many names a pattern may order."""
+        if cap is not None and not 1 <= cap <= MAX_CAP:
+            raise ValueError(f"cap {cap}: must be between 1 and {MAX_CAP}")
         normalised = [normalize_entry(entry) for entry in entries]
         added = await self.store.allow(normalised, cap=cap)
         await self._refresh_allowlist()

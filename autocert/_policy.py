@@ -19,6 +19,7 @@ from ._names import pattern_for
 
 __all__ = [
     "BUDGET_RECHECK",
+    "MAX_CAP",
     "Backoff",
     "HoldReason",
     "PARK_AFTER",
@@ -54,6 +55,10 @@ def is_allowed(name: str, allowed_entries: Collection[str]) -> bool:
         return True
     pattern = pattern_for(name)
     return pattern is not None and pattern in allowed_entries
+
+
+#: The largest cap a pattern may have: the database stores it as a 32-bit integer.
+MAX_CAP = 2**31 - 1
 
 
 def within_cap(name: str, cap: int | None, used: Collection[str], reserved: Collection[str]) -> bool:

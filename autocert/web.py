@@ -88,7 +88,8 @@ def require_token(token: str) -> Middleware:
 
     @web.middleware
     async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
+        # A header that is not UTF-8 cannot be the token: compare a stand-in, never fail.
+        given = request.headers.get("Authorization", "").encode("utf-8", "replace")
         if not hmac.compare_digest(given, expected):
             return web.Response(status=401, text="401: a valid bearer token is required\n", headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)

@@ -93,6 +93,8 @@ BAD_INPUTS = [
     (["serve", "--cache-size", "0"], "--cache-size"),
     (["allow", "a.example.test", "--cap", "2"], "patterns only"),
     (["allow", "*.example.test", "--cap", "0"], "--cap"),
+    (["allow", "*.example.test", "--cap", "9223372036854775808"], "at most"),
+    (["allow", "*.example.test", "--cap", "3000000000"], "at most"),
     (["issue", "ok.example.test", "--ca-bundle", "/nonexistent/ca.pem"], "--ca-bundle"),
 ]
 

@@ -16,6 +16,7 @@ import os
 import pty
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -76,6 +77,16 @@ class Fleet:
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
         return http_get(self.url(path), headers)
+
+
+def raw_status(port: int, path: str, header_lines: bytes) -> int:
+    """The status code of a GET sent as raw bytes, for headers an HTTP library would refuse to send."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + header_lines + b"\r\n")
+        answer = b""
+        while b"\r\n" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
 
 
 def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
@@ -351,6 +362,7 @@ def test_admin_token_is_required_when_set(pebble, fleet: Fleet) -> None:
             assert status == 401 and headers.get("WWW-Authenticate") == "Bearer", path
             assert http_get(base + path, {"Authorization": "Bearer wrong"})[0] == 401
             assert http_get(base + path, {"Authorization": token})[0] == 401, "the Bearer scheme is required"
+            assert raw_status(server.admin_port, path, b"Authorization: Bearer \xff\xfe\r\n") == 401, "a header that is not UTF-8"
             status, body, _ = http_get(base + path, {"Authorization": f"Bearer {token}"})
             assert status == 200, (path, body)
         assert GOOD in http_get(base + "/", {"Authorization": f"Bearer {token}"})[1]
