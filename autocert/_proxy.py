@@ -210,9 +210,10 @@ def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
 
     ``Expect`` is dropped because this server has already answered ``100-continue`` to the
     client; forwarding it would make the client session wait for a second one that upstreams
-    such as wsgiref never send.
+    such as wsgiref never send. ``Proxy`` is dropped because CGI-style apps turn it into
+    ``HTTP_PROXY`` and send their own outgoing requests through it (httpoxy, CVE-2016-5385).
     """
-    headers = strip_hop_by_hop(request.headers, drop=("expect",))
+    headers = strip_hop_by_hop(request.headers, drop=("expect", "proxy"))
     host = request.headers.get("Host")
     if host is not None:
         headers["Host"] = host

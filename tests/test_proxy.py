@@ -257,6 +257,7 @@ async def test_hop_by_hop_headers_are_stripped_both_ways(proxy, upstream: Upstre
             ("Trailer", "X-Checksum"),
             ("Proxy-Authorization", "Basic c2VjcmV0"),
             ("Proxy-Connection", "keep-alive"),
+            ("Proxy", "http://attacker.example:8080"),  # httpoxy: would become HTTP_PROXY in a CGI app
             ("X-End-To-End", "kept"),
         ]:
             connection.putheader(key, value)
@@ -271,7 +272,7 @@ async def test_hop_by_hop_headers_are_stripped_both_ways(proxy, upstream: Upstre
 
     seen, response, body = await asyncio.to_thread(exchange)
     received = {key.lower() for key, _ in seen["headers"]}
-    for name in ("connection", "x-client-private", "keep-alive", "te", "trailer", "proxy-authorization", "proxy-connection"):
+    for name in ("connection", "x-client-private", "keep-alive", "te", "trailer", "proxy-authorization", "proxy-connection", "proxy"):
         assert name not in received, f"{name} reached the upstream"
     assert header_values(seen, "X-End-To-End") == ["kept"]
     assert body == b"hop\n"
