@@ -309,7 +309,7 @@ def test_the_files_the_dockerfile_copies_build_the_wheel(tmp_path: Path) -> None
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("autocert-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "autocert/cli.py" in names and "autocert/proxy.py" in names
+    assert "autocert/_cli.py" in names and "autocert/_proxy.py" in names and "autocert/web.py" in names
     assert any(name.startswith("autocert/_migrations/versions/") for name in names), "the migrations must ship in the wheel"
     instructions = dockerfile_instructions(REPO / "Dockerfile")
     assert instructions[0] == ("FROM", "python:3.11-slim")
