@@ -38,7 +38,7 @@ from ._timefmt import utcnow
 from ._tls import ACME_TLS_ALPN, build_context
 
 if TYPE_CHECKING:
-    from ._acme_client import AcmeClient, RenewalInfo
+    from ._acme import AcmeClient, RenewalInfo
 
 log = logging.getLogger("autocert.worker")
 
@@ -242,7 +242,7 @@ class Worker:
             account_url = None if stale is not None else account.url
             # Imported on first use: the ACME stack (acme, josepy, requests) is a third of
             # the server's start-up time and is not needed until something is ordered.
-            from ._acme_client import AcmeClient
+            from ._acme import AcmeClient
 
             client = AcmeClient(self.directory, account.key_pem, ca_bundle=self._ca_bundle, account_url=account_url,
                                 trace_configs=self._trace_configs)

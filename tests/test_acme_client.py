@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from pebble import Http01Responder, Pebble, TlsAlpn01Responder
 
-from autocert._acme_client import AcmeClient, IssuedCertificate, parse_retry_after
+from autocert._acme import AcmeClient, IssuedCertificate, parse_retry_after
 from autocert._crypto import (
     ACME_IDENTIFIER_OID,
     CertificateInfo,
@@ -208,7 +208,7 @@ def test_parse_retry_after() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# acme_client.py against Pebble
+# the ACME client against Pebble
 # ---------------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ LAYERS = {
     "_errors": 0, "_names": 0, "_config": 0, "_sealing": 0, "_timefmt": 0, "_version": 0, "_models": 0, "_crypto": 0, "_events": 0,
     "_policy": 1, "_notify": 1, "_tls": 1,
     "_store": 2,
-    "_acme": 3, "_acme_client": 3, "_status": 3,
+    "_acme": 3, "_status": 3,
     "_worker": 4, "_scheduler": 4,
     "_manager": 5,
     "_front": 6, "web": 6, "_proxy": 6, "_monitor": 6, "_metrics": 6,
