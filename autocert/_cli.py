@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     issue = commands.add_parser("issue", help="order certificates now", parents=[common, acme])
     issue.add_argument("names", nargs="+", metavar="NAME")
     issue.add_argument("--wait", metavar="SECONDS", help="give up after SECONDS; exit 0 only if all are valid")
+    issue.add_argument("--force", action="store_true", help="order even for names whose certificate is valid and not due")
 
     renew = commands.add_parser("renew", help="renew what is due (or the given names)", parents=[common, acme])
     renew.add_argument("names", nargs="*", metavar="NAME")
@@ -359,7 +360,7 @@ async def cmd_issue(args: argparse.Namespace) -> int:
         async with challenge_listeners(manager, options):
             try:
                 results = await asyncio.wait_for(
-                    asyncio.gather(*(manager.issue(name) for name in names), return_exceptions=True), timeout=wait
+                    asyncio.gather(*(manager.issue(name, force=args.force) for name in names), return_exceptions=True), timeout=wait
                 )
             except asyncio.TimeoutError:
                 results = [IssuanceError(name, f"not finished within {args.wait} s") for name in names]

@@ -22,7 +22,7 @@ from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
 from ._errors import AutocertError, InvalidName, IssuanceError
 from ._events import Event, EventBus, log_event
 from ._names import normalize_entry, normalize_name, pattern_for
-from ._policy import MAX_CAP, RateBudget, hold_reason, is_allowed, within_cap
+from ._policy import MAX_CAP, RateBudget, hold_reason, is_allowed, needs_order, within_cap
 from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
@@ -276,11 +276,20 @@ class Manager:
         await self._refresh_allowlist()
         return removed
 
-    async def issue(self, name: str) -> StoredCertificate:
-        """Order a certificate for an allowed name now and wait for it."""
+    async def issue(self, name: str, *, force: bool = False) -> StoredCertificate:
+        """Order a certificate for an allowed name now and wait for it.
+
+        A name whose current certificate is valid and not yet due for renewal keeps it: that
+        certificate is returned and nothing is ordered, unless ``force``. So running the same
+        command twice (or again after an interruption) never orders twice.
+        """
         name = normalize_name(name)
         if not self.is_allowed(name):
             raise IssuanceError(name, "not allowed: add it with `autocert allow` first")
+        if not force:
+            current = await self.store.current_certificate(name)
+            if current is not None and not needs_order(current.not_after, current.renew_at, utcnow()):
+                return current
         return await self.worker.issue(name)
 
     async def renew(self, names: Sequence[str] | None = None, *, force: bool = False) -> dict[str, StoredCertificate | BaseException]:

@@ -35,6 +35,7 @@ __all__ = [
     "is_parked",
     "lease_held",
     "name_status",
+    "needs_order",
     "next_attempt_after_failure",
     "order_budget_hold",
     "renewal_time",
@@ -214,6 +215,12 @@ def renewal_time(not_before: datetime, not_after: datetime, *, jitter: float | N
     window = min(lifetime * JITTER_FRACTION, JITTER_CAP)
     share = random.random() if jitter is None else min(max(jitter, 0.0), 1.0)
     return not_after - remaining - window * share
+
+
+def needs_order(not_after: datetime | None, renew_at: datetime | None, now: datetime) -> bool:
+    """Whether a name with this current certificate (None: none) should be ordered again when
+    asked without force: only when it has none, or its renewal time has come."""
+    return not_after is None or renew_at is None or not_after <= now or renew_at <= now
 
 
 #: Let's Encrypt asks clients to check renewal information (ARI) about twice a day.

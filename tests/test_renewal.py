@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
@@ -457,3 +458,17 @@ def test_concurrent_orders_after_the_ca_forgot_the_account_are_all_issued(pebble
     assert result.returncode == 0, result.stderr
     assert "Unclosed" not in result.stderr, result.stderr
     assert result.stderr.count("registering the same key again") >= 1
+
+
+def test_issue_again_reports_the_valid_certificate_unless_forced(pebble, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'again.db'}"
+    name = "again.example.test"
+    listen = ["--http", f"127.0.0.1:{pebble.http01_port}"]
+    assert run_cli("allow", name, db=db).returncode == 0
+    first = cli_json("issue", name, *acme_args(pebble), *listen, db=db)["certificates"][0]
+    again = run_cli("issue", name, *acme_args(pebble), *listen, "--json", db=db)
+    assert again.returncode == 0, again.stderr
+    reported = json.loads(again.stdout)["certificates"][0]
+    assert reported["serial"] == first["serial"] and reported["state"] == "valid" and reported["attempts"] == 1, "nothing ordered"
+    forced = cli_json("issue", name, "--force", *acme_args(pebble), *listen, db=db)["certificates"][0]
+    assert forced["serial"] != first["serial"] and forced["attempts"] == 2
