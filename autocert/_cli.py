@@ -446,42 +446,25 @@ def challenge_types_for(options: ServeOptions) -> list[str]:
 @contextlib.asynccontextmanager
 async def challenge_listeners(manager: Manager, options: ServeOptions) -> AsyncIterator[None]:
     """Answer challenges while the CLI orders; defer to a running ``serve`` holding the port."""
-    from aiohttp import web
+    from ._server import listeners
 
-    from ._server import TlsFront, http_app, tls_app
-
-    listen = options.http if options.http is not None else options.https
+    label = "http" if options.http is not None else "https"
+    listen = getattr(options, label)
     assert listen is not None
     try:
-        sock = listening_socket(listen)
+        sockets = {label: listening_socket(listen)}
     except ListenError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
         log.warning("%s is in use; assuming a running `autocert serve` on this database answers challenges", listen)
         yield
         return
-    if options.http is not None:
-        runner = web.AppRunner(http_app(manager, options), access_log=None)
-        await runner.setup()
-        await web.SockSite(runner, sock).start()
-        try:
+    try:
+        async with listeners(manager, options, sockets, announce=False):
             yield
-        finally:
-            await runner.cleanup()
-    else:
-        runner = web.AppRunner(tls_app(options), access_log=None)
-        await runner.setup()
-        assert runner.server is not None
-        front = TlsFront(manager, runner.server, options)
-        accepting = asyncio.get_running_loop().create_task(front.serve(sock))
-        try:
-            yield
-        finally:
-            accepting.cancel()
-            await asyncio.gather(accepting, return_exceptions=True)
-            sock.close()
-            await front.close()
-            await runner.cleanup()
+    finally:
+        for unused in sockets.values():  # a start that failed before handing it on
+            unused.close()
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ the only difference between them is how a connection gets to its TLS context:
 
 - ``static``: ``loop.create_server(ssl=context)`` with one context, the floor for this loop;
 - ``sni``: the same, with ``Manager.ssl_context()`` choosing the context in ``sni_callback``;
-- ``front``: ``autocert._server.TlsFront``, the ClientHello front ``serve`` runs;
+- ``front``: ``autocert._front.TlsFront``, the ClientHello front ``serve`` runs;
 - ``front-task``: the front's first design, kept here to measure against: ``sock_accept``,
   a task per connection, ``MSG_PEEK`` and ``connect_accepted_socket``;
 - ``front-reader``: the same hand-off, but accepting in a reader callback and peeking at
@@ -40,13 +40,9 @@ from fixtures import name_for
 from autocert._config import Listen
 from autocert._manager import Manager
 from autocert._config import ServeOptions, listening_socket
-from autocert._server import TlsFront, tls_app
-from autocert._tls import (
-    MAX_CLIENT_HELLO,
-    NotClientHello,
-    build_context,
-    parse_client_hello,
-)
+from autocert._front import MAX_CLIENT_HELLO, NotClientHello, TlsFront, parse_client_hello
+from autocert._server import tls_app
+from autocert._tls import build_context
 
 UNREACHABLE_CA = "https://127.0.0.1:9/directory"
 

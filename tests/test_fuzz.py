@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pebble import Pebble
 from support import ServeProcess, handshake, run_cli, served_certificate
 
-from autocert._tls import (
+from autocert._front import (
     MAX_CLIENT_HELLO,
     MAX_HELLO_RECORDS,
     ClientHello,

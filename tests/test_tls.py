@@ -11,14 +11,13 @@ import subprocess
 import pytest
 import trustme
 
+from autocert._front import NotClientHello, parse_client_hello
 from autocert._tls import (
     UNRECOGNIZED_NAME_ALERT,
     ContextCache,
-    NotClientHello,
     build_context,
     install_alert_flush_fix,
     new_server_context,
-    parse_client_hello,
 )
 
 
