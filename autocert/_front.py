@@ -25,7 +25,8 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from ._tls import UNRECOGNIZED_NAME_ALERT, build_context
+from ._policy import Route
+from ._tls import UNRECOGNIZED_NAME_ALERT
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("autocert.server")
 
-ACME_TLS_ALPN = "acme-tls/1"
 
 
 # -- the ClientHello parser -----------------------------------------------------------------
@@ -244,7 +244,6 @@ class TlsFront:
         self._protocol_factory = protocol_factory
         self._options = options
         self._connections: set[asyncio.Task[None]] = set()
-        self._challenge_contexts: dict[tuple[str, bytes], ssl.SSLContext] = {}
         # Connections still waiting for their ClientHello, in two generations: every half
         # hello_timeout the older one is aborted, so one timer serves every connection.
         self._young: set[_HelloReader] = set()
@@ -289,34 +288,24 @@ class TlsFront:
 
     def _hello_received(self, reader: _HelloReader, transport: asyncio.Transport, hello: ClientHello, data: bytes) -> None:
         """Route on the memory-only fast path; start a task only when something must be awaited."""
-        manager = self._manager
-        name = hello.server_name or manager.default_name
-        if not name or not manager.is_allowed(name):
-            manager.handshakes["unknown_name"] += 1
-            self._reject(transport)
-            return
-        context: ssl.SSLContext | None
-        if ACME_TLS_ALPN in hello.alpn:
-            manager.handshakes["challenge"] += 1
-            context = self._cached_challenge_context(name)
-        else:
-            context = manager.cache.get(name)
-            if context is not None:
-                manager.handshakes["served"] += 1
+        route, name, context = self._manager.route(hello.server_name, hello.alpn)
         if context is not None:
             self._start_tls(transport, context, data)
             return
+        if route is not Route.LOAD and route is not Route.CHALLENGE:
+            self._reject(transport)
+            return
         transport.pause_reading()
         assert self._loop is not None
-        task = self._loop.create_task(self._route_later(reader, transport, hello, name, data))
+        task = self._loop.create_task(self._route_later(reader, transport, route, name, data))
         reader.task = task
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 
-    async def _route_later(self, reader: _HelloReader, transport: asyncio.Transport, hello: ClientHello, name: str, data: bytes) -> None:
+    async def _route_later(self, reader: _HelloReader, transport: asyncio.Transport, route: Route, name: str, data: bytes) -> None:
         try:
-            if ACME_TLS_ALPN in hello.alpn:
-                context = await self._challenge_context(name)
+            if route is Route.CHALLENGE:
+                context = await self._manager.challenges.context(name)
             else:
                 context = await self._manager.context_for(name, wait=self._options.first_contact_wait)
                 self._manager.handshakes["served" if context is not None else "pending"] += 1
@@ -347,26 +336,6 @@ class TlsFront:
             buffer[:size] = view[:size]
             tls.buffer_updated(size)
             view = view[size:]
-
-    def _cached_challenge_context(self, name: str) -> ssl.SSLContext | None:
-        pending = self._manager.challenges.tls_alpn.get(name)
-        if pending is None:
-            return None
-        return self._challenge_contexts.get((name, pending[0]))
-
-    async def _challenge_context(self, name: str) -> ssl.SSLContext | None:
-        """The tls-alpn-01 certificate, served only to ``acme-tls/1`` clients while pending."""
-        pending = self._manager.challenges.tls_alpn.get(name)
-        if pending is None:
-            return None
-        cert_pem, key_pem = pending
-        key = (name, cert_pem)
-        context = self._challenge_contexts.get(key)
-        if context is None:
-            context = await asyncio.to_thread(build_context, cert_pem, key_pem, (ACME_TLS_ALPN,))
-            self._challenge_contexts = {k: v for k, v in self._challenge_contexts.items() if k[0] != name}
-            self._challenge_contexts[key] = context
-        return context
 
     @staticmethod
     def _reject(transport: asyncio.Transport) -> None:

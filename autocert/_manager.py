@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import enum
 import logging
 import ssl
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
 from ._errors import AutocertError, InvalidName, IssuanceError
 from ._events import Event, EventBus, log_event
 from ._names import normalize_entry, normalize_name, pattern_for
-from ._policy import MAX_CAP, RateBudget, hold_reason, is_allowed, needs_order, within_cap
+from ._policy import MAX_CAP, RateBudget, Route, hold_reason, is_allowed, needs_order, within_cap
 from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
@@ -33,22 +32,6 @@ from ._worker import ChallengeBook, Worker
 log = logging.getLogger("autocert.manager")
 
 REVOCATION_OVERLAP = timedelta(seconds=10)
-
-
-class Route(enum.Enum):
-    """What :meth:`Manager.route` decided for a handshake; the value is its ``handshakes`` counter."""
-
-    #: A cached context: start TLS with it now.
-    SERVE = "served"
-    #: An ``acme-tls/1`` client: the pending tls-alpn-01 context (None: build it, or refuse).
-    CHALLENGE = "challenge"
-    #: Allowed, nothing in memory: load the certificate or issue one, then serve.
-    LOAD = "pending"
-    #: Not allowed, no name, or not started: alert ``unrecognized_name``.
-    REFUSE = "unknown_name"
-    #: Allowed, but held back (backoff, parked, over its pattern's cap or a budget) and known
-    #: to be so from memory: alert ``unrecognized_name`` without touching the database.
-    HELD = "held"
 
 
 _REFUSED: tuple[Route, str, None] = (Route.REFUSE, "", None)

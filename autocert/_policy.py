@@ -9,6 +9,7 @@ each can be tested with nothing but values.
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ __all__ = [
     "STALE_CHALLENGE_AGE",
     "STATES",
     "RateBudget",
+    "Route",
     "ari_next_check",
     "failure_budget_hold",
     "hold_reason",
@@ -71,6 +73,23 @@ def within_cap(name: str, cap: int | None, used: Collection[str], reserved: Coll
     if cap is None or name in used or name in reserved:
         return True
     return len(set(used) | set(reserved)) < cap
+
+
+class Route(enum.Enum):
+    """What ``Manager.route`` decided for a handshake (both SNI paths ask it); the value names
+    the ``handshakes`` counter the outcome is counted in."""
+
+    #: A cached context: start TLS with it now.
+    SERVE = "served"
+    #: An ``acme-tls/1`` client: the pending tls-alpn-01 context (None: build it, or refuse).
+    CHALLENGE = "challenge"
+    #: Allowed, nothing in memory: load the certificate or issue one, then serve.
+    LOAD = "pending"
+    #: Not allowed, no name, or not started: alert ``unrecognized_name``.
+    REFUSE = "unknown_name"
+    #: Allowed, but held back (backoff, parked, over its pattern's cap or a budget) and known
+    #: to be so from memory: alert ``unrecognized_name`` without touching the database.
+    HELD = "held"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from fixtures import name_for
 
 from autocert._config import Listen
 from autocert._manager import Manager
+from autocert._policy import Route
 from autocert._config import ServeOptions, listening_socket
 from autocert._front import MAX_CLIENT_HELLO, NotClientHello, TlsFront, parse_client_hello
 from autocert._server import tls_app
@@ -83,14 +84,10 @@ class TaskFront(TlsFront):
                 connection.close()
 
     async def _pick(self, hello: Any) -> ssl.SSLContext | None:
-        name = hello.server_name or self._manager.default_name
-        if not name or not self._manager.is_allowed(name):
-            self._manager.handshakes["unknown_name"] += 1
-            return None
-        context = self._manager.cache.get(name)
-        if context is None:
+        route, name, context = self._manager.route(hello.server_name)
+        if route is Route.LOAD:
             context = await self._manager.context_for(name, wait=self._options.first_contact_wait)
-        self._manager.handshakes["served" if context is not None else "pending"] += 1
+            self._manager.handshakes["served" if context is not None else "pending"] += 1
         return context
 
     @staticmethod
