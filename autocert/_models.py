@@ -28,7 +28,6 @@ __all__ = [
     "ChallengeRow",
     "NameStateRow",
     "UTCDateTime",
-    "utcnow",
 ]
 
 # Deterministic constraint names let later migrations drop or alter constraints by name on

@@ -21,9 +21,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from autocert import _store as store_module
 from autocert._errors import ConfigError, InvalidName, StoreError
 from autocert._models import Base
+from autocert._status import is_allowed
+from autocert._store import engine as store_engine
 from autocert._store import (
     Account,
     AllowedEntry,
@@ -201,7 +202,7 @@ async def test_sqlite_memory_database_works() -> None:
 def test_migrations_are_found_in_the_source_tree() -> None:
     assert migrations_path() == REPO / "migrations"
     assert head_revision() == "0007"
-    assert store_module._script_directory().get_heads() == [head_revision()], "the light reading agrees with Alembic's"
+    assert store_engine._script_directory().get_heads() == [head_revision()], "the light reading agrees with Alembic's"
 
 
 def test_opening_a_current_database_does_not_load_alembic(tmp_path: Path) -> None:
@@ -249,7 +250,7 @@ async def test_second_open_skips_alembic_and_is_fast(database_url: str, monkeypa
     def fail(_connection: object) -> None:
         raise AssertionError("an up-to-date database must not run the migration scripts")
 
-    monkeypatch.setattr(store_module, "_upgrade_to_head", fail)
+    monkeypatch.setattr(store_engine, "_upgrade_to_head", fail)
     started = time.perf_counter()
     second = await Store.open(database_url)
     elapsed = time.perf_counter() - started
@@ -390,12 +391,14 @@ async def test_disallow_reports_removed_entries(store: Store) -> None:
 
 async def test_is_allowed_exact_or_one_label_pattern(store: Store) -> None:
     await store.allow(["exact.example", "*.wild.example"])
-    assert await store.is_allowed("exact.example")
-    assert await store.is_allowed("www.wild.example")
-    assert not await store.is_allowed("wild.example")
-    assert not await store.is_allowed("a.b.wild.example")
-    assert not await store.is_allowed("www.exact.example")
-    assert not await store.is_allowed("localhost")
+    entries = await store.allowed_entries()
+    assert entries == frozenset({"exact.example", "*.wild.example"})
+    assert is_allowed("exact.example", entries)
+    assert is_allowed("www.wild.example", entries)
+    assert not is_allowed("wild.example", entries)
+    assert not is_allowed("a.b.wild.example", entries)
+    assert not is_allowed("www.exact.example", entries)
+    assert not is_allowed("localhost", entries)
 
 
 # --------------------------------------------------------------------------------------------

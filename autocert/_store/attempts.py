@@ -1,0 +1,229 @@
+"""Issuance attempts and each name's state: failures and backoff, the lease that lets one
+process at a time order a name, and the history that rate budgets and status pages read."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import func, or_, select, union, update
+
+from .._errors import StoreError
+from .._timefmt import utcnow
+from .certificates import _is_current
+from .engine import StoreBase, _aware, _chunks
+from .records import Attempt, NameState, _allowed, _attempt, _attempts, _certificates, _name_state, _name_states
+
+AttemptResult = Literal["running", "valid", "failed"]
+
+
+class AttemptsMixin(StoreBase):
+    """Attempts, backoff and leases, per name."""
+
+    # -- attempts and backoff ----------------------------------------------------------------
+
+    async def start_attempt(self, name: str, directory: str) -> int:
+        """Record that an order for ``name`` is starting; returns the attempt id."""
+        stmt = (
+            self._insert(_attempts)
+            .values(name=name, directory=directory, started_at=utcnow(), result="running")
+            .returning(_attempts.c.id)
+        )
+        async with self._writing() as session:
+            return int((await session.execute(stmt)).scalar_one())
+
+    async def finish_attempt(
+        self,
+        attempt_id: int,
+        result: AttemptResult,
+        problem_type: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Close an attempt and update the name's failure count in the same transaction.
+
+        ``valid`` resets the backoff (failures, last error, next attempt); ``failed`` adds one
+        failure and records ``"<problem_type>: <detail>"`` as the last error. Finishing an
+        attempt twice raises :class:`StoreError` rather than counting a failure twice.
+        """
+        if result not in ("valid", "failed"):
+            raise ValueError(f"an attempt finishes as 'valid' or 'failed', not {result!r}")
+        finish = (
+            update(_attempts)
+            .where(_attempts.c.id == attempt_id, _attempts.c.result == "running")
+            .values(finished_at=utcnow(), result=result, problem_type=problem_type, detail=detail)
+            .returning(_attempts.c.name)
+        )
+        async with self._writing() as session:
+            name = (await session.execute(finish)).scalar_one_or_none()
+            if name is None:
+                exists = (await session.execute(select(_attempts.c.id).where(_attempts.c.id == attempt_id))).first()
+                state = "already finished" if exists else "unknown"
+                raise StoreError(f"attempt {attempt_id} is {state}")
+            upsert = self._insert(_name_states)
+            if result == "valid":
+                upsert = upsert.values(name=name, failures=0).on_conflict_do_update(
+                    index_elements=["name"],
+                    set_={"failures": 0, "last_error": None, "next_attempt_at": None},
+                )
+            else:
+                error = _error_text(problem_type, detail)
+                upsert = upsert.values(name=name, failures=1, last_error=error)
+                upsert = upsert.on_conflict_do_update(
+                    index_elements=["name"],
+                    set_={"failures": _name_states.c.failures + 1, "last_error": upsert.excluded.last_error},
+                )
+            await session.execute(upsert)
+
+    async def attempts(self, name: str, limit: int = 20) -> list[Attempt]:
+        """The latest attempts for ``name``, newest first."""
+        stmt = (
+            select(_attempts)
+            .where(_attempts.c.name == name)
+            .order_by(_attempts.c.started_at.desc(), _attempts.c.id.desc())
+            .limit(limit)
+        )
+        async with self._reading() as session:
+            rows = (await session.execute(stmt)).all()
+        return [_attempt(row) for row in rows]
+
+    async def attempt_count(self, name: str) -> int:
+        """How many attempts were ever recorded for ``name``."""
+        return (await self.attempt_counts([name])).get(name, 0)
+
+    async def attempt_counts(self, names: Sequence[str]) -> dict[str, int]:
+        """:meth:`attempt_count` for many names, one query per chunk; names never tried are absent."""
+        counts: dict[str, int] = {}
+        async with self._reading() as session:
+            for chunk in _chunks(names):
+                stmt = select(_attempts.c.name, func.count()).where(_attempts.c.name.in_(chunk)).group_by(_attempts.c.name)
+                counts.update((name, int(count)) for name, count in (await session.execute(stmt)).all())
+        return counts
+
+    async def orders_since(self, directory: str, since: datetime) -> int:
+        """Orders started against ``directory`` since ``since``: the account's rate budget."""
+        stmt = (
+            select(func.count())
+            .select_from(_attempts)
+            .where(_attempts.c.directory == directory, _attempts.c.started_at >= _aware(since, "since"))
+        )
+        async with self._reading() as session:
+            return int((await session.execute(stmt)).scalar_one())
+
+    async def failures_since(self, name: str, since: datetime) -> list[datetime]:
+        """Start times of ``name``'s failed attempts since ``since``, oldest first."""
+        stmt = (
+            select(_attempts.c.started_at)
+            .where(_attempts.c.name == name, _attempts.c.result == "failed", _attempts.c.started_at >= _aware(since, "since"))
+            .order_by(_attempts.c.started_at)
+        )
+        async with self._reading() as session:
+            return list((await session.execute(stmt)).scalars())
+
+    async def name_state(self, name: str) -> NameState | None:
+        """Backoff and lease state of ``name``, if it ever had any."""
+        return (await self.name_states([name])).get(name)
+
+    async def name_states(self, names: Sequence[str]) -> dict[str, NameState]:
+        """:meth:`name_state` for many names, one query per chunk; names without state are absent."""
+        found: dict[str, NameState] = {}
+        async with self._reading() as session:
+            for chunk in _chunks(names):
+                rows = (await session.execute(select(_name_states).where(_name_states.c.name.in_(chunk)))).all()
+                found.update((row.name, _name_state(row)) for row in rows)
+        return found
+
+    async def set_next_attempt(self, name: str, when: datetime | None) -> None:
+        """Schedule (or with None, clear) the earliest time the next order for ``name`` may start."""
+        at = _aware(when, "when") if when is not None else None
+        stmt = self._insert(_name_states).values(name=name, failures=0, next_attempt_at=at)
+        stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={"next_attempt_at": stmt.excluded.next_attempt_at})
+        async with self._writing() as session:
+            await session.execute(stmt)
+
+    async def retries_due(self, before: datetime, limit: int = 100) -> list[NameState]:
+        """Names whose last attempt failed and whose backoff ends by ``before``, soonest first."""
+        stmt = (
+            select(_name_states)
+            .where(_name_states.c.failures > 0, _name_states.c.next_attempt_at <= _aware(before, "before"))
+            .order_by(_name_states.c.next_attempt_at)
+            .limit(limit)
+        )
+        async with self._reading() as session:
+            rows = (await session.execute(stmt)).all()
+        return [_name_state(row) for row in rows]
+
+    async def next_due(self) -> datetime | None:
+        """The earliest renewal or retry time: when the scheduler next has work."""
+        async with self._reading() as session:
+            renew = (await session.execute(select(func.min(_certificates.c.renew_at)).where(_is_current()))).scalar_one()
+            retry = (
+                await session.execute(select(func.min(_name_states.c.next_attempt_at)).where(_name_states.c.failures > 0))
+            ).scalar_one()
+        times = [value for value in (renew, retry) if value is not None]
+        return min(times) if times else None
+
+    # -- leases ------------------------------------------------------------------------------
+
+    async def try_lease(self, name: str, owner: str, seconds: float) -> bool:
+        """Take (or extend) the lease on ordering ``name`` for ``seconds``; True if we hold it.
+
+        One statement decides: it inserts the lease, or overwrites it only when it is free,
+        expired or already ours. Both databases serialise conflicting upserts on the row, so
+        of two processes racing exactly one gets a row back.
+        """
+        if seconds <= 0:
+            raise ValueError(f"lease length must be positive, got {seconds!r}")
+        now = utcnow()
+        stmt = self._insert(_name_states).values(
+            name=name, failures=0, lease_owner=owner, lease_until=now + timedelta(seconds=seconds)
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["name"],
+            set_={"lease_owner": stmt.excluded.lease_owner, "lease_until": stmt.excluded.lease_until},
+            where=or_(
+                _name_states.c.lease_owner.is_(None),
+                _name_states.c.lease_until.is_(None),
+                _name_states.c.lease_until <= now,
+                _name_states.c.lease_owner == owner,
+            ),
+        ).returning(_name_states.c.name)
+        async with self._writing() as session:
+            return (await session.execute(stmt)).first() is not None
+
+    async def release_lease(self, name: str, owner: str) -> bool:
+        """Give up our lease on ``name``; False if we did not hold it (it expired and moved on)."""
+        stmt = (
+            update(_name_states)
+            .where(_name_states.c.name == name, _name_states.c.lease_owner == owner)
+            .values(lease_owner=None, lease_until=None)
+            .returning(_name_states.c.name)
+        )
+        async with self._writing() as session:
+            return (await session.execute(stmt)).first() is not None
+
+    # -- status ------------------------------------------------------------------------------
+
+    async def status_names(self, names: Sequence[str] | None = None) -> list[str]:
+        """Every name the database knows about, sorted; or ``names`` themselves, deduplicated.
+
+        Known means: an exact allowlist entry, or any certificate, attempt or backoff state
+        for it (so disallowed names with history still show up).
+        """
+        if names is not None:
+            return list(dict.fromkeys(names))
+        known = union(
+            select(_allowed.c.entry.label("name")).where(_allowed.c.entry.not_like("*.%")),
+            select(_certificates.c.name),
+            select(_attempts.c.name),
+            select(_name_states.c.name),
+        ).subquery()
+        async with self._reading() as session:
+            found = (await session.execute(select(known.c.name))).scalars()
+            return sorted(set(found))
+
+
+def _error_text(problem_type: str | None, detail: str | None) -> str:
+    if problem_type and detail:
+        return f"{problem_type}: {detail}"
+    return detail or problem_type or "failed without detail"

@@ -1,0 +1,194 @@
+"""What the store hands to callers: frozen dataclasses, never ORM objects, so that nothing
+above the store can run a query by accident; and the tables and row converters behind them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, Table
+
+from .._models import (
+    AccountRow,
+    AllowedRow,
+    AllowlistVersionRow,
+    AttemptRow,
+    CertificateRow,
+    ChallengeRow,
+    NameStateRow,
+)
+
+_accounts: Table = AccountRow.__table__  # type: ignore[assignment]
+_allowed: Table = AllowedRow.__table__  # type: ignore[assignment]
+_allowlist_version: Table = AllowlistVersionRow.__table__  # type: ignore[assignment]
+_certificates: Table = CertificateRow.__table__  # type: ignore[assignment]
+_attempts: Table = AttemptRow.__table__  # type: ignore[assignment]
+_name_states: Table = NameStateRow.__table__  # type: ignore[assignment]
+_challenges: Table = ChallengeRow.__table__  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------------------------
+# Values handed to callers
+
+
+@dataclass(frozen=True, slots=True)
+class AllowedEntry:
+    """An allowlist entry (a name or ``*.pattern``) and when it was added."""
+
+    entry: str
+    added_at: datetime
+    cap: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """The ACME account for one directory; ``key_pem`` is stored exactly as it was given."""
+
+    directory: str
+    key_pem: bytes
+    url: str | None
+    contact: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCertificate:
+    """An issued certificate with its private key and the metadata renewal decisions need."""
+
+    id: int
+    name: str
+    names: tuple[str, ...]
+    key_pem: bytes
+    chain_pem: bytes
+    serial: str
+    issuer: str
+    not_before: datetime
+    not_after: datetime
+    renew_at: datetime
+    directory: str
+    order_url: str | None
+    profile: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+    ari_next_check_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One issuance attempt; ``result`` is ``running`` until it is finished."""
+
+    id: int
+    name: str
+    directory: str
+    started_at: datetime
+    finished_at: datetime | None
+    result: str
+    problem_type: str | None
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateTimes:
+    """A current certificate's validity and renewal time, without its key or chain: what an
+    expiry check needs."""
+
+    id: int
+    name: str
+    not_before: datetime
+    not_after: datetime
+    renew_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeMarks:
+    """See :meth:`Store.change_marks`: each only grows, so a difference means news."""
+
+    allowlist_version: int
+    latest_certificate_id: int
+    revocations: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryOverview:
+    """See :meth:`Store.expiry_overview`."""
+
+    certified: int
+    soonest: datetime | None
+    due: list[CertificateTimes]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingOrder:
+    """An order placed but not finished, with the key its CSR uses."""
+
+    order_url: str
+    key_pem: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NameState:
+    """Backoff and lease state of one name (``failures`` counts failures since the last success)."""
+
+    name: str
+    failures: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    lease_owner: str | None
+    lease_until: datetime | None
+
+
+# --------------------------------------------------------------------------------------------
+# Row conversion
+
+
+def _account(row: Row[Any]) -> Account:
+    return Account(directory=row.directory, key_pem=bytes(row.key_pem), url=row.url, contact=row.contact)
+
+
+def _certificate(row: Row[Any]) -> StoredCertificate:
+    names = row.names
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n]
+    return StoredCertificate(
+        id=row.id,
+        name=row.name,
+        names=tuple(names),
+        key_pem=bytes(row.key_pem),
+        chain_pem=bytes(row.chain_pem),
+        serial=row.serial,
+        issuer=row.issuer,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        renew_at=row.renew_at,
+        directory=row.directory,
+        order_url=row.order_url,
+        profile=row.profile,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+        ari_next_check_at=row.ari_next_check_at,
+    )
+
+
+def _attempt(row: Row[Any]) -> Attempt:
+    return Attempt(
+        id=row.id,
+        name=row.name,
+        directory=row.directory,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        result=row.result,
+        problem_type=row.problem_type,
+        detail=row.detail,
+    )
+
+
+def _name_state(row: Row[Any]) -> NameState:
+    return NameState(
+        name=row.name,
+        failures=row.failures,
+        next_attempt_at=row.next_attempt_at,
+        last_error=row.last_error,
+        lease_owner=row.lease_owner,
+        lease_until=row.lease_until,
+    )
