@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from autocert._errors import ConfigError, InvalidName, StoreError
 from autocert._models import Base
-from autocert._status import is_allowed
+from autocert._policy import is_allowed
 from autocert._store import engine as store_engine
 from autocert._store import (
     Account,
