@@ -13,7 +13,7 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
-from contextlib import asynccontextmanager, closing, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -368,18 +368,18 @@ class StoreBase:
 
     # -- transactions ------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _reading(self) -> AsyncIterator[AsyncSession]:
-        try:
-            async with self._read_sessions() as session, session.begin():
-                yield session
-        except (SQLAlchemyError, OSError) as exc:
-            raise StoreError(f"database {self.url}: {_short_error(exc)}") from exc
+    def _reading(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """One read transaction."""
+        return self._transaction(self._read_sessions)
+
+    def _writing(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """One write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
+        return self._transaction(self._write_sessions)
 
     @asynccontextmanager
-    async def _writing(self) -> AsyncIterator[AsyncSession]:
+    async def _transaction(self, sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
         try:
-            async with self._write_sessions() as session, session.begin():
+            async with sessions() as session, session.begin():
                 yield session
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"database {self.url}: {_short_error(exc)}") from exc

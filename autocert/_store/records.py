@@ -4,9 +4,10 @@ above the store can run a query by accident; and the tables and row converters b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Row, Table
 
@@ -170,25 +171,17 @@ def _certificate(row: Row[Any]) -> StoredCertificate:
     )
 
 
+_Plain = TypeVar("_Plain", Attempt, NameState)
+
+
+def _plain(record: type[_Plain], row: Row[Any]) -> _Plain:
+    """A record whose fields are columns of the same names, taken as they are."""
+    return record(**{field.name: getattr(row, field.name) for field in dataclasses.fields(record)})
+
+
 def _attempt(row: Row[Any]) -> Attempt:
-    return Attempt(
-        id=row.id,
-        name=row.name,
-        directory=row.directory,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        result=row.result,
-        problem_type=row.problem_type,
-        detail=row.detail,
-    )
+    return _plain(Attempt, row)
 
 
 def _name_state(row: Row[Any]) -> NameState:
-    return NameState(
-        name=row.name,
-        failures=row.failures,
-        next_attempt_at=row.next_attempt_at,
-        last_error=row.last_error,
-        lease_owner=row.lease_owner,
-        lease_until=row.lease_until,
-    )
+    return _plain(NameState, row)
