@@ -28,10 +28,13 @@ from ._config import (
     check_ca_bundle,
     default_db_url,
     listening_socket,
+    parse_alpn,
     parse_bool_env,
     parse_listen,
     parse_positive_float,
     parse_positive_int,
+    parse_proxy_protocol,
+    tcp_upstream,
 )
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._names import is_pattern, normalize_entry, normalize_name
@@ -113,10 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server", parents=[common, acme])
     serve.add_argument("--admin", default=env("AUTOCERT_ADMIN", "127.0.0.1:8081"), help="admin listener HOST:PORT or none")
     serve.add_argument("--admin-token", default=env("AUTOCERT_ADMIN_TOKEN"), help="bearer token for the admin listener")
-    serve.add_argument("--upstream", default=env("AUTOCERT_UPSTREAM"), help="reverse-proxy TLS requests to this URL")
+    serve.add_argument("--upstream", default=env("AUTOCERT_UPSTREAM"),
+                       help="reverse-proxy TLS requests to this http(s):// URL, or pass decrypted bytes to tcp://HOST:PORT")
+    serve.add_argument("--proxy-protocol", default=env("AUTOCERT_PROXY_PROTOCOL"), metavar="v1|v2",
+                       help="with a tcp:// upstream: start each upstream connection with a PROXY protocol header")
+    serve.add_argument("--alpn", default=env("AUTOCERT_ALPN"), metavar="LIST",
+                       help="with a tcp:// upstream: ALPN protocols offered to clients (default http/1.1)")
     serve.add_argument("--first-contact-wait", default=env("AUTOCERT_FIRST_CONTACT_WAIT", "10"), metavar="SECONDS")
     serve.add_argument("--cache-size", default=env("AUTOCERT_CACHE_SIZE", "10000"), metavar="N")
     serve.add_argument("--default-name", default=None, metavar="NAME", help="certificate for clients without SNI")
+    serve.add_argument("--idle-timeout", default=env("AUTOCERT_IDLE_TIMEOUT", "75"), metavar="SECONDS",
+                       help="close a connection that passed no bytes for this long (0: never)")
     serve.add_argument("--hsts", action="store_true", help="add Strict-Transport-Security to proxied responses")
     serve.add_argument("--log-format", choices=("text", "json"), default=env("AUTOCERT_LOG_FORMAT", "text"))
     serve.add_argument("--on-event", default=env("AUTOCERT_ON_EVENT"), metavar="CMD",
@@ -472,6 +482,10 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     options.admin_token = args.admin_token
     options.upstream = args.upstream
     options.first_contact_wait = parse_positive_float(args.first_contact_wait, option="--first-contact-wait")
+    options.idle_timeout = parse_positive_float(args.idle_timeout, option="--idle-timeout")
+    options.proxy_protocol = parse_proxy_protocol(args.proxy_protocol)
+    options.alpn = parse_alpn(args.alpn)
+    tcp_upstream(options)
     options.hsts = args.hsts
     options.on_event = args.on_event
     options.webhook = check_webhook(args.webhook)
@@ -487,8 +501,10 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     sockets = bind_listeners(options)
     try:
         from ._server import serve
+        from ._tls import DEFAULT_ALPN
 
-        manager = manager_from_args(args, challenge_types=challenge_types, cache_size=cache_size, default_name=default_name, renew=True)
+        manager = manager_from_args(args, challenge_types=challenge_types, cache_size=cache_size, default_name=default_name,
+                                    alpn=options.alpn or DEFAULT_ALPN, renew=True)
         await serve(manager, options, sockets=sockets)
     finally:
         for sock in sockets.values():

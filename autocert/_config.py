@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -35,7 +36,8 @@ def default_db_url() -> str:
 
 @dataclass(frozen=True)
 class Listen:
-    """A ``HOST:PORT`` listener address; ``None`` stands for a disabled listener."""
+    """A ``HOST:PORT`` address: a listener (``None`` stands for a disabled one), or the
+    upstream of ``--upstream tcp://HOST:PORT``."""
 
     host: str
     port: int
@@ -135,12 +137,77 @@ class ServeOptions:
     #: SIGTERM; idle connections close at once, so an idle server still stops immediately.
     #: Default 30. A supervisor that kills sooner cuts those requests off.
     shutdown_timeout: float = 30.0
+    #: Seconds a connection may pass no bytes either way before it is closed. Default 75.
+    #: Long-lived quiet connections (a database pool, a WebSocket without pings) need
+    #: more, or keepalives of their own; 0 turns the bound off, so dead peers hold sockets.
+    idle_timeout: float = 75.0
+    #: With a ``tcp://`` upstream, the PROXY protocol version (1 or 2) whose header starts
+    #: every upstream connection. Default None: the decrypted bytes only. An upstream that
+    #: does not expect the header reads it as garbage; one that does and gets none is confused.
+    proxy_protocol: int | None = None
+    #: With a ``tcp://`` upstream, the ALPN protocols offered to clients, in order of
+    #: preference. Default None, meaning ``http/1.1``. A protocol the upstream does not
+    #: speak (``h2`` to an HTTP/1.1 app) breaks every client that picks it.
+    alpn: tuple[str, ...] | None = None
     #: Shell command run with each notified event's JSON on stdin. Default None. It runs
     #: with the server's privileges: it must be trusted.
     on_event: str | None = None
     #: URL each notified event is POSTed to as JSON. Default None. Events name the failing
     #: domains and their errors: send them only to an endpoint you control.
     webhook: str | None = None
+
+
+#: How ``--upstream`` names a pass-through upstream.
+TCP_SCHEME = "tcp://"
+
+#: Offered to clients only by the certificates tls-alpn-01 validation gets (RFC 8737).
+_RESERVED_ALPN = "acme-tls/1"
+
+
+def parse_proxy_protocol(value: str | None) -> int | None:
+    """``--proxy-protocol``: ``v1`` or ``v2`` (``none`` or empty: no header)."""
+    text = (value or "").strip().lower()
+    if text in ("", "none"):
+        return None
+    if text in ("v1", "v2"):
+        return int(text[1])
+    raise ConfigError(f"--proxy-protocol {value!r}: expected v1 or v2")
+
+
+def parse_alpn(value: str | None) -> tuple[str, ...] | None:
+    """``--alpn``: a comma-separated list of protocol names, e.g. ``h2,http/1.1``."""
+    if value is None:
+        return None
+    protocols = tuple(part.strip() for part in value.split(","))
+    for protocol in protocols:
+        if not protocol or not protocol.isascii() or not protocol.isprintable() or len(protocol) > 255:
+            raise ConfigError(f"--alpn {value!r}: expected protocol names separated by commas, such as h2,http/1.1")
+        if protocol == _RESERVED_ALPN:
+            raise ConfigError(f"--alpn {value!r}: {_RESERVED_ALPN} is reserved for tls-alpn-01 validation")
+    return protocols
+
+
+def tcp_upstream(options: ServeOptions) -> Listen | None:
+    """The address of a ``tcp://HOST:PORT`` upstream (pass-through mode), else None.
+
+    Raises ``ConfigError`` for a malformed ``tcp://`` URL, and for the pass-through options
+    (``proxy_protocol``, ``alpn``) without a ``tcp://`` upstream to apply them to.
+    """
+    upstream = options.upstream or ""
+    if not upstream.lower().startswith(TCP_SCHEME):
+        for option, value in (("--proxy-protocol", options.proxy_protocol), ("--alpn", options.alpn)):
+            if value is not None:
+                raise ConfigError(f"{option} applies only to a pass-through upstream (--upstream tcp://HOST:PORT)")
+        return None
+    expected = f"--upstream {upstream!r}: expected tcp://HOST:PORT (IPv6 as tcp://[ADDRESS]:PORT)"
+    try:
+        url = urllib.parse.urlsplit(upstream)
+        port = url.port
+    except ValueError:
+        raise ConfigError(expected) from None
+    if not url.hostname or not port or url.username is not None or url.path not in ("", "/") or url.query or url.fragment:
+        raise ConfigError(expected)
+    return Listen(url.hostname, port)
 
 
 def is_loopback(host: str) -> bool:

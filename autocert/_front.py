@@ -29,8 +29,6 @@ from ._policy import Route
 from ._tls import UNRECOGNIZED_NAME_ALERT
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from ._config import ServeOptions
     from ._manager import Manager
 
@@ -239,7 +237,7 @@ class TlsFront:
     certificate) get a task; their transport stops reading meanwhile.
     """
 
-    def __init__(self, manager: Manager, protocol_factory: web.Server, options: ServeOptions) -> None:
+    def __init__(self, manager: Manager, protocol_factory: Callable[[], asyncio.BaseProtocol], options: ServeOptions) -> None:
         self._manager = manager
         self._protocol_factory = protocol_factory
         self._options = options
@@ -290,7 +288,7 @@ class TlsFront:
         """Route on the memory-only fast path; start a task only when something must be awaited."""
         route, name, context = self._manager.route(hello.server_name, hello.alpn)
         if context is not None:
-            self._start_tls(transport, context, data)
+            self._start_tls(transport, context, data, name)
             return
         if route is not Route.LOAD and route is not Route.CHALLENGE:
             self._reject(transport)
@@ -318,11 +316,15 @@ class TlsFront:
         if context is None:
             self._reject(transport)
             return
-        self._start_tls(transport, context, data)
+        self._start_tls(transport, context, data, name)
         transport.resume_reading()
 
-    def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext, data: bytes) -> None:
-        """Turn the plain transport into TLS, replaying the ClientHello bytes already read."""
+    def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext, data: bytes, name: str) -> None:
+        """Turn the plain transport into TLS, replaying the ClientHello bytes already read.
+
+        ``name`` is the name the connection was routed by; it is here for a front whose
+        application needs it (pass-through: the PROXY header), and costs nothing otherwise.
+        """
         tls = self._ssl_protocol(
             self._loop, self._protocol_factory(), context, None,
             server_side=True, ssl_handshake_timeout=self._options.handshake_timeout,

@@ -26,7 +26,7 @@ from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
 from ._timefmt import utcnow
-from ._tls import ACME_TLS_ALPN, ContextCache, build_context, install_alert_flush_fix, new_server_context
+from ._tls import ACME_TLS_ALPN, DEFAULT_ALPN, ContextCache, build_context, install_alert_flush_fix, new_server_context
 from ._worker import ChallengeBook, Worker
 
 log = logging.getLogger("autocert.manager")
@@ -75,6 +75,11 @@ class Manager:
         rebuilt (~0.65 ms each) over and over; too large and memory grows with every name seen.
     default_name:
         The name whose certificate clients without SNI get. Default None: they get alert 112.
+    alpn:
+        The ALPN protocols every certificate's context offers clients, in order of
+        preference. Default ``("http/1.1",)``. Offer only what the application behind speaks:
+        a client that picks ``h2`` from a server whose application answers HTTP/1.1 fails its
+        first request. ``serve`` sets it from ``--alpn`` in pass-through mode.
     challenge_types:
         Challenge types to answer, in order of preference. Default ``("http-01",)``, which
         needs port 80 reachable by the CA; ``tls-alpn-01`` needs this process's TLS listener
@@ -106,6 +111,7 @@ class Manager:
         profile: str | None = None,
         cache_size: int = 10_000,
         default_name: str | None = None,
+        alpn: Sequence[str] = DEFAULT_ALPN,
         challenge_types: Sequence[str] = ("http-01",),
         poll_interval: float = 1.0,
         concurrency: int = 4,
@@ -119,6 +125,7 @@ class Manager:
         self.ca_bundle = check_ca_bundle(ca_bundle)
         self.profile = profile
         self.default_name = normalize_name(default_name) if default_name else None
+        self.alpn = tuple(alpn)
         self.challenge_types = tuple(challenge_types)
         self.poll_interval = poll_interval
         self.concurrency = concurrency
@@ -322,7 +329,7 @@ class Manager:
         Safe to call before ``start()``: until then every name is refused with alert 112.
         """
         install_alert_flush_fix()
-        context = new_server_context()
+        context = new_server_context(self.alpn)
         context.sni_callback = self._sni_callback
         return context
 
@@ -481,7 +488,7 @@ class Manager:
         """Hot-insert a certificate: the next handshake for its name gets it."""
         if certificate.revoked_at is not None or not self.is_allowed(certificate.name):
             return None
-        context = await asyncio.to_thread(build_context, certificate.chain_pem, certificate.key_pem)
+        context = await asyncio.to_thread(build_context, certificate.chain_pem, certificate.key_pem, self.alpn)
         self.cache.put(certificate.name, context, certificate.id)
         self._held.pop(certificate.name, None)
         self._last_certificate_id = max(self._last_certificate_id, certificate.id)

@@ -3,7 +3,8 @@
 :func:`listeners` starts the http, admin and TLS listeners on sockets bound beforehand and
 stops them in order; ``serve`` runs it until a signal, and the one-shot CLI commands run it
 to answer ACME challenges while they order. The TLS listener is the ClientHello front of
-:mod:`autocert._front`.
+:mod:`autocert._front`, in front of an aiohttp application, or in pass-through mode
+(``--upstream tcp://``) of :mod:`autocert._passthrough`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ._config import ServeOptions, bind_listeners, check_admin_binding
+from ._config import ServeOptions, bind_listeners, check_admin_binding, tcp_upstream
 from ._front import TlsFront
 from ._manager import Manager
 from ._metrics import Metrics
 from ._monitor import ExpiryMonitor
 from ._notify import Notifier
+from ._passthrough import PassthroughFront
 from .web import CHALLENGE_PREFIX, challenge_response, middleware, status_app
 
 log = logging.getLogger("autocert.server")
@@ -81,7 +83,8 @@ async def listeners(
     """Listen on each of ``sockets`` (labelled ``http``, ``admin``, ``https``) while inside.
 
     ``http`` answers http-01 and redirects, ``admin`` serves the status app, ``https`` runs
-    the ClientHello front in front of ``https_app`` (default :func:`https_application`).
+    the ClientHello front in front of ``https_app`` (default :func:`https_application`), or
+    relays to a ``tcp://`` upstream.
     Each socket is popped from ``sockets`` once a listener owns it, so the caller closes only
     what a failed start did not hand on. ``announce`` prints one ready line per listener.
     On the way out the front stops accepting, then the sites drain in reverse order of start,
@@ -103,14 +106,18 @@ async def listeners(
             admin = status_app(manager, token=options.admin_token, checks=[listeners_health])
             runners.append(await _start_site(admin, sockets.pop("admin"), "admin", options, announce))
         if "https" in sockets:
-            if https_app is None:
-                https_app = https_application(options)
-            https_runner = web.AppRunner(https_app, shutdown_timeout=options.shutdown_timeout, handle_signals=False)
-            await https_runner.setup()
-            runners.append(https_runner)
-            assert https_runner.server is not None
+            passthrough = tcp_upstream(options)
+            if passthrough is not None:
+                front = PassthroughFront(manager, options, passthrough)
+            else:
+                if https_app is None:
+                    https_app = https_application(options)
+                https_runner = web.AppRunner(https_app, shutdown_timeout=options.shutdown_timeout, handle_signals=False)
+                await https_runner.setup()
+                runners.append(https_runner)
+                assert https_runner.server is not None
+                front = TlsFront(manager, https_runner.server, options)
             listener = sockets.pop("https")
-            front = TlsFront(manager, https_runner.server, options)
             accept_task = asyncio.get_running_loop().create_task(front.serve(listener))
             accept_task.add_done_callback(lambda _t: listener.close())
             if announce:
@@ -147,7 +154,7 @@ async def serve(
 
 async def _serve(manager: Manager, options: ServeOptions, sockets: dict[str, socket.socket], ready: asyncio.Event | None) -> None:
     # Built before anything starts: a bad --upstream is a usage error with nothing written.
-    https_app = https_application(options)
+    https_app = None if tcp_upstream(options) is not None else https_application(options)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
