@@ -136,11 +136,11 @@ class _Side(asyncio.Protocol):
         self.eof = True
         other = self.other
         if not other.can_write_eof():
-            other.close()  # a TLS client: it gets the rest of its bytes, then close_notify
+            _close(other)  # a TLS client: it gets the rest of its bytes, then close_notify
             return False
         other.write_eof()
         if self.peer is not None and self.peer.eof:
-            other.close()  # both ways are done
+            _close(other)  # both ways are done
             return False
         assert self.transport is not None
         return self.transport.can_write_eof()
@@ -149,7 +149,7 @@ class _Side(asyncio.Protocol):
         other, self.other = self.other, _GONE
         if self.peer is not None:
             self.peer.other = _GONE  # what the other end still reads has nowhere to go
-        other.close()  # it still gets what was written to it
+        _close(other)  # it still gets what was written to it
 
     def abort(self) -> None:
         """Cut this end at once, unsent bytes included."""
@@ -164,7 +164,15 @@ class _Side(asyncio.Protocol):
         if transport.get_write_buffer_size():
             transport.abort()
         else:
-            transport.close()
+            _close(transport)
+
+
+def _close(transport: asyncio.Transport | _Sink) -> None:
+    """Close once what was written has gone out. Reading resumes first: asyncio's TLS
+    transport, paused when the client's EOF arrives, would otherwise wait for ever for the
+    application to read on before it finishes closing."""
+    transport.resume_reading()
+    transport.close()
 
 
 class _Client(_Side):
@@ -211,7 +219,8 @@ class _Client(_Side):
         except (OSError, TimeoutError) as exc:
             reason = f"no connection within {CONNECT_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
             log.warning("%s: upstream %s unreachable (%s); closed the client connection", self.name, front.upstream, reason)
-            transport.close()
+            self.other = _GONE
+            _close(transport)
         finally:
             self.connecting = None
 

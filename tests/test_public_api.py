@@ -68,6 +68,11 @@ def test_imports_flow_one_way() -> None:
             assert LAYERS[target] <= LAYERS[module], f"{relative} imports {target}, which sits above it"
 
 
+def test_the_front_does_not_know_what_runs_behind_it() -> None:
+    """``_server`` puts the HTTP app or the pass-through behind the front; ``_front`` imports neither."""
+    assert not set(_imported_modules(PACKAGE / "_front.py")) & {"_passthrough", "_proxy", "web", "_server"}
+
+
 def test_only_the_public_api_is_unprefixed() -> None:
     """Everything but ``autocert`` itself and ``autocert.web`` is private (``_``-prefixed)."""
     public = sorted(
