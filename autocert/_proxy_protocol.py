@@ -49,8 +49,8 @@ def proxy_header(version: int, peer: object, local: object, *, authority: str | 
         if pair is None:
             return _V1_UNKNOWN
         (source, source_port), (destination, destination_port) = pair
-        family = "TCP4" if source.version == 4 else "TCP6"
-        return f"PROXY {family} {source} {destination} {source_port} {destination_port}\r\n".encode("ascii")
+        protocol = "TCP4" if source.version == 4 else "TCP6"
+        return f"PROXY {protocol} {source} {destination} {source_port} {destination_port}\r\n".encode("ascii")
     if version != 2:
         raise ValueError(f"PROXY protocol version {version}: only 1 and 2 exist")
     if pair is None:
