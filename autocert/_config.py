@@ -146,8 +146,9 @@ class ServeOptions:
     #: does not expect the header reads it as garbage; one that does and gets none is confused.
     proxy_protocol: int | None = None
     #: With a ``tcp://`` upstream, the ALPN protocols offered to clients, in order of
-    #: preference. Default None, meaning ``http/1.1``. A protocol the upstream does not
-    #: speak (``h2`` to an HTTP/1.1 app) breaks every client that picks it.
+    #: preference. Default None, meaning ``http/1.1``. The contexts are the manager's: the
+    #: CLI hands this to ``Manager(alpn=...)``, and an embedder must do the same. A protocol
+    #: the upstream does not speak (``h2`` to an HTTP/1.1 app) breaks every client that picks it.
     alpn: tuple[str, ...] | None = None
     #: Shell command run with each notified event's JSON on stdin. Default None. It runs
     #: with the server's privileges: it must be trusted.

@@ -98,6 +98,9 @@ class _Sink:
     def can_write_eof(self) -> bool:
         return self.chunks is not None
 
+    def is_closing(self) -> bool:
+        return False
+
     def pause_reading(self) -> None:
         pass
 
@@ -170,9 +173,11 @@ class _Side(asyncio.Protocol):
 def _close(transport: asyncio.Transport | _Sink) -> None:
     """Close once what was written has gone out. Reading resumes first: asyncio's TLS
     transport, paused when the client's EOF arrives, would otherwise wait for ever for the
-    application to read on before it finishes closing."""
-    transport.resume_reading()
-    transport.close()
+    application to read on before it finishes closing. A transport already closing (or
+    gone: asyncio's TLS one then has no protocol left to resume) is left alone."""
+    if not transport.is_closing():
+        transport.resume_reading()
+        transport.close()
 
 
 class _Client(_Side):
@@ -280,6 +285,5 @@ class _Upstream(_Side):
         self.peer, client.peer = client, self
         self.other, client.other = client_transport, transport
         if early.eof:
-            self.peer.eof_received()  # the client half-closed while this connected
-        else:
-            client_transport.resume_reading()
+            client.eof_received()  # the client half-closed while this connected: pass it on
+        client_transport.resume_reading()
