@@ -489,6 +489,29 @@ async def test_sigterm_lets_a_relayed_connection_finish(relay, upstreams, root_c
     assert await asyncio.to_thread(server.process.wait, 15) == 0
 
 
+async def test_tls_alpn_01_is_answered_and_never_reaches_the_upstream(pebble: Pebble, db: str, root_ca: str, tmp_path: Path,
+                                                                      upstreams, loop_env: dict[str, str]) -> None:
+    name = "alpn-challenge.relay.example.test"
+    assert run_cli("allow", name, db=db).returncode == 0
+    upstream = upstreams("v2")
+    server = ServeProcess(db, pebble, tmp_path, env=loop_env,
+                          extra=["--http", "none", "--upstream", f"tcp://127.0.0.1:{upstream.port}", "--proxy-protocol", "v2"])
+    with server:
+        # The first contact waits for an order validated with tls-alpn-01 on this listener.
+        await asyncio.to_thread(served_certificate, server.https_port, name, root_ca, timeout=60)
+
+        def echo() -> bytes:
+            raw = socket.create_connection(("127.0.0.1", server.https_port), timeout=30)
+            with client_context(root_ca).wrap_socket(raw, server_hostname=name) as tls:
+                return exchange(tls, b"after the challenge")
+
+        assert await asyncio.to_thread(echo) == b"after the challenge"
+        await asyncio.sleep(0.5)
+    for connection in upstream.connections:
+        assert connection.header is not None and connection.header["tlvs"].get(0x01) != b"acme-tls/1", "a validation reached the upstream"
+    assert "Traceback" not in server.stderr_path.read_text(), server.output()
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "complaint"),
     [
