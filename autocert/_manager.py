@@ -185,6 +185,9 @@ class Manager:
             events=self.events,
             trace_configs=self.acme_trace_configs,
         )
+        closed = await self._store.close_abandoned_attempts()
+        if closed:
+            log.info("closed %d attempt(s) left running by a process that was stopped mid-order", closed)
         marks = await self._store.change_marks()
         self._allowed = await self._store.allowed_entries()
         self._allowlist_version = marks.allowlist_version

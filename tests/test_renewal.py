@@ -472,3 +472,13 @@ def test_issue_again_reports_the_valid_certificate_unless_forced(pebble, tmp_pat
     assert reported["serial"] == first["serial"] and reported["state"] == "valid" and reported["attempts"] == 1, "nothing ordered"
     forced = cli_json("issue", name, "--force", *acme_args(pebble), *listen, db=db)["certificates"][0]
     assert forced["serial"] != first["serial"] and forced["attempts"] == 2
+
+
+async def test_a_restart_closes_attempts_left_running_as_interrupted(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'restart.db'}"
+    first = Manager(db=db, directory="https://127.0.0.1:9/dir", renew=False)
+    async with first:
+        attempt = await first.store.start_attempt("killed.example.test", first.directory)  # then the process dies
+    async with Manager(db=db, directory="https://127.0.0.1:9/dir", renew=False) as restarted:
+        (closed,) = await restarted.store.attempts("killed.example.test")
+        assert (closed.id, closed.result, closed.detail) == (attempt, "failed", "interrupted")

@@ -75,6 +75,30 @@ class AttemptsMixin(StoreBase):
                 )
             await session.execute(upsert)
 
+    async def close_abandoned_attempts(self, now: datetime | None = None) -> int:
+        """Close as ``interrupted`` the attempts still ``running`` whose name no process holds a
+        lease on: their process was killed mid-order (a live order always holds the lease).
+        The name's failure count is left alone: a killed process says nothing about the CA.
+        Returns how many were closed."""
+        at = _aware(now, "now") if now is not None else utcnow()
+        leased = (
+            select(_name_states.c.name)
+            .where(
+                _name_states.c.name == _attempts.c.name,
+                _name_states.c.lease_owner.is_not(None),
+                _name_states.c.lease_until > at,
+            )
+            .exists()
+        )
+        stmt = (
+            update(_attempts)
+            .where(_attempts.c.result == "running", ~leased)
+            .values(finished_at=at, result="failed", detail="interrupted")
+            .returning(_attempts.c.id)
+        )
+        async with self._writing() as session:
+            return len((await session.execute(stmt)).all())
+
     async def attempts(self, name: str, limit: int = 20) -> list[Attempt]:
         """The latest attempts for ``name``, newest first."""
         stmt = (
