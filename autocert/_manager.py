@@ -169,7 +169,13 @@ class Manager:
         if self._started:
             return
         self._loop = asyncio.get_running_loop()
-        self._store = await Store.open(self.db_url)
+        store = await Store.open(self.db_url)
+        try:
+            await store.check_keys()  # a wrong AUTOCERT_SECRET stops the start, in one line
+        except BaseException:
+            await store.close()
+            raise
+        self._store = store
         self._challenges = ChallengeBook(self._store, self.challenge_types)
         self._worker = Worker(
             self._store,

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import (
 
 from .._errors import ConfigError, StoreError
 from .._sealing import KeySealer
-from .records import Account, StoredCertificate
+from .records import Account, StoredCertificate, _accounts, _certificates
 
 log = logging.getLogger("autocert.store")
 
@@ -365,6 +365,19 @@ class StoreBase:
         """Round-trip to the database; raises :class:`StoreError` when it is unreachable."""
         async with self._reading() as session:
             await session.execute(select(1))
+
+    async def check_keys(self) -> None:
+        """Raise :class:`StoreError`, naming ``AUTOCERT_SECRET``, when stored private keys cannot
+        be read with this process's secret (missing, or not the one they were sealed with).
+
+        Tries every account key and the newest certificate key: a few rows whatever the size,
+        and the newest key is where another instance with another secret would show first.
+        """
+        newest = select(_certificates.c.key_pem).order_by(_certificates.c.id.desc()).limit(1)
+        async with self._reading() as session:
+            blobs = [*(await session.execute(select(_accounts.c.key_pem))).scalars(), *(await session.execute(newest)).scalars()]
+        for blob in blobs:
+            self._sealer.unseal(bytes(blob))
 
     # -- transactions ------------------------------------------------------------------------
 
