@@ -31,11 +31,12 @@ from ._config import (
     parse_bool_env,
     parse_listen,
     parse_positive_float,
+    parse_order_limit,
     parse_positive_int,
 )
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._names import is_pattern, normalize_entry, normalize_name
-from ._policy import MAX_CAP
+from ._policy import MAX_CAP, budget_with_order_limit
 from ._timefmt import isoformat
 
 if TYPE_CHECKING:  # imported where used: `serve` binds its ports before loading the server
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     acme.add_argument("--email", default=env("AUTOCERT_EMAIL"), help="ACME account contact")
     acme.add_argument("--agree-tos", action="store_true", default=parse_bool_env("AUTOCERT_AGREE_TOS"), help="accept the CA's terms")
     acme.add_argument("--profile", default=env("AUTOCERT_PROFILE"), help="ACME certificate profile")
+    acme.add_argument("--order-limit", default=env("AUTOCERT_ORDER_LIMIT"), metavar="N/DURATION",
+                      help="new orders per account kept under, e.g. 300/3h, or none (default: Let's Encrypt's limits for its directories, else none)")
     acme.add_argument("--http", default=env("AUTOCERT_HTTP", "0.0.0.0:80"), help="plain listener HOST:PORT or none")
     acme.add_argument("--https", default=env("AUTOCERT_HTTPS", "0.0.0.0:443"), help="TLS listener HOST:PORT or none")
 
@@ -336,6 +339,8 @@ def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str
     from ._manager import Manager
 
     extra.setdefault("renew", False)  # one-shot commands do only what they were asked
+    if args.order_limit is not None:
+        extra["budget"] = budget_with_order_limit(args.directory, parse_order_limit(args.order_limit))
     return Manager(
         db=db_url(args),
         directory=args.directory,

@@ -15,13 +15,13 @@ import logging
 import ssl
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
 from ._errors import AutocertError, InvalidName, IssuanceError
 from ._events import Event, EventBus, log_event
 from ._names import normalize_entry, normalize_name, pattern_for
-from ._policy import MAX_CAP, RateBudget, Route, hold_reason, is_allowed, needs_order, within_cap
+from ._policy import MAX_CAP, RateBudget, Route, default_budget, hold_reason, is_allowed, needs_order, within_cap
 from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
@@ -91,8 +91,11 @@ class Manager:
         Only a one-shot command (``autocert issue``) turns it off: without it nothing renews.
     budget:
         The order and failure limits kept per account and per name, below the CA's
-        (:class:`autocert._policy.RateBudget`). Default: under Let's Encrypt's published
-        limits. Raising it past the CA's own gets the account rate-limited.
+        (:class:`autocert._policy.RateBudget`), or None for none of our own. Default
+        ``"auto"``: just under Let's Encrypt's published limits for its directories, none for
+        other CAs, whose own ``rateLimited`` answers (and ``Retry-After``) are honoured per
+        name and per account either way. Renewals the CA exempts (ARI ``replaces``) are never
+        counted or held. Raising it past the CA's own gets the account rate-limited.
     """
 
     def __init__(
@@ -110,7 +113,7 @@ class Manager:
         poll_interval: float = 1.0,
         concurrency: int = 4,
         renew: bool = True,
-        budget: RateBudget | None = None,
+        budget: RateBudget | Literal["auto"] | None = "auto",
     ) -> None:
         self.db_url = db or default_db_url()
         self.directory = directory
@@ -122,7 +125,7 @@ class Manager:
         self.challenge_types = tuple(challenge_types)
         self.poll_interval = poll_interval
         self.concurrency = concurrency
-        self.budget = budget or RateBudget()
+        self.budget = default_budget(directory) if budget == "auto" else budget
         self.cache = ContextCache(cache_size)
         #: What happened to which name (issued, failed, ...), for logs, notifications, status page.
         self.events = EventBus()
