@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
-from ._errors import AutocertError, InvalidName, IssuanceError
+from ._errors import AutocertError, InvalidName, IssuanceError, StoreError
 from ._events import Event, EventBus, log_event
 from ._names import normalize_entry, normalize_name, pattern_for
 from ._policy import MAX_CAP, RateBudget, Route, default_budget, hold_reason, is_allowed, needs_order, within_cap
@@ -535,7 +535,12 @@ class Manager:
         self._revocations_checked = checked
 
     async def _watch(self) -> None:
-        """Pick up allowlist changes and certificates written by other processes."""
+        """Pick up allowlist changes and certificates written by other processes.
+
+        While the database is unreachable the server keeps serving from memory; an outage is
+        logged once when it starts and once when it ends, not once a poll.
+        """
+        failing_since: float | None = None
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
@@ -552,8 +557,17 @@ class Manager:
                     await self._drop_revoked()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the database may be briefly unavailable; keep serving
+            except StoreError as exc:  # the database is unavailable: keep serving
+                if failing_since is None:
+                    failing_since = asyncio.get_running_loop().time()
+                    log.warning("cannot read the database, serving from memory until it is back: %s", exc)
+                continue
+            except Exception:  # a bug, not an outage: say where, and keep serving
                 log.exception("could not refresh from the database; will retry")
+                continue
+            if failing_since is not None:
+                log.warning("the database is reachable again after %.0f s", asyncio.get_running_loop().time() - failing_since)
+                failing_since = None
 
 
 def _is_host_name(name: str) -> bool:
