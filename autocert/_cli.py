@@ -37,6 +37,7 @@ from ._config import (
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._names import is_pattern, normalize_entry, normalize_name
 from ._policy import MAX_CAP, budget_with_order_limit
+from ._signals import STOP_SIGNALS, expect_stop_signals, release_stop_signals, stop_requested
 from ._timefmt import isoformat
 
 if TYPE_CHECKING:  # imported where used: `serve` binds its ports before loading the server
@@ -487,6 +488,13 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     cache_size = parse_positive_int(args.cache_size, option="--cache-size")
     default_name = normalize_name(args.default_name) if args.default_name else None
     check_ca_bundle(args.ca_bundle)
+    # From here a stop signal is the loop's to handle; one that came earlier was recorded.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    if stop_requested():
+        stop.set()
     # Bound before the server's modules load (about a second): a client that connects while
     # autocert starts or restarts waits in the kernel's queue instead of being refused.
     sockets = bind_listeners(options)
@@ -494,10 +502,12 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         from ._server import serve
 
         manager = manager_from_args(args, challenge_types=challenge_types, cache_size=cache_size, default_name=default_name, renew=True)
-        await serve(manager, options, sockets=sockets)
+        await serve(manager, options, sockets=sockets, stop=stop)
     finally:
         for sock in sockets.values():
             sock.close()
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
     return EXIT_OK
 
 
@@ -514,8 +524,14 @@ COMMANDS = {
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    expect_stop_signals()
+    try:
+        args = build_parser().parse_args(argv)
+    except BaseException:  # --help, --version, a usage error: exit as usual
+        release_stop_signals()
+        raise
+    if args.command != "serve" and release_stop_signals():
+        return 130  # stopped while the command line was read
     setup_logging(getattr(args, "log_format", "text"), logging.INFO if args.command == "serve" else logging.WARNING)
     handler = cmd_db_upgrade if args.command == "db" else COMMANDS[args.command]
     try:

@@ -22,6 +22,7 @@ from sqlalchemy import Table, event, inspect, select, text
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -36,6 +37,19 @@ from .._sealing import KeySealer
 from .records import Account, StoredCertificate, _accounts, _certificates
 
 log = logging.getLogger("autocert.store")
+
+
+class _CancelledResetFilter(logging.Filter):
+    """A task cancelled while its connection was being reset (a shutdown cancelling a scan
+    halfway) leaves SQLAlchemy's pool to discard that connection, which is all there is to
+    do; the pool reports it as an ERROR with a traceback. That report is dropped here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+# The pool logs through a logger named after its class; filters do not reach child loggers.
+logging.getLogger(f"{AsyncAdaptedQueuePool.__module__}.{AsyncAdaptedQueuePool.__name__}").addFilter(_CancelledResetFilter())
 
 #: How long a SQLite writer waits for another process's write lock before giving up.
 #: Writes take milliseconds; the margin covers a migration running in another process.
