@@ -35,7 +35,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fixtures import name_for
+from fixtures import UNREACHABLE_CA, name_for
 
 from autocert._config import Listen
 from autocert._manager import Manager
@@ -47,9 +47,6 @@ from autocert._tls import (
     build_context,
     parse_client_hello,
 )
-
-UNREACHABLE_CA = "https://127.0.0.1:9/directory"
-
 
 class TaskFront(TlsFront):
     """The first design: Python accept loop, a task per connection, peek, connect_accepted_socket."""
