@@ -20,6 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 BENCH_DOMAIN = "bench.test"
+#: The ACME directory the bench servers are given: nothing listens there, so no server orders
+#: or renews anything while it is measured.
+UNREACHABLE_CA = "https://127.0.0.1:9/directory"
 
 
 def name_for(index: int) -> str:
