@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fixtures import name_for
+from fixtures import held_name_for, name_for
 
 
 def client_context() -> ssl.SSLContext:
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--names", type=int, default=1000, help="distinct names to cycle through")
     parser.add_argument("--offset", type=int, default=0, help="first name index")
     parser.add_argument("--unknown", action="store_true")
+    parser.add_argument("--held", action="store_true", help="allowed names held back by their backoff")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--path", help="send HTTP GETs for this path after the handshake")
     parser.add_argument("--requests", type=int, default=1, help="GETs per connection (keep-alive)")
@@ -156,6 +157,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.unknown:
         names = [f"u{i}.unknown.test" for i in range(args.names)]
+    elif args.held:
+        names = [held_name_for(i) for i in range(args.names)]
     else:
         names = [name_for(args.offset + i) for i in range(args.names)]
     context = client_context()
