@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import sys
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
@@ -422,6 +423,17 @@ async def cmd_revoke(args: argparse.Namespace) -> int:
     return EXIT_FAILED if any(isinstance(r, BaseException) for r in results.values()) else EXIT_OK
 
 
+def raise_open_file_limit() -> None:
+    """Every connection is a descriptor: a soft limit of 1,024 (a common default) caps a busy
+    server at about a thousand clients, idle ones included. The soft limit is raised to the
+    hard one, which needs no privilege."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open-file limit raised from %d to %d", soft, hard)
+
+
 def check_webhook(url: str | None) -> str | None:
     """A webhook must be an absolute http(s) URL; caught at start, not at the first failure."""
     if not url:
@@ -488,6 +500,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     cache_size = parse_positive_int(args.cache_size, option="--cache-size")
     default_name = normalize_name(args.default_name) if args.default_name else None
     check_ca_bundle(args.ca_bundle)
+    raise_open_file_limit()
     # From here a stop signal is the loop's to handle; one that came earlier was recorded.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import resource
 import signal
 import socket
 import sqlite3
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +17,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
 from pebble import free_port, wait_for
-from support import ServeProcess, cli_json, client_context, eventually, handshake, openssl_s_client, run_cli, served_certificate
+from support import REPO, ServeProcess, cli_json, client_context, eventually, handshake, openssl_s_client, run_cli, served_certificate
 
 
 def sans(certificate: x509.Certificate) -> list[str]:
@@ -217,3 +219,20 @@ def test_a_stop_signal_at_any_moment_exits_cleanly(pebble, db: str, tmp_path: Pa
             continue  # the interpreter was still starting: nothing of autocert's had begun
         assert code == 0, where
         assert "Traceback" not in log and " ERROR " not in log, where
+
+
+def test_serve_raises_its_open_file_limit_to_the_hard_limit(pebble, db: str, tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip(f"the hard open-file limit here ({hard}) leaves nothing to raise")
+    server = ServeProcess(db, pebble, tmp_path, https_port=free_port(), http_port=free_port())
+    with open(server.stdout_path, "wb") as out, open(server.stderr_path, "wb") as err:
+        server.process = subprocess.Popen(server.argv, stdout=out, stderr=err, env=server.env, cwd=REPO, start_new_session=True,
+                                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    try:
+        wait_for(server.ready, timeout=60, what="serve to listen")
+        limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+        (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        assert line.split()[3:5] == [str(hard), str(hard)], line
+    finally:
+        assert server.stop() == 0
