@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import sys
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
@@ -32,13 +33,15 @@ from ._config import (
     parse_bool_env,
     parse_listen,
     parse_positive_float,
+    parse_order_limit,
     parse_positive_int,
     parse_proxy_protocol,
     tcp_upstream,
 )
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._names import is_pattern, normalize_entry, normalize_name
-from ._policy import MAX_CAP
+from ._policy import MAX_CAP, budget_with_order_limit
+from ._signals import STOP_SIGNALS, expect_stop_signals, release_stop_signals, stop_requested
 from ._timefmt import isoformat
 
 if TYPE_CHECKING:  # imported where used: `serve` binds its ports before loading the server
@@ -81,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     acme.add_argument("--email", default=env("AUTOCERT_EMAIL"), help="ACME account contact")
     acme.add_argument("--agree-tos", action="store_true", default=parse_bool_env("AUTOCERT_AGREE_TOS"), help="accept the CA's terms")
     acme.add_argument("--profile", default=env("AUTOCERT_PROFILE"), help="ACME certificate profile")
+    acme.add_argument("--order-limit", default=env("AUTOCERT_ORDER_LIMIT"), metavar="N/DURATION",
+                      help="new orders per account kept under, e.g. 300/3h, or none (default: Let's Encrypt's limits for its directories, else none)")
     acme.add_argument("--http", default=env("AUTOCERT_HTTP", "0.0.0.0:80"), help="plain listener HOST:PORT or none")
     acme.add_argument("--https", default=env("AUTOCERT_HTTPS", "0.0.0.0:443"), help="TLS listener HOST:PORT or none")
 
@@ -346,6 +351,8 @@ def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str
     from ._manager import Manager
 
     extra.setdefault("renew", False)  # one-shot commands do only what they were asked
+    if args.order_limit is not None:
+        extra["budget"] = budget_with_order_limit(args.directory, parse_order_limit(args.order_limit))
     return Manager(
         db=db_url(args),
         directory=args.directory,
@@ -426,6 +433,17 @@ async def cmd_revoke(args: argparse.Namespace) -> int:
     return EXIT_FAILED if any(isinstance(r, BaseException) for r in results.values()) else EXIT_OK
 
 
+def raise_open_file_limit() -> None:
+    """Every connection is a descriptor: a soft limit of 1,024 (a common default) caps a busy
+    server at about a thousand clients, idle ones included. The soft limit is raised to the
+    hard one, which needs no privilege."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open-file limit raised from %d to %d", soft, hard)
+
+
 def check_webhook(url: str | None) -> str | None:
     """A webhook must be an absolute http(s) URL; caught at start, not at the first failure."""
     if not url:
@@ -496,6 +514,14 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     cache_size = parse_positive_int(args.cache_size, option="--cache-size")
     default_name = normalize_name(args.default_name) if args.default_name else None
     check_ca_bundle(args.ca_bundle)
+    raise_open_file_limit()
+    # From here a stop signal is the loop's to handle; one that came earlier was recorded.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    if stop_requested():
+        stop.set()
     # Bound before the server's modules load (about a second): a client that connects while
     # autocert starts or restarts waits in the kernel's queue instead of being refused.
     sockets = bind_listeners(options)
@@ -505,10 +531,12 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
         manager = manager_from_args(args, challenge_types=challenge_types, cache_size=cache_size, default_name=default_name,
                                     alpn=options.alpn or DEFAULT_ALPN, renew=True)
-        await serve(manager, options, sockets=sockets)
+        await serve(manager, options, sockets=sockets, stop=stop)
     finally:
         for sock in sockets.values():
             sock.close()
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
     return EXIT_OK
 
 
@@ -525,8 +553,14 @@ COMMANDS = {
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    expect_stop_signals()
+    try:
+        args = build_parser().parse_args(argv)
+    except BaseException:  # --help, --version, a usage error: exit as usual
+        release_stop_signals()
+        raise
+    if args.command != "serve" and release_stop_signals():
+        return 130  # stopped while the command line was read
     setup_logging(getattr(args, "log_format", "text"), logging.INFO if args.command == "serve" else logging.WARNING)
     handler = cmd_db_upgrade if args.command == "db" else COMMANDS[args.command]
     try:

@@ -11,6 +11,7 @@ import os
 import socket
 import urllib.parse
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -87,6 +88,26 @@ def parse_positive_int(value: str, *, option: str, maximum: int | None = None) -
     if maximum is not None and number > maximum:
         raise ConfigError(f"{option} {value!r}: must be at most {maximum}")
     return number
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_order_limit(value: str, *, option: str = "--order-limit") -> tuple[int, timedelta] | None:
+    """``N/DURATION`` (``300/3h``; units s, m, h, d) as (orders, window), or None for ``none``."""
+    text = value.strip().lower()
+    if text == "none":
+        return None
+    count, sep, duration = text.partition("/")
+    unit = _DURATION_UNITS.get(duration[-1:]) if duration else None
+    amount = duration[:-1]
+    if not sep or unit is None or not amount.replace(".", "", 1).isdigit():
+        raise ConfigError(f"{option} {value!r}: expected N/DURATION such as 300/3h, or 'none'")
+    orders = parse_positive_int(count, option=option)
+    window = timedelta(seconds=float(amount) * unit)
+    if window <= timedelta(0):
+        raise ConfigError(f"{option} {value!r}: the duration must be longer than zero")
+    return orders, window
 
 
 def check_ca_bundle(path: str | None) -> str | None:

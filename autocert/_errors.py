@@ -14,6 +14,7 @@ PROBLEM_BAD_NONCE = ACME_ERROR_PREFIX + "badNonce"
 PROBLEM_ACCOUNT_DOES_NOT_EXIST = ACME_ERROR_PREFIX + "accountDoesNotExist"
 PROBLEM_ALREADY_REPLACED = ACME_ERROR_PREFIX + "alreadyReplaced"
 PROBLEM_ALREADY_REVOKED = ACME_ERROR_PREFIX + "alreadyRevoked"
+PROBLEM_RATE_LIMITED = ACME_ERROR_PREFIX + "rateLimited"
 
 
 class AutocertError(Exception):
@@ -41,13 +42,17 @@ class AcmeError(AutocertError):
     """The ACME server answered with a problem document or an unexpected response.
 
     ``problem_type`` is the RFC 8555 problem URN (``urn:ietf:params:acme:error:...``) when the
-    server sent one, so that callers can record exactly what the CA said.
+    server sent one, so that callers can record exactly what the CA said; ``retry_after`` the
+    seconds its ``Retry-After`` asked for (rate limits), when it sent one.
     """
 
-    def __init__(self, detail: str, *, problem_type: str | None = None, status: int | None = None) -> None:
+    def __init__(
+        self, detail: str, *, problem_type: str | None = None, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         self.detail = detail
         self.problem_type = problem_type
         self.status = status
+        self.retry_after = retry_after
         prefix = f"{problem_type}: " if problem_type else ""
         super().__init__(f"{prefix}{detail}")
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from ._policy import Route
-from ._tls import UNRECOGNIZED_NAME_ALERT
+from ._tls import HANDSHAKE_FAILURE, PROTOCOL_VERSION, TLS12_SUITE_IDS, UNRECOGNIZED_NAME_ALERT, fatal_alert
 
 if TYPE_CHECKING:
     from ._config import ServeOptions
@@ -40,13 +40,16 @@ log = logging.getLogger("autocert.server")
 
 
 class ClientHello:
-    """What the front needs from a ClientHello: the SNI host name and the offered ALPN list."""
+    """What the front needs from a ClientHello: the SNI host name, the offered ALPN list, and
+    for a client no handshake can succeed with (TLS 1.1 or older; TLS 1.2 without one of our
+    suites) the alert record to answer it with instead of a bare close."""
 
-    __slots__ = ("alpn", "server_name")
+    __slots__ = ("alpn", "refusal", "server_name")
 
-    def __init__(self, server_name: str | None, alpn: tuple[str, ...]) -> None:
+    def __init__(self, server_name: str | None, alpn: tuple[str, ...], refusal: bytes | None = None) -> None:
         self.server_name = server_name
         self.alpn = alpn
+        self.refusal = refusal
 
     def __repr__(self) -> str:
         return f"ClientHello(server_name={self.server_name!r}, alpn={self.alpn!r})"
@@ -147,19 +150,23 @@ _two_u16 = struct.Struct(">HH").unpack_from
 
 
 def _parse_hello_body(b: bytes | bytearray, p: int, end: int) -> ClientHello:
-    """The ClientHello body ``b[p:end]``: skip to the extensions, read SNI and ALPN."""
+    """The ClientHello body ``b[p:end]``: skip to the extensions, read SNI, ALPN and whether
+    TLS 1.3 is offered; only a client without TLS 1.3 has its suites looked at."""
+    version = b[p] << 8 | b[p + 1] if p + 2 <= end else 0
     p += 34  # legacy_version, random
     if p >= end:
         raise NotClientHello("malformed ClientHello: truncated")
     p += 1 + b[p]  # legacy_session_id
     if p + 2 > end:
         raise NotClientHello("malformed ClientHello: truncated session id")
+    suites = p + 2
     p += 2 + (b[p] << 8 | b[p + 1])  # cipher_suites
     if p >= end:
         raise NotClientHello("malformed ClientHello: truncated cipher suites")
+    suites_end = p
     p += 1 + b[p]  # legacy_compression_methods
     if p == end:
-        return ClientHello(None, ())
+        return ClientHello(None, (), _refusal(b, version, suites, suites_end))
     if p + 2 > end:
         raise NotClientHello("malformed ClientHello: truncated compression methods or extensions")
     extensions_end = p + 2 + (b[p] << 8 | b[p + 1])
@@ -168,6 +175,7 @@ def _parse_hello_body(b: bytes | bytearray, p: int, end: int) -> ClientHello:
     p += 2
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
+    tls13 = False
     while p < extensions_end:
         if p + 4 > extensions_end:
             raise NotClientHello("malformed ClientHello: truncated extension")
@@ -186,8 +194,29 @@ def _parse_hello_body(b: bytes | bytearray, p: int, end: int) -> ClientHello:
                 entry = host_end
         elif extension_type == 16:  # application_layer_protocol_negotiation
             alpn = _alpn(b, p + 4, extension_end)
+        elif extension_type == 43:  # supported_versions
+            tls13 = _offers_tls13(b, p + 4, extension_end)
         p = extension_end
-    return ClientHello(server_name, alpn)
+    return ClientHello(server_name, alpn, None if tls13 else _refusal(b, version, suites, suites_end))
+
+
+def _offers_tls13(b: bytes | bytearray, p: int, end: int) -> bool:
+    """Whether a supported_versions list (one length octet, then two-octet versions) holds TLS 1.3."""
+    if p >= end:
+        raise NotClientHello("malformed ClientHello: truncated supported_versions")
+    versions_end = min(p + 1 + b[p], end)
+    return any(b[q] == 0x03 and b[q + 1] == 0x04 for q in range(p + 1, versions_end - 1, 2))
+
+
+def _refusal(b: bytes | bytearray, version: int, suites: int, suites_end: int) -> bytes | None:
+    """For a client without TLS 1.3: the alert it gets when it offers nothing we speak
+    (protocol_version below TLS 1.2, handshake_failure without a shared suite), else None."""
+    if version < 0x0303:
+        return fatal_alert(PROTOCOL_VERSION, max(version, 0x0301))
+    for q in range(suites, suites_end - 1, 2):
+        if (b[q] << 8 | b[q + 1]) in TLS12_SUITE_IDS:
+            return None
+    return fatal_alert(HANDSHAKE_FAILURE)
 
 
 def _vector_end(b: bytes | bytearray, p: int, end: int) -> int:
@@ -286,6 +315,9 @@ class TlsFront:
 
     def _hello_received(self, reader: _HelloReader, transport: asyncio.Transport, hello: ClientHello, data: bytes) -> None:
         """Route on the memory-only fast path; start a task only when something must be awaited."""
+        if hello.refusal is not None:  # TLS 1.1 or older, or no suite in common: say so
+            self._reject(transport, hello.refusal)
+            return
         route, name, context = self._manager.route(hello.server_name, hello.alpn)
         if context is not None:
             self._start_tls(transport, context, data, name)
@@ -340,13 +372,13 @@ class TlsFront:
             view = view[size:]
 
     @staticmethod
-    def _reject(transport: asyncio.Transport) -> None:
-        """Send the fatal unrecognized_name alert in plaintext and close.
+    def _reject(transport: asyncio.Transport, alert: bytes = UNRECOGNIZED_NAME_ALERT) -> None:
+        """Send a fatal alert (unrecognized_name unless told otherwise) in plaintext and close.
 
         The whole ClientHello has been read by now, so closing does not make the kernel send
         a reset that could overtake the alert.
         """
-        transport.write(UNRECOGNIZED_NAME_ALERT)
+        transport.write(alert)
         transport.close()
 
 

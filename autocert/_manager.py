@@ -15,13 +15,13 @@ import logging
 import ssl
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
-from ._errors import AutocertError, InvalidName, IssuanceError
+from ._errors import AutocertError, InvalidName, IssuanceError, StoreError
 from ._events import Event, EventBus, log_event
 from ._names import normalize_entry, normalize_name, pattern_for
-from ._policy import MAX_CAP, RateBudget, Route, hold_reason, is_allowed, needs_order, within_cap
+from ._policy import MAX_CAP, RateBudget, Route, default_budget, hold_reason, is_allowed, needs_order, within_cap
 from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
@@ -96,8 +96,11 @@ class Manager:
         Only a one-shot command (``autocert issue``) turns it off: without it nothing renews.
     budget:
         The order and failure limits kept per account and per name, below the CA's
-        (:class:`autocert._policy.RateBudget`). Default: under Let's Encrypt's published
-        limits. Raising it past the CA's own gets the account rate-limited.
+        (:class:`autocert._policy.RateBudget`), or None for none of our own. Default
+        ``"auto"``: just under Let's Encrypt's published limits for its directories, none for
+        other CAs, whose own ``rateLimited`` answers (and ``Retry-After``) are honoured per
+        name and per account either way. Renewals the CA exempts (ARI ``replaces``) are never
+        counted or held. Raising it past the CA's own gets the account rate-limited.
     """
 
     def __init__(
@@ -116,7 +119,7 @@ class Manager:
         poll_interval: float = 1.0,
         concurrency: int = 4,
         renew: bool = True,
-        budget: RateBudget | None = None,
+        budget: RateBudget | Literal["auto"] | None = "auto",
     ) -> None:
         self.db_url = db or default_db_url()
         self.directory = directory
@@ -129,7 +132,7 @@ class Manager:
         self.challenge_types = tuple(challenge_types)
         self.poll_interval = poll_interval
         self.concurrency = concurrency
-        self.budget = budget or RateBudget()
+        self.budget = default_budget(directory) if budget == "auto" else budget
         self.cache = ContextCache(cache_size)
         #: What happened to which name (issued, failed, ...), for logs, notifications, status page.
         self.events = EventBus()
@@ -176,7 +179,13 @@ class Manager:
         if self._started:
             return
         self._loop = asyncio.get_running_loop()
-        self._store = await Store.open(self.db_url)
+        store = await Store.open(self.db_url)
+        try:
+            await store.check_keys()  # a wrong AUTOCERT_SECRET stops the start, in one line
+        except BaseException:
+            await store.close()
+            raise
+        self._store = store
         self._challenges = ChallengeBook(self._store, self.challenge_types)
         self._worker = Worker(
             self._store,
@@ -192,6 +201,9 @@ class Manager:
             events=self.events,
             trace_configs=self.acme_trace_configs,
         )
+        closed = await self._store.close_abandoned_attempts()
+        if closed:
+            log.info("closed %d attempt(s) left running by a process that was stopped mid-order", closed)
         marks = await self._store.change_marks()
         self._allowed = await self._store.allowed_entries()
         self._allowlist_version = marks.allowlist_version
@@ -530,7 +542,12 @@ class Manager:
         self._revocations_checked = checked
 
     async def _watch(self) -> None:
-        """Pick up allowlist changes and certificates written by other processes."""
+        """Pick up allowlist changes and certificates written by other processes.
+
+        While the database is unreachable the server keeps serving from memory; an outage is
+        logged once when it starts and once when it ends, not once a poll.
+        """
+        failing_since: float | None = None
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
@@ -547,8 +564,17 @@ class Manager:
                     await self._drop_revoked()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the database may be briefly unavailable; keep serving
+            except StoreError as exc:  # the database is unavailable: keep serving
+                if failing_since is None:
+                    failing_since = asyncio.get_running_loop().time()
+                    log.warning("cannot read the database, serving from memory until it is back: %s", exc)
+                continue
+            except Exception:  # a bug, not an outage: say where, and keep serving
                 log.exception("could not refresh from the database; will retry")
+                continue
+            if failing_since is not None:
+                log.warning("the database is reachable again after %.0f s", asyncio.get_running_loop().time() - failing_since)
+                failing_since = None
 
 
 def _is_host_name(name: str) -> bool:

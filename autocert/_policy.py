@@ -12,14 +12,16 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
+from urllib.parse import urlsplit
 
 from ._names import pattern_for
 
 __all__ = [
     "BUDGET_RECHECK",
+    "account_budget_hold",
     "MAX_CAP",
     "Backoff",
     "HoldReason",
@@ -30,6 +32,9 @@ __all__ = [
     "RateBudget",
     "Route",
     "ari_next_check",
+    "budget_with_order_limit",
+    "default_budget",
+    "exempt_from_budgets",
     "failure_budget_hold",
     "hold_reason",
     "is_allowed",
@@ -40,6 +45,7 @@ __all__ = [
     "needs_order",
     "next_attempt_after_failure",
     "order_budget_hold",
+    "rate_limit_hold",
     "renewal_time",
     "retry_delay",
     "time_in_window",
@@ -185,12 +191,40 @@ class RateBudget:
 
     Defaults sit under Let's Encrypt's: 300 new orders per account per 3 hours, and 5 failed
     validations per name per hour (we stop at 4 so a manual retry still fits).
+    ``failures_per_name`` None keeps no per-name limit of our own.
     """
 
     orders: int = 270
     order_window: timedelta = timedelta(hours=3)
-    failures_per_name: int = 4
+    failures_per_name: int | None = 4
     failure_window: timedelta = timedelta(hours=1)
+
+
+#: Where Let's Encrypt's published limits apply (production and staging).
+LETS_ENCRYPT_HOSTS = frozenset({"acme-v02.api.letsencrypt.org", "acme-staging-v02.api.letsencrypt.org"})
+
+
+def default_budget(directory: str) -> RateBudget | None:
+    """The budget kept when none is configured: Let's Encrypt's limits for its directories;
+    for any other CA none, and the CA's own ``rateLimited`` answers decide."""
+    return RateBudget() if urlsplit(directory).hostname in LETS_ENCRYPT_HOSTS else None
+
+
+def budget_with_order_limit(directory: str, limit: tuple[int, timedelta] | None) -> RateBudget | None:
+    """The budget for an ``--order-limit``: its orders per window, with the per-name failure
+    limit of Let's Encrypt kept for its directories; None (``none``) keeps no budget."""
+    if limit is None:
+        return None
+    base = default_budget(directory) or RateBudget(failures_per_name=None)
+    return replace(base, orders=limit[0], order_window=limit[1])
+
+
+def exempt_from_budgets(*, renewing: bool, sends_replaces: bool, ca_has_renewal_info: bool) -> bool:
+    """Renewals that name the certificate they replace (ARI's ``replaces``) at a CA publishing
+    renewal information are exempt from its limits (Let's Encrypt exempts them from all of
+    them): they are neither counted nor held, so short-lived certificates never expire while
+    new names use the budget."""
+    return renewing and sends_replaces and ca_has_renewal_info
 
 
 #: How soon an order held back by the account-wide budget is looked at again.
@@ -200,18 +234,54 @@ BUDGET_RECHECK = timedelta(minutes=5)
 def failure_budget_hold(budget: RateBudget, failures: Sequence[datetime]) -> tuple[datetime, str] | None:
     """Until when, and why, a name must wait given the start times of its failed attempts
     within ``budget.failure_window`` (oldest first); None when it may be ordered."""
-    if len(failures) < budget.failures_per_name:
+    limit = budget.failures_per_name
+    if limit is None or len(failures) < limit:
         return None
-    resume = failures[len(failures) - budget.failures_per_name] + budget.failure_window
+    resume = failures[len(failures) - limit] + budget.failure_window
     return resume, f"{len(failures)} failed validations in the last hour"
 
 
-def order_budget_hold(budget: RateBudget, orders: int, now: datetime) -> tuple[datetime, str] | None:
-    """Until when, and why, any new order must wait given the account's ``orders`` within
-    ``budget.order_window``; None when there is room."""
-    if orders < budget.orders:
+def order_budget_hold(budget: RateBudget, orders: int, now: datetime, *, reserved: int = 0) -> tuple[datetime, str] | None:
+    """Until when, and why, an order must wait given the account's counted ``orders`` within
+    ``budget.order_window``; None when there is room.
+
+    ``reserved`` orders are kept for renewals due within the window: when the budget binds,
+    renewals go before new names (a new name passes ``reserved``, a renewal passes 0).
+    """
+    if orders + reserved < budget.orders:
         return None
-    return now + BUDGET_RECHECK, f"{orders} orders in the last {budget.order_window}"
+    kept = f", {reserved} kept for renewals due" if reserved else ""
+    return now + BUDGET_RECHECK, f"{orders} orders in the last {budget.order_window}{kept}"
+
+
+def account_budget_hold(
+    budget: RateBudget,
+    *,
+    renewing: bool,
+    exempt: bool,
+    ca_has_renewal_info: bool,
+    counted_orders: int,
+    renewals_due: int,
+    now: datetime,
+) -> tuple[datetime, str] | None:
+    """The account-wide order budget for one order: exempt renewals pass; where renewals count
+    (a CA without renewal information), a new name leaves room for the ``renewals_due``
+    within the window, so that when the budget binds renewals go before new names.
+    ``counted_orders`` are the orders in the window that count (new names only, at a CA with
+    renewal information)."""
+    if exempt:
+        return None
+    reserved = 0 if renewing or ca_has_renewal_info else renewals_due
+    return order_budget_hold(budget, counted_orders, now, reserved=reserved)
+
+
+def rate_limit_hold(detail: str, retry_after: float | None, now: datetime) -> tuple[datetime, bool] | None:
+    """What a CA's ``rateLimited`` answer holds: until when (its ``Retry-After``), and whether
+    the whole account (a limit on the account's orders) or only this name. None without a
+    ``Retry-After``: the name's usual backoff then applies."""
+    if not retry_after:
+        return None
+    return now + timedelta(seconds=retry_after), "account" in detail.lower()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 from collections.abc import AsyncIterator
 
@@ -20,6 +19,7 @@ from aiohttp import web
 
 from ._config import ServeOptions, bind_listeners, check_admin_binding, tcp_upstream
 from ._front import TlsFront
+from ._signals import STOP_SIGNALS
 from ._manager import Manager
 from ._metrics import Metrics
 from ._monitor import ExpiryMonitor
@@ -134,9 +134,15 @@ async def listeners(
 
 
 async def serve(
-    manager: Manager, options: ServeOptions, *, sockets: dict[str, socket.socket] | None = None, ready: asyncio.Event | None = None
+    manager: Manager,
+    options: ServeOptions,
+    *,
+    sockets: dict[str, socket.socket] | None = None,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Run every listener until SIGTERM or SIGINT, then shut down gracefully.
+    """Run every listener until SIGTERM or SIGINT (or until ``stop`` is set, when the caller
+    owns the signals), then shut down gracefully.
 
     ``sockets`` are the listeners already bound by :func:`autocert._config.bind_listeners`
     (the CLI binds them before it imports the server, so connections made while it starts
@@ -146,19 +152,23 @@ async def serve(
     check_admin_binding(options)
     sockets = bind_listeners(options) if sockets is None else dict(sockets)
     try:
-        await _serve(manager, options, sockets, ready)
+        await _serve(manager, options, sockets, ready, stop)
     finally:
         for unused in sockets.values():  # a start that failed before handing them on
             unused.close()
 
 
-async def _serve(manager: Manager, options: ServeOptions, sockets: dict[str, socket.socket], ready: asyncio.Event | None) -> None:
+async def _serve(
+    manager: Manager, options: ServeOptions, sockets: dict[str, socket.socket], ready: asyncio.Event | None, stop: asyncio.Event | None
+) -> None:
     # Built before anything starts: a bad --upstream is a usage error with nothing written.
     https_app = None if tcp_upstream(options) is not None else https_application(options)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    owns_signals = stop is None
+    if stop is None:
+        stop = asyncio.Event()
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, stop.set)
     Metrics.of(manager)  # before start(), so the ACME client gets its latency hook
     notifier = Notifier(webhook=options.webhook, command=options.on_event)
     if notifier.enabled:
@@ -176,8 +186,9 @@ async def _serve(manager: Manager, options: ServeOptions, sockets: dict[str, soc
         await monitor.stop()
         await manager.stop()
         await notifier.close(timeout=5.0)  # last events (e.g. a failure at shutdown) still go out
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+        if owns_signals:
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
 
 
 async def _start_site(app: web.Application, sock: socket.socket, label: str, options: ServeOptions, announce: bool) -> web.AppRunner:

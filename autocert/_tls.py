@@ -16,10 +16,21 @@ from collections.abc import Sequence
 
 log = logging.getLogger("autocert.tls")
 
-#: The fatal ``unrecognized_name`` alert record, as a server would send it in plaintext before
-#: any TLS state exists: content type alert (21), legacy version TLS 1.2, length 2, level fatal
-#: (2), description unrecognized_name (112).
-UNRECOGNIZED_NAME_ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70])
+
+def fatal_alert(description: int, version: int = 0x0303) -> bytes:
+    """A fatal alert record in plaintext, as a server sends it before any TLS state exists:
+    content type alert (21), the record version (TLS 1.2 unless told), length 2, level fatal
+    (2), then the description."""
+    return bytes([0x15, version >> 8, version & 0xFF, 0x00, 0x02, 0x02, description])
+
+
+#: Alert descriptions (RFC 8446 section 6): an unknown name, and clients no handshake can
+#: succeed with.
+HANDSHAKE_FAILURE = 40
+PROTOCOL_VERSION = 70
+UNRECOGNIZED_NAME = 112
+
+UNRECOGNIZED_NAME_ALERT = fatal_alert(UNRECOGNIZED_NAME)
 
 DEFAULT_ALPN = ("http/1.1",)
 
@@ -31,6 +42,11 @@ ACME_TLS_ALPN = "acme-tls/1"
 #: for ECDSA and RSA certificates alike. CBC suites are left out (LUCKY13, testssl.sh rates them
 #: LOW), as is static RSA key exchange. TLS 1.3 suites are all AEAD and are not affected.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
+#: The IANA code points of exactly those suites (a test holds the two together): a TLS 1.2
+#: client offering none of them cannot complete a handshake here.
+TLS12_SUITE_IDS = frozenset({0xC02B, 0xC02C, 0xC02F, 0xC030, 0xCCA8, 0xCCA9})
+
 
 
 def new_server_context(alpn: Sequence[str] = DEFAULT_ALPN) -> ssl.SSLContext:

@@ -22,19 +22,21 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from ._crypto import ari_certificate_id, generate_private_key, tls_alpn_challenge_certificate
-from ._errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REVOKED, AcmeError, AutocertError, IssuanceError
+from ._errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REVOKED, PROBLEM_RATE_LIMITED, AcmeError, AutocertError, IssuanceError
 from ._events import Event, EventBus
 from ._policy import (
     PARK_AFTER,
     RateBudget,
+    account_budget_hold,
     failure_budget_hold,
+    exempt_from_budgets,
     lease_held,
     next_attempt_after_failure,
-    order_budget_hold,
+    rate_limit_hold,
     renewal_time,
 )
 from ._store import StoredCertificate, Store
-from ._timefmt import utcnow
+from ._timefmt import isoformat, utcnow
 from ._tls import ACME_TLS_ALPN, build_context
 
 if TYPE_CHECKING:
@@ -148,7 +150,8 @@ class Worker:
         budget: RateBudget | None = None,
     ) -> None:
         self._store = store
-        self.budget = budget or RateBudget()
+        #: The limits kept below the CA's (None: none of our own; the CA's answers decide).
+        self.budget = budget
         self.directory = directory
         self._challenges = challenges
         self._email = email
@@ -162,6 +165,10 @@ class Worker:
         self.owner = new_owner_id()
         self._in_flight: dict[str, asyncio.Task[StoredCertificate]] = {}
         self._client: AcmeClient | None = None
+        #: Whether the CA publishes renewal information; None until its directory is read.
+        self._renewal_info: bool | None = None
+        #: Until when the CA said the whole account may place no new orders (``rateLimited``).
+        self._account_held_until: datetime | None = None
         #: Orders (and lookups) using each client, and replaced clients still in use: a client
         #: is never closed under a request.
         self._client_users: collections.Counter[AcmeClient] = collections.Counter()
@@ -264,13 +271,13 @@ class Worker:
                     return certificate
                 # The other process's lease ran out without a result: it died; order ourselves.
             try:
-                await self._check_budget(name)
-                return await self._order(name)
+                previous = await self._store.current_certificate(name)
+                await self._check_budget(name, previous)
+                return await self._order(name, previous)
             finally:
                 await self._store.release_lease(name, self.owner)
 
-    async def _order(self, name: str) -> StoredCertificate:
-        previous = await self._store.current_certificate(name)
+    async def _order(self, name: str, previous: StoredCertificate | None) -> StoredCertificate:
         renewing = previous is not None
         # A renewal keeps the profile its certificate was ordered with.
         profile = previous.profile if previous is not None and previous.profile else self._profile
@@ -336,11 +343,10 @@ class Worker:
 
     async def renewal_info(self, certificate: StoredCertificate) -> RenewalInfo | None:
         """The CA's renewal window for ``certificate``, or None if the CA publishes none."""
+        if not await self._ca_has_renewal_info():
+            return None
         client = await self._acquire()
         try:
-            directory = await client.directory()
-            if "renewalInfo" not in directory.to_partial_json():
-                return None
             try:
                 certificate_id = ari_certificate_id(certificate.chain_pem)
             except ValueError:
@@ -376,6 +382,15 @@ class Worker:
         now = utcnow()
         recent = len(await self._store.failures_since(name, now - PARK_AFTER))
         next_attempt = next_attempt_after_failure(now, failures, recent)
+        limited = None
+        if isinstance(exc, AcmeError) and exc.problem_type == PROBLEM_RATE_LIMITED:
+            limited = rate_limit_hold(exc.detail, exc.retry_after, now)
+        if limited is not None:
+            until, whole_account = limited
+            next_attempt = max(next_attempt or until, until)
+            if whole_account:
+                self._account_held_until = max(self._account_held_until or until, until)
+            log.warning("the CA rate-limited %s until %s", "the account" if whole_account else name, until.isoformat())
         await self._store.set_next_attempt(name, next_attempt)
         if next_attempt is None:
             # A dead domain: no more attempts of our own; `autocert issue` or `renew --force` still tries.
@@ -384,22 +399,56 @@ class Worker:
         problem = f"{error.problem_type}: {error.detail}" if error.problem_type else error.detail
         self._events.emit(Event("failed", name, "failed", error=problem, previous="renewing" if renewing else "issuing"))
 
-    async def _check_budget(self, name: str) -> None:
-        """Hold an order back (without contacting the CA) when it would break a rate limit."""
+    async def _check_budget(self, name: str, previous: StoredCertificate | None) -> None:
+        """Hold an order back (without contacting the CA) when it would break a rate limit:
+        the budget kept for this CA, and an account-wide limit the CA itself answered with.
+        Renewals the CA exempts are neither counted nor held; when the budget binds,
+        renewals go before new names."""
+        budget, held_until = self.budget, self._account_held_until
         now = utcnow()
-        hold = failure_budget_hold(self.budget, await self._store.failures_since(name, now - self.budget.failure_window))
-        if hold is None:
-            orders = await self._store.orders_since(self.directory, now - self.budget.order_window)
-            hold = order_budget_hold(self.budget, orders, now)
+        if budget is None and (held_until is None or held_until <= now):
+            return
+        renewing = previous is not None
+        try:
+            ca_has_renewal_info = await self._ca_has_renewal_info()
+        except (AutocertError, OSError, asyncio.TimeoutError) as exc:
+            # Unknown for now: count every order, the safe side of the budget; the order itself
+            # meets the same trouble and records it.
+            log.debug("could not read the CA's directory: %s", exc)
+            ca_has_renewal_info = False
+        exempt = exempt_from_budgets(renewing=renewing, sends_replaces=renewal_replaces(previous) is not None,
+                                     ca_has_renewal_info=ca_has_renewal_info)
+        if held_until is not None and held_until > now and not exempt:
+            await self._hold_back(name, held_until, "the CA rate-limited this account")
+        if budget is None:
+            return
+        hold = failure_budget_hold(budget, await self._store.failures_since(name, now - budget.failure_window))
+        if hold is None and not exempt:
+            orders = await self._store.orders_since(self.directory, now - budget.order_window, new_names_only=ca_has_renewal_info)
+            counts_renewals = not renewing and not ca_has_renewal_info
+            due = await self._store.count_renewals_due(now + budget.order_window) if counts_renewals else 0
+            hold = account_budget_hold(budget, renewing=renewing, exempt=exempt, ca_has_renewal_info=ca_has_renewal_info,
+                                       counted_orders=orders, renewals_due=due, now=now)
         if hold is not None:
             await self._hold_back(name, *hold)
 
+    async def _ca_has_renewal_info(self) -> bool:
+        """Whether the CA publishes renewal information (ARI), read once from its directory."""
+        if self._renewal_info is None:
+            client = await self._acquire()
+            try:
+                self._renewal_info = "renewalInfo" in (await client.directory()).to_partial_json()
+            finally:
+                await self._release(client)
+        return self._renewal_info
+
     async def _hold_back(self, name: str, until: datetime, why: str) -> None:
         state = await self._store.name_state(name)
+        reason = f"held back until {isoformat(until)} to stay under the CA's rate limits: {why}"
         if state is None or state.next_attempt_at is None or state.next_attempt_at < until:
-            await self._store.set_next_attempt(name, until)
+            await self._store.set_next_attempt(name, until, reason=reason)
         log.warning("holding back the order for %s until %s: %s (CA rate limits)", name, until.isoformat(), why)
-        raise IssuanceError(name, f"held back until {until.isoformat()} to stay under the CA's rate limits: {why}")
+        raise IssuanceError(name, reason)
 
     async def _take_over_dead_lease(self, name: str) -> bool:
         """Reclaim a lease whose holder was a process on this host that no longer exists

@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ._errors import InvalidName
+from ._errors import InvalidName, StoreError
 from ._manager import Manager
 from ._metrics import Metrics
 from ._monitor import ExpiryMonitor
@@ -145,6 +145,11 @@ async def _healthz(request: web.Request) -> web.Response:
         await manager.store.ping()
     except Exception as exc:  # any database failure makes us unhealthy, whatever its type
         problems.append(f"database unavailable: {exc}")
+    else:
+        try:
+            await manager.store.check_keys()
+        except StoreError as exc:  # e.g. another instance wrote keys sealed with another secret
+            problems.append(f"private keys unreadable: {exc}")
     for check in request.app[CHECKS_KEY]:
         try:
             problem = check()

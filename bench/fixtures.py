@@ -20,10 +20,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 BENCH_DOMAIN = "bench.test"
+#: The ACME directory the bench servers are given: nothing listens there, so no server orders
+#: or renews anything while it is measured.
+UNREACHABLE_CA = "https://127.0.0.1:9/directory"
 
 
 def name_for(index: int) -> str:
     return f"n{index}.{BENCH_DOMAIN}"
+
+
+def held_name_for(index: int) -> str:
+    """An allowed name without a certificate whose last order failed: held back by its backoff."""
+    return f"h{index}.{BENCH_DOMAIN}"
 
 
 @dataclass(frozen=True)
@@ -84,8 +92,9 @@ async def _seed(url: str, chain: Chain, directory: str) -> None:
         await store.close()
 
 
-def build_database(path: Path, count: int, chain: Chain, directory: str) -> str:
-    """An SQLite database with ``count`` allowed names, each with a valid stored certificate."""
+def build_database(path: Path, count: int, chain: Chain, directory: str, *, held: int = 0) -> str:
+    """An SQLite database with ``count`` allowed names, each with a valid stored certificate,
+    and ``held`` allowed names in backoff (a failed order, the next attempt a day away)."""
     if path.exists():
         path.unlink()
     url = f"sqlite:///{path}"
@@ -112,6 +121,23 @@ def build_database(path: Path, count: int, chain: Chain, directory: str) -> str:
             SELECT 'n' || seq.i || '.{BENCH_DOMAIN}', a.added_at, NULL FROM seq, allowed AS a WHERE a.entry = '{name_for(0)}'
             """
         )
+        if held:
+            later = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).strftime("%Y-%m-%d %H:%M:%S.%f")
+            db.execute(
+                f"""
+                WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i < {held - 1})
+                INSERT INTO allowed (entry, added_at, cap)
+                SELECT 'h' || seq.i || '.{BENCH_DOMAIN}', a.added_at, NULL FROM seq, allowed AS a WHERE a.entry = '{name_for(0)}'
+                """
+            )
+            db.execute(
+                f"""
+                WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i < {held - 1})
+                INSERT INTO name_states (name, failures, next_attempt_at, last_error)
+                SELECT 'h' || seq.i || '.{BENCH_DOMAIN}', 1, ?, 'urn:ietf:params:acme:error:connection: refused' FROM seq
+                """,
+                (later,),
+            )
         stored = db.execute("SELECT count(*) FROM certificates").fetchone()[0]
     if stored != count:
         raise RuntimeError(f"expected {count} certificates, stored {stored}")

@@ -10,215 +10,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import statistics
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from client import client_context
-from fixtures import build_database, make_chain, name_for
-from servers import UNREACHABLE_CA
+from fixtures import UNREACHABLE_CA, build_database, make_chain, name_for
+from harness import (CLIENT_CPUS, SERVER_CPUS, Server, cpu_seconds, descendants, free_port, nginx_binary, nginx_server, pin,
+                     rss_mib, run_clients)
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WARM_NAMES = 1000
+#: The servers measured refusing allowed names held back by their backoff.
+HELD_SERVERS = ("front", "serve")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_sets() -> tuple[set[int], set[int]]:
-    """(server CPUs, client CPUs): servers get the last CPU to themselves when there are two
-    or more, so clients never share a core (and its caches) with the process being measured."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return set(cpus), set(cpus)
-    return {cpus[-1]}, set(cpus[:-1])
-
-
-SERVER_CPUS, CLIENT_CPUS = cpu_sets()
-
-
-def pin(pid: int, cpus: set[int]) -> None:
-    """Pin a process and every thread it has now (threads started later inherit it)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        os.sched_setaffinity(int(task.name), cpus)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (every thread), from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def rss_mib(pid: int) -> tuple[float, float]:
-    """Current and peak resident set size (VmRSS, VmHWM) in MiB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) / 1024
-    return values["VmRSS"], values["VmHWM"]
-
-
-@dataclass
-class Server:
-    label: str
-    argv: list[str]
-    port: int
-    ready_text: str
-    env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen[str] | None = None
-    #: stderr goes to a file: a pipe nobody reads would stall a server that logs a lot.
-    stderr_path: Path | None = None
-
-    def start(self, timeout: float = 120) -> float:
-        """Start and wait until it listens; returns the seconds that took."""
-        started = time.perf_counter()
-        if self.stderr_path is None:
-            self.stderr_path = Path(tempfile.mkstemp(prefix=f"bench-{self.label}-", suffix=".err")[1])
-        with self.stderr_path.open("w") as stderr:
-            self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                            env={**os.environ, **self.env}, start_new_session=True)
-        os.sched_setaffinity(self.process.pid, SERVER_CPUS)  # before it has started any thread
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{self.label} exited:\n{self.stderr_tail()}")
-            if self.ready_text in line:
-                return time.perf_counter() - started
-        raise RuntimeError(f"{self.label} did not start within {timeout} s")
-
-    def start_probed(self, name: str, timeout: float = 120) -> tuple[float, float, float]:
-        """Start while probing the port: seconds until it accepts a TCP connection, until the
-        ready line, and until a handshake made on that first connection is answered."""
-        started = time.perf_counter()
-        ready_at: list[float] = []
-
-        def watch() -> None:
-            ready_at.append(self.start(timeout) + started)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
-                break
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.label} never accepted a connection") from None
-                time.sleep(0.002)
-        accepted = time.perf_counter()
-        with client_context().wrap_socket(raw, server_hostname=name):
-            answered = time.perf_counter()
-        watcher.join(timeout)
-        return accepted - started, ready_at[0] - started, answered - started
-
-    def stderr_tail(self) -> str:
-        return self.stderr_path.read_text()[-3000:] if self.stderr_path and self.stderr_path.exists() else ""
-
-    def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"{self.label} exited with {self.process.returncode}:\n{self.stderr_tail()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        # The whole group: nginx runs under a probing shell, and SIGTERM to the shell alone
-        # would leave nginx running.
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            return  # its stderr file stays for a look at what went wrong
-        if self.stderr_path is not None:
-            self.stderr_path.unlink(missing_ok=True)
-
-
-def run_clients(targets: Mapping[str, tuple[int, int | None]], count: int, *, clients: int = 2, extra: Sequence[str] = (),
-                warmup: int = 50) -> tuple[dict[str, tuple[int, int, float]], float]:
-    """Run client processes at once; each sends ``count`` handshakes to every target in turn.
-
-    ``targets`` maps a label to (port, pid to measure or None). Returns, per label, (ok,
-    failed, server CPU seconds over the run), and the run's wall time.
-    """
-    ports = ",".join(str(port) for port, _ in targets.values())
-    argv = [sys.executable, str(HERE / "client.py"), "--ports", ports, "--count", str(count), "--warmup", str(warmup), *extra]
-    processes = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(clients)]
-    for process in processes:
-        os.sched_setaffinity(process.pid, CLIENT_CPUS)
-    try:
-        for process in processes:
-            assert process.stdout is not None
-            if process.stdout.readline().strip() != "ready":
-                raise RuntimeError("a client failed during warm-up")
-        before = {label: cpu_seconds(pid) for label, (_, pid) in targets.items() if pid}
-        started = time.perf_counter()
-        for process in processes:
-            assert process.stdin is not None
-            process.stdin.write("go\n")
-            process.stdin.flush()
-        results = [json.loads(process.stdout.readline())["results"] for process in processes if process.stdout]
-        after = {label: cpu_seconds(pid) for label, (_, pid) in targets.items() if pid}
-        wall = time.perf_counter() - started
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-    measured = {}
-    for label, (port, _) in targets.items():
-        ok = sum(result[str(port)][0] for result in results)
-        failed = sum(result[str(port)][1] for result in results)
-        measured[label] = (ok, failed, after.get(label, 0.0) - before.get(label, 0.0))
-    return measured, wall
-
-
-def nginx_server(workdir: Path, port: int) -> Server | None:
-    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+def static_nginx(workdir: Path, port: int) -> Server | None:
+    """nginx with one certificate for *.bench.test, and a 7-byte alert for any other name."""
+    binary = nginx_binary()
     if binary is None:
         return None
-    prefix = workdir / "nginx"
-    (prefix / "logs").mkdir(parents=True, exist_ok=True)
-    conf = prefix / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1;
-daemon off;
-master_process off;
-error_log {prefix}/logs/error.log warn;
-pid {prefix}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy; fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
+    return nginx_server("nginx", binary, workdir / "nginx", f"""
     ssl_protocols TLSv1.2 TLSv1.3;
     server {{
         listen 127.0.0.1:{port} ssl default_server;
@@ -230,23 +47,12 @@ http {{
         ssl_certificate {workdir}/chain.pem;
         ssl_certificate_key {workdir}/key.pem;
         return 200 "ok\\n";
-    }}
-}}
-""")
-    check = subprocess.run([binary, "-t", "-p", str(prefix), "-c", str(conf)], capture_output=True, text=True, check=False)
-    if check.returncode != 0:
-        print(f"nginx skipped: its configuration test failed: {check.stderr.strip()}", file=sys.stderr)
-        return None
-    # nginx prints nothing when ready; the readiness line comes from a shell echo after a port probe.
-    probe = (f'"{binary}" -p "{prefix}" -c "{conf}" & pid=$!; '
-             f'until (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null; do sleep 0.05; done; echo ready; wait $pid')
-    return Server("nginx", ["bash", "-c", probe], port, "ready")
+    }}""", [port], master=False)
 
 
 def nginx_pid(server: Server) -> int:
     """The nginx process itself (a child of the probing shell)."""
-    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
-    return int(children[0])
+    return descendants(server.pid)[0]
 
 
 def main() -> None:
@@ -265,7 +71,7 @@ def main() -> None:
         chain = make_chain()
         chain.write(workdir)
         started = time.perf_counter()
-        db = build_database(workdir / "bench.db", args.names, chain, UNREACHABLE_CA)
+        db = build_database(workdir / "bench.db", args.names, chain, UNREACHABLE_CA, held=WARM_NAMES)
         print(f"database: {args.names:,} names with certificates in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
         def bench_server(variant: str, *extra: str) -> Server:
@@ -284,7 +90,7 @@ def main() -> None:
         floor = bench_server("alert-only")
         if args.alternatives:
             full += [bench_server("front-task"), bench_server("front-reader")]
-        nginx = None if args.no_nginx else nginx_server(workdir, free_port())
+        nginx = None if args.no_nginx else static_nginx(workdir, free_port())
         if nginx is None and not args.no_nginx:
             print("nginx is not installed: its row is skipped (apt-get install nginx-light)", file=sys.stderr)
         if nginx is not None:
@@ -298,6 +104,8 @@ def main() -> None:
         by_label = {server.label: server for server in [*full, floor]}
         for server in full:  # first touch of every name: database loads happen here, not in the rounds
             run_clients({server.label: (server.port, None)}, WARM_NAMES, clients=1, warmup=0)
+        for label in HELD_SERVERS:  # the one look at each held name's backoff, before the rounds
+            run_clients({label: (by_label[label].port, None)}, WARM_NAMES, clients=1, warmup=0, extra=["--held"])
 
         # Idle cost of a running serve (its allowlist and certificate polls), per second.
         before = cpu_seconds(pids["serve"])
@@ -311,12 +119,14 @@ def main() -> None:
         reject_targets = {f"{label} reject": (by_label[label].port, pids[label]) for label in ("front", "serve", "nginx")
                           if label in by_label}
         reject_targets["alert-only"] = (floor.port, pids["alert-only"])
-        per_round: dict[str, list[float]] = {label: [] for label in [*full_targets, *reject_targets]}
-        idle_share: dict[str, list[float]] = {"serve": [], "serve reject": []}
+        held_targets = {f"{label} held": (by_label[label].port, pids[label]) for label in HELD_SERVERS}
+        per_round: dict[str, list[float]] = {label: [] for label in [*full_targets, *reject_targets, *held_targets]}
+        idle_share: dict[str, list[float]] = {"serve": [], "serve reject": [], "serve held": []}
         for round_index in range(args.rounds):
-            for targets, rejecting in ((full_targets, False), (reject_targets, True)):
+            for targets, rejecting, extra in ((full_targets, False, []), (reject_targets, True, ["--unknown"]),
+                                              (held_targets, True, ["--held"])):
                 try:
-                    measured, wall = run_clients(targets, args.count, extra=["--unknown"] if rejecting else [])
+                    measured, wall = run_clients(targets, args.count, extra=extra)
                 except (RuntimeError, ValueError):
                     for server in [*full, floor]:
                         server.check_alive()
@@ -344,7 +154,8 @@ def main() -> None:
 
 
 TARGETS = {"sni": ("≤ 1.03", 1.03), "front": ("≤ 1.05", 1.05), "serve": ("≤ 1.05", 1.05), "serve − idle": ("≤ 1.05", 1.05),
-           "front reject": ("≤ 0.10", 0.10), "serve reject": ("≤ 0.10", 0.10), "serve reject − idle": ("≤ 0.10", 0.10)}
+           "front reject": ("≤ 0.10", 0.10), "serve reject": ("≤ 0.10", 0.10), "serve reject − idle": ("≤ 0.10", 0.10),
+           "front held": ("≤ 0.20", 0.20), "serve held": ("≤ 0.20", 0.20), "serve held − idle": ("≤ 0.20", 0.20)}
 DESCRIPTIONS = {
     "static": "static single-context server, uvloop (baseline)",
     "sni": "sni_callback, cache hit, 100k names in the database",
@@ -357,6 +168,9 @@ DESCRIPTIONS = {
     "serve reject": "`autocert serve`, unknown name: 7-byte alert",
     "serve − idle": "`autocert serve`, cache hit, minus its idle CPU",
     "serve reject − idle": "`autocert serve`, unknown name, minus its idle CPU",
+    "front held": "TlsFront, allowed name held back by its backoff: refused from memory",
+    "serve held": "`autocert serve`, allowed name held back by its backoff",
+    "serve held − idle": "`autocert serve`, held-back name, minus its idle CPU",
     "alert-only": "floor: bare uvloop protocol, 7-byte alert, no parsing",
     "nginx reject": "nginx `ssl_reject_handshake on`, unknown name",
 }
@@ -379,7 +193,7 @@ def report(per_round: dict[str, list[float]], serve_idle: float, args: argparse.
         pooled = sum(values) / sum(static)
         target, limit = TARGETS.get(label, ("", None))
         verdict = "" if limit is None else (" met" if pooled <= limit else " **missed**")
-        vs_nginx = f"{sum(values) / sum(nginx):.2f}" if nginx and "reject" not in label and label != "alert-only" else ""
+        vs_nginx = f"{sum(values) / sum(nginx):.2f}" if nginx and "reject" not in label and "held" not in label and label != "alert-only" else ""
         print(f"| {DESCRIPTIONS[label]} | {sum(values) / len(values) * 1e6:.0f} | {pooled:.3f} | {q1:.3f}–{q3:.3f} | "
               f"{target}{verdict} | {vs_nginx} |")
     print()

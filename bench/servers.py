@@ -35,7 +35,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fixtures import name_for
+from fixtures import UNREACHABLE_CA, name_for
 
 from autocert._config import Listen
 from autocert._manager import Manager
@@ -44,9 +44,6 @@ from autocert._config import ServeOptions, listening_socket
 from autocert._front import MAX_CLIENT_HELLO, NotClientHello, TlsFront, parse_client_hello
 from autocert._server import tls_app
 from autocert._tls import build_context
-
-UNREACHABLE_CA = "https://127.0.0.1:9/directory"
-
 
 class TaskFront(TlsFront):
     """The first design: Python accept loop, a task per connection, peek, connect_accepted_socket."""

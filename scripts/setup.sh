@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 packages=(pebble openssl curl ca-certificates python3-venv)
 [ "${AUTOCERT_SETUP_BROWSER:-0}" = 1 ] && packages+=(chromium)
+[ "${AUTOCERT_SETUP_STRESS:-0}" = 1 ] && packages+=(stress-ng)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")

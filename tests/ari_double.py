@@ -5,7 +5,8 @@ It sits in front of a real Pebble on loopback: the directory gains a ``renewalIn
 whose answers the test sets, and every other request is relayed to Pebble unchanged (the
 Host header is kept, so Pebble builds its URLs for this double and checks JWS URLs against
 it). newOrder payloads are recorded so a test can see ``replaces``, and the double can refuse
-orders that carry ``replaces`` with 409, as a CA does for an already replaced certificate.
+orders that carry ``replaces`` with 409, as a CA does for an already replaced certificate, or
+refuse new orders with 429 ``rateLimited`` and a ``Retry-After``, as a CA over its limits does.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class AriDouble:
     port: int = field(default_factory=free_port)
     window: RenewalWindow | None = None
     refuse_replaces: bool = False
+    #: (detail, Retry-After seconds): new orders without ``replaces`` are refused with 429
+    #: ``rateLimited``, as Let's Encrypt does (renewals naming what they replace are exempt).
+    rate_limit: tuple[str, int] | None = None
     profiles: dict[str, str] | None = None
     orders: list[dict[str, Any]] = field(default_factory=list)
     renewal_info_requests: list[str] = field(default_factory=list)
@@ -106,6 +110,11 @@ class AriDouble:
             if self.refuse_replaces and "replaces" in payload:
                 problem = {"type": "urn:ietf:params:acme:error:alreadyReplaced", "detail": "already replaced"}
                 return web.json_response(problem, status=409, content_type="application/problem+json")
+            if self.rate_limit is not None and "replaces" not in payload:
+                detail, retry_after = self.rate_limit
+                problem = {"type": "urn:ietf:params:acme:error:rateLimited", "detail": detail}
+                return web.json_response(problem, status=429, content_type="application/problem+json",
+                                         headers={"Retry-After": str(retry_after)})
         target = f"https://127.0.0.1:{self.pebble.listen_port}{request.rel_url}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
         async with self._session.request(request.method, target, data=body or None, headers=headers, allow_redirects=False) as upstream:

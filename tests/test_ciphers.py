@@ -8,7 +8,7 @@ import ssl
 import pytest
 import trustme
 
-from autocert._tls import new_server_context
+from autocert._tls import TLS12_SUITE_IDS, new_server_context
 
 
 def handshake(server_context: ssl.SSLContext, client_context: ssl.SSLContext) -> str:
@@ -61,3 +61,8 @@ def test_cbc_and_static_rsa_suites_are_refused(contexts: tuple[ssl.SSLContext, t
     server, ca = contexts
     with pytest.raises(ssl.SSLError):
         handshake(server, client(ca, tls12_suites=suites))
+
+
+def test_the_front_knows_exactly_the_tls12_suites_the_contexts_offer() -> None:
+    offered = {cipher["id"] & 0xFFFF for cipher in new_server_context().get_ciphers() if cipher["protocol"] == "TLSv1.2"}
+    assert offered == TLS12_SUITE_IDS

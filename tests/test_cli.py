@@ -95,6 +95,10 @@ BAD_INPUTS = [
     (["allow", "*.example.test", "--cap", "0"], "--cap"),
     (["allow", "*.example.test", "--cap", "9223372036854775808"], "at most"),
     (["allow", "*.example.test", "--cap", "3000000000"], "at most"),
+    (["issue", "ok.example.test", "--order-limit", "300"], "--order-limit"),
+    (["issue", "ok.example.test", "--order-limit", "0/3h"], "--order-limit"),
+    (["issue", "ok.example.test", "--order-limit", "300/3 hours"], "--order-limit"),
+    (["serve", "--order-limit", "300/0h", "--https", "127.0.0.1:0", "--http", "none", "--admin", "none"], "--order-limit"),
     (["issue", "ok.example.test", "--ca-bundle", "/nonexistent/ca.pem"], "--ca-bundle"),
 ]
 

@@ -265,3 +265,14 @@ def test_hello_in_hundreds_of_records_is_dropped_at_once(db: str, serve: ServeFa
     with pytest.raises((ConnectionError, ssl.SSLError)):
         handshake_with_fragmented_hello(server.https_port, "split.example.test", 1)
     assert time.monotonic() - started < 3
+
+
+def test_a_client_with_nothing_in_common_gets_an_alert_not_a_bare_close(db: str, serve: ServeFactory) -> None:
+    """TLS 1.2 with only CBC suites, or TLS 1.1: the front answers with the alert OpenSSL would
+    have sent (handshake_failure, protocol_version) instead of closing without a word."""
+    assert run_cli("allow", "old.example.test", db=db).returncode == 0
+    server = serve()
+    cbc_only = openssl_s_client(server.https_port, "old.example.test", extra=["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA256:AES128-SHA256"])
+    assert "alert number 40" in cbc_only, cbc_only
+    old = openssl_s_client(server.https_port, "old.example.test", extra=["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"])
+    assert "alert number 70" in old or "alert protocol version" in old, old

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import heapq
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -14,7 +16,11 @@ from autocert._policy import (
     RETRY_DELAYS,
     STATES,
     RateBudget,
+    account_budget_hold,
     ari_next_check,
+    budget_with_order_limit,
+    default_budget,
+    exempt_from_budgets,
     failure_budget_hold,
     hold_reason,
     is_allowed,
@@ -22,6 +28,8 @@ from autocert._policy import (
     name_status,
     next_attempt_after_failure,
     order_budget_hold,
+    rate_limit_hold,
+    renewal_time,
     within_cap,
 )
 
@@ -119,3 +127,107 @@ def test_renewal_information_is_fetched_again_within_bounds() -> None:
     assert ari_next_check(NOW, 7 * 86400, rng) == NOW + timedelta(days=1), "a too-lazy one is capped"
     assert ari_next_check(NOW, 7200, rng) == NOW + timedelta(hours=2)
     assert timedelta(hours=10.8) <= ari_next_check(NOW, None, rng) - NOW <= timedelta(hours=13.2)
+
+
+def test_budgets_follow_the_ca() -> None:
+    assert default_budget("https://acme-v02.api.letsencrypt.org/directory") == RateBudget()
+    assert default_budget("https://acme-staging-v02.api.letsencrypt.org/directory") == RateBudget()
+    assert default_budget("https://127.0.0.1:14000/dir") is None, "other CAs: their own rateLimited answers decide"
+    lets_encrypt = budget_with_order_limit("https://acme-v02.api.letsencrypt.org/directory", (300, timedelta(hours=3)))
+    assert lets_encrypt == RateBudget(orders=300, order_window=timedelta(hours=3), failures_per_name=4)
+    other = budget_with_order_limit("https://ca.example/dir", (50, timedelta(minutes=30)))
+    assert other == RateBudget(orders=50, order_window=timedelta(minutes=30), failures_per_name=None)
+    assert budget_with_order_limit("https://acme-v02.api.letsencrypt.org/directory", None) is None
+
+
+def test_when_the_budget_binds_renewals_go_first_and_exempt_renewals_are_never_held() -> None:
+    budget = RateBudget(orders=10)
+    assert order_budget_hold(budget, 7, NOW, reserved=2) is None
+    until, why = order_budget_hold(budget, 8, NOW, reserved=2)  # type: ignore[misc]
+    assert "2 kept for renewals" in why, "a new name leaves room for the renewals due"
+    assert order_budget_hold(budget, 8, NOW) is None, "a renewal uses that room"
+    assert exempt_from_budgets(renewing=True, sends_replaces=True, ca_has_renewal_info=True)
+    assert not exempt_from_budgets(renewing=True, sends_replaces=True, ca_has_renewal_info=False)
+    assert not exempt_from_budgets(renewing=False, sends_replaces=False, ca_has_renewal_info=True)
+
+
+def test_a_ca_rate_limit_holds_the_name_or_the_whole_account() -> None:
+    account = "too many new orders (300) from this account in the last 3h0m0s, retry after 2026-11-27 15:00:00 UTC"
+    assert rate_limit_hold(account, 600, NOW) == (NOW + timedelta(minutes=10), True)
+    assert rate_limit_hold("too many certificates (5) already issued for this exact set of identifiers", 3600, NOW) == (
+        NOW + timedelta(hours=1), False)
+    assert rate_limit_hold(account, None, NOW) is None, "without Retry-After the usual backoff applies"
+
+
+def simulate(*, names: int, days: int, ca_has_renewal_info: bool, new_names_per_window: int) -> tuple[int, int, int]:
+    """A population of short-lived certificates (Let's Encrypt's ``shortlived`` profile, 160 h)
+    renewed under Let's Encrypt's budget by the same rules the worker applies, with new names
+    asking for certificates all along. Returns (renewals, new names issued, certificates that
+    ran past their expiry). Clock only: every order succeeds at once."""
+    budget = default_budget("https://acme-v02.api.letsencrypt.org/directory")
+    assert budget is not None
+    lifetime, step = timedelta(hours=160), timedelta(minutes=10)
+    rng = random.Random(1)
+    expiry: dict[int, datetime] = {}
+    due: list[tuple[datetime, int]] = []  # (renew_at, name), a heap
+    counted: collections.deque[datetime] = collections.deque()  # orders that count, in the window
+    renewals = issued_new = expired = 0
+    now = NOW
+
+    def issue(name: int) -> None:
+        not_before = now
+        expiry[name] = not_before + lifetime
+        heapq.heappush(due, (renewal_time(not_before, not_before + lifetime), name))
+
+    for name in range(names):  # a population issued over the week before
+        now = NOW - timedelta(hours=rng.uniform(0, 150))
+        issue(name)
+    now, waiting, next_name = NOW, 0, names
+    end = NOW + timedelta(days=days)
+    while now < end:
+        while counted and counted[0] <= now - budget.order_window:
+            counted.popleft()
+        expired += sum(1 for moment in expiry.values() if moment <= now) if now.minute == 0 and now.hour % 6 == 0 else 0
+        renewals_due = sum(1 for renew_at, _ in due if renew_at <= now + budget.order_window) if not ca_has_renewal_info else 0
+        while due and due[0][0] <= now:
+            _, name = due[0]
+            exempt = exempt_from_budgets(renewing=True, sends_replaces=True, ca_has_renewal_info=ca_has_renewal_info)
+            if account_budget_hold(budget, renewing=True, exempt=exempt, ca_has_renewal_info=ca_has_renewal_info,
+                                   counted_orders=len(counted), renewals_due=renewals_due, now=now):
+                break
+            heapq.heappop(due)
+            issue(name)
+            renewals += 1
+            if not exempt:
+                counted.append(now)
+        waiting += new_names_per_window * step / budget.order_window
+        while waiting >= 1:
+            if account_budget_hold(budget, renewing=False, exempt=False, ca_has_renewal_info=ca_has_renewal_info,
+                                   counted_orders=len(counted), renewals_due=renewals_due, now=now):
+                break
+            issue(next_name)
+            next_name += 1
+            issued_new += 1
+            counted.append(now)
+            waiting -= 1
+        now += step
+    return renewals, issued_new, expired
+
+
+def test_short_lived_certificates_never_expire_while_the_budget_binds() -> None:
+    # 10,000 names need ~375 renewals every 3 hours, more than the whole budget of 270: only
+    # because the CA exempts renewals that send `replaces` does nothing expire, while new
+    # names still get the whole budget.
+    renewals, issued_new, expired = simulate(names=10_000, days=14, ca_has_renewal_info=True, new_names_per_window=400)
+    assert expired == 0
+    assert renewals > 10_000 * 3
+    assert issued_new >= 270 * 8 * 14 * 0.95, "new names use the whole budget"
+
+
+def test_where_renewals_count_they_go_before_new_names() -> None:
+    # 3,000 names renew about 112 times every 3 hours: with new names asking for more than the
+    # budget, renewals still never wait behind them.
+    renewals, issued_new, expired = simulate(names=3_000, days=14, ca_has_renewal_info=False, new_names_per_window=400)
+    assert expired == 0
+    assert renewals > 3_000 * 3
+    assert issued_new > 0

@@ -332,6 +332,9 @@ async def test_rate_budgets_hold_orders_back_without_contacting_the_ca(pebble, t
         with pytest.raises(IssuanceError, match="orders in the last"):
             await manager.issue("a.example.test")
         assert await manager.store.attempt_count("a.example.test") == 0
+        (held,) = await manager.status(["a.example.test"])
+        assert held["last_error"].startswith("held back until ") and "orders in the last" in held["last_error"]
+        assert held["next_attempt_at"] is not None, "status shows why and until when"
 
     roomy = RateBudget(orders=6, failures_per_name=4)
     async with running_manager(pebble, f"sqlite:///{tmp_path / 'budget.db'}", renew=False, budget=roomy) as manager:
@@ -472,3 +475,57 @@ def test_issue_again_reports_the_valid_certificate_unless_forced(pebble, tmp_pat
     assert reported["serial"] == first["serial"] and reported["state"] == "valid" and reported["attempts"] == 1, "nothing ordered"
     forced = cli_json("issue", name, "--force", *acme_args(pebble), *listen, db=db)["certificates"][0]
     assert forced["serial"] != first["serial"] and forced["attempts"] == 2
+
+
+async def test_a_restart_closes_attempts_left_running_as_interrupted(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'restart.db'}"
+    first = Manager(db=db, directory="https://127.0.0.1:9/dir", renew=False)
+    async with first:
+        attempt = await first.store.start_attempt("killed.example.test", first.directory)  # then the process dies
+    async with Manager(db=db, directory="https://127.0.0.1:9/dir", renew=False) as restarted:
+        (closed,) = await restarted.store.attempts("killed.example.test")
+        assert (closed.id, closed.result, closed.detail) == (attempt, "failed", "interrupted")
+
+
+async def test_300_first_contacts_at_once_are_all_issued_by_a_ca_without_a_budget_of_ours(pebble, tmp_path: Path) -> None:
+    """Let's Encrypt's limits are kept for Let's Encrypt only: another CA (Pebble here) is
+    trusted to say rateLimited itself, so a burst of first contacts is not held back."""
+    names = [f"n{i}.burst.example.test" for i in range(300)]
+    async with running_manager(pebble, f"sqlite:///{tmp_path / 'burst.db'}", renew=False, concurrency=16) as manager:
+        assert manager.budget is None
+        await manager.allow(*names)
+        contexts = await asyncio.gather(*(manager.context_for(name, wait=240) for name in names))
+        missing = [name for name, context in zip(names, contexts) if context is None]
+        assert not missing, f"{len(missing)} not issued, e.g. {missing[:3]}"
+
+
+async def test_a_ca_rate_limit_holds_the_name_or_the_account_and_exempt_renewals_still_pass(pebble, tmp_path: Path) -> None:
+    from ari_double import AriDouble
+
+    from autocert._errors import IssuanceError
+
+    with AriDouble(pebble) as double:
+        async with running_manager(pebble, f"sqlite:///{tmp_path / 'limited.db'}", renew=False) as manager:
+            manager.worker.directory = double.directory_url
+            await manager.allow("kept.example.test", "one.example.test", "two.example.test", "three.example.test")
+            await manager.issue("kept.example.test")
+
+            double.rate_limit = ("too many certificates (5) already issued for this exact set of identifiers", 3600)
+            with pytest.raises(IssuanceError, match="rateLimited"):
+                await manager.issue("one.example.test")
+            state = await manager.store.name_state("one.example.test")
+            assert state is not None and state.next_attempt_at is not None
+            assert state.next_attempt_at >= datetime.now(timezone.utc) + timedelta(minutes=59), "the CA's Retry-After, not a 1-minute retry"
+
+            double.rate_limit = ("too many new orders (300) from this account in the last 3h0m0s", 1800)
+            with pytest.raises(IssuanceError, match="rateLimited"):
+                await manager.issue("two.example.test")
+            double.rate_limit = None
+            placed = len(double.orders)
+            with pytest.raises(IssuanceError, match="rate-limited this account"):
+                await manager.issue("three.example.test")
+            assert len(double.orders) == placed, "held for the whole account without placing an order"
+
+            renewed = (await manager.renew(["kept.example.test"], force=True))["kept.example.test"]
+            assert not isinstance(renewed, BaseException), renewed
+            assert "replaces" in double.orders[-1], "a renewal naming what it replaces is exempt"

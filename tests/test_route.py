@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from datetime import timedelta
@@ -73,3 +74,29 @@ async def test_a_held_back_name_is_refused_from_memory(tmp_path: Path, monkeypat
 
         await manager.allow("unrelated.example.test")  # any allowlist change lets them be looked at again
         assert manager.route("b.capped.example.test")[0] is Route.LOAD
+
+
+async def test_a_database_outage_is_logged_once_and_its_end_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from autocert._errors import StoreError
+
+    manager = Manager(db=f"sqlite:///{tmp_path / 'outage.db'}", directory="https://127.0.0.1:9/dir", renew=False, poll_interval=0.01)
+    async with manager:
+        real = manager.store.change_marks
+        polls = {"failed": 0}
+
+        async def unreachable():  # type: ignore[no-untyped-def]
+            polls["failed"] += 1
+            raise StoreError("database sqlite+aiosqlite:///outage.db: OperationalError: disk I/O error")
+
+        caplog.set_level(logging.INFO, logger="autocert.manager")
+        monkeypatch.setattr(manager.store, "change_marks", unreachable)
+        while polls["failed"] < 20:
+            await asyncio.sleep(0.01)
+        monkeypatch.setattr(manager.store, "change_marks", real)
+        while not any("reachable again" in r.getMessage() for r in caplog.records):
+            await asyncio.sleep(0.01)
+        lines = [r for r in caplog.records if r.name == "autocert.manager"]
+        assert len(lines) == 2, [r.getMessage() for r in lines]
+        assert lines[0].getMessage().startswith("cannot read the database") and "disk I/O error" in lines[0].getMessage()
+        assert lines[1].getMessage().startswith("the database is reachable again")
+        assert not any(r.exc_info for r in lines), "an outage is not a traceback"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from autocert._crypto import generate_private_key
 from autocert._errors import StoreError
 from autocert._sealing import SEALED_PREFIX, KeySealer
 from autocert._store import Store
@@ -63,3 +67,31 @@ def test_serve_with_secret_keeps_no_plaintext_key_and_needs_the_secret(pebble, t
     # With it, everything works again and the key is the same one.
     with ServeProcess(db, pebble, tmp_path, env=env) as server:
         handshake(server.https_port, "sealed.example.test", cafile=str(root), timeout=30)
+
+
+def test_serve_with_a_wrong_secret_stops_at_start_and_healthz_reports_keys_turning_unreadable(pebble, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'wrong.db'}"
+    right = {"AUTOCERT_SECRET": "the operator's secret"}
+    root = tmp_path / "root.pem"
+    root.write_bytes(pebble.root_pem())
+    assert run_cli("allow", "sealed.example.test", db=db).returncode == 0
+    with ServeProcess(db, pebble, tmp_path, env=right) as server:
+        handshake(server.https_port, "sealed.example.test", cafile=str(root), timeout=60)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/healthz", timeout=30).status == 200
+
+        # Another instance with another secret writes a key: this server can no longer read every key.
+        async def write_with_another_secret() -> None:
+            other = await Store.open(db, secret="someone else's secret")
+            await other.save_account("https://other-ca.example.test/dir", generate_private_key())
+            await other.close()
+
+        asyncio.run(write_with_another_secret())
+        with pytest.raises(urllib.error.HTTPError) as unhealthy:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/healthz", timeout=30)
+        assert unhealthy.value.code == 503 and b"AUTOCERT_SECRET" in unhealthy.value.read()
+
+    wrong = run_cli("serve", "--https", "127.0.0.1:0", "--http", "none", "--admin", "none", "--directory", pebble.directory_url,
+                    "--ca-bundle", pebble.ca_bundle, db=db, env={"AUTOCERT_SECRET": "a wrong secret"}, timeout=60)
+    assert wrong.returncode != 0
+    lines = wrong.stderr.strip().splitlines()
+    assert "AUTOCERT_SECRET" in lines[-1] and not any("Traceback" in line for line in lines), wrong.stderr

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import resource
 import signal
 import socket
 import sqlite3
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -14,7 +16,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
-from support import ServeProcess, cli_json, client_context, eventually, handshake, openssl_s_client, run_cli, served_certificate
+from pebble import free_port, wait_for
+from support import REPO, ServeProcess, cli_json, client_context, eventually, handshake, openssl_s_client, run_cli, served_certificate
 
 
 def sans(certificate: x509.Certificate) -> list[str]:
@@ -187,3 +190,49 @@ def test_pattern_cap_limits_on_demand_names(pebble, root_ca: str, db: str, tmp_p
         handshake(server.https_port, "one.tenants.example.test", cafile=root_ca)  # names within the cap stay served
     names = [item["name"] for item in cli_json("status", db=db)["certificates"]]
     assert names == ["one.tenants.example.test", "two.tenants.example.test"], "the third name must not be ordered"
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_stop_signal_at_any_moment_exits_cleanly(pebble, db: str, tmp_path: Path, loop: str) -> None:
+    """SIGTERM or SIGINT while serve starts (imports, binding, opening the database, the first
+    scans) or runs: exit 0, with no traceback and no error in the log. Only a signal that lands
+    while the interpreter itself is still starting, before ``python -m autocert`` has run a line
+    of its own, ends the process Python's default way (killed by it; for SIGINT, Python's
+    own KeyboardInterrupt report from inside its start-up imports)."""
+    assert run_cli("allow", "clean.example.test", db=db).returncode == 0
+    moments: list[float | str] = [0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.5, "ready", "ready"]
+    for index, moment in enumerate(moments):
+        signum = signal.SIGTERM if index % 2 == 0 else signal.SIGINT
+        server = ServeProcess(db, pebble, tmp_path, env={"AUTOCERT_EVENT_LOOP": loop}, https_port=free_port(),
+                              http_port=free_port())
+        server.launch()
+        assert server.process is not None
+        if moment == "ready":
+            wait_for(server.ready, timeout=60, what="serve to listen")
+        else:
+            time.sleep(float(moment))  # where in start-up the signal lands: a probe, nothing is waited for
+        server.signal(signum)
+        code = server.process.wait(timeout=60)
+        log = server.stderr_path.read_text()
+        where = f"{signal.Signals(signum).name} at {moment}: exit {code}\n{server.output()}"
+        if code == -signum and "autocert/__main__.py" not in log and "_cli.py" not in log and "listening" not in server.stdout_path.read_text():
+            continue  # the interpreter was still starting: nothing of autocert's had begun
+        assert code == 0, where
+        assert "Traceback" not in log and " ERROR " not in log, where
+
+
+def test_serve_raises_its_open_file_limit_to_the_hard_limit(pebble, db: str, tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip(f"the hard open-file limit here ({hard}) leaves nothing to raise")
+    server = ServeProcess(db, pebble, tmp_path, https_port=free_port(), http_port=free_port())
+    with open(server.stdout_path, "wb") as out, open(server.stderr_path, "wb") as err:
+        server.process = subprocess.Popen(server.argv, stdout=out, stderr=err, env=server.env, cwd=REPO, start_new_session=True,
+                                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    try:
+        wait_for(server.ready, timeout=60, what="serve to listen")
+        limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+        (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        assert line.split()[3:5] == [str(hard), str(hard)], line
+    finally:
+        assert server.stop() == 0

@@ -759,3 +759,18 @@ async def test_status_names(store: Store) -> None:
     await store.disallow(["allowed.example"])
     assert "allowed.example" in await store.status_names()  # its certificate keeps it known
 
+
+
+async def test_attempts_a_killed_process_left_running_are_closed_as_interrupted(store: Store) -> None:
+    killed = await store.start_attempt("killed.example", "https://ca.example/dir")
+    live = await store.start_attempt("live.example", "https://ca.example/dir")
+    assert await store.try_lease("live.example", "host:1:live", 300)  # a live order holds its lease
+    lapsed = await store.start_attempt("lapsed.example", "https://ca.example/dir")
+    assert await store.try_lease("lapsed.example", "host:2:gone", 0.001)
+    await asyncio.sleep(0.01)
+    assert await store.close_abandoned_attempts() == 2
+    results = {attempt.id: (attempt.result, attempt.detail) for name in ("killed.example", "live.example", "lapsed.example")
+               for attempt in await store.attempts(name)}
+    assert results == {killed: ("failed", "interrupted"), live: ("running", None), lapsed: ("failed", "interrupted")}
+    assert (await store.name_state("killed.example")) is None, "a kill is not a CA failure: no backoff"
+    assert await store.close_abandoned_attempts() == 0

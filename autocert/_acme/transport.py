@@ -315,9 +315,12 @@ class AcmeTransport:
         except ValueError:
             problem = None
         if isinstance(problem, dict) and ("type" in problem or "detail" in problem):
-            return problem_error(problem, status=resp.status, context=context)
-        snippet = resp.body[:200].decode(errors="replace").strip()
-        return AcmeError(f"{context}: HTTP {resp.status} {snippet}".rstrip(), status=resp.status)
+            error = problem_error(problem, status=resp.status, context=context)
+        else:
+            snippet = resp.body[:200].decode(errors="replace").strip()
+            error = AcmeError(f"{context}: HTTP {resp.status} {snippet}".rstrip(), status=resp.status)
+        error.retry_after = resp.retry_after
+        return error
 
     # -- polling ---------------------------------------------------------------------------
 

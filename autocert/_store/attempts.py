@@ -75,6 +75,30 @@ class AttemptsMixin(StoreBase):
                 )
             await session.execute(upsert)
 
+    async def close_abandoned_attempts(self, now: datetime | None = None) -> int:
+        """Close as ``interrupted`` the attempts still ``running`` whose name no process holds a
+        lease on: their process was killed mid-order (a live order always holds the lease).
+        The name's failure count is left alone: a killed process says nothing about the CA.
+        Returns how many were closed."""
+        at = _aware(now, "now") if now is not None else utcnow()
+        leased = (
+            select(_name_states.c.name)
+            .where(
+                _name_states.c.name == _attempts.c.name,
+                _name_states.c.lease_owner.is_not(None),
+                _name_states.c.lease_until > at,
+            )
+            .exists()
+        )
+        stmt = (
+            update(_attempts)
+            .where(_attempts.c.result == "running", ~leased)
+            .values(finished_at=at, result="failed", detail="interrupted")
+            .returning(_attempts.c.id)
+        )
+        async with self._writing() as session:
+            return len((await session.execute(stmt)).all())
+
     async def attempts(self, name: str, limit: int = 20) -> list[Attempt]:
         """The latest attempts for ``name``, newest first."""
         stmt = (
@@ -100,13 +124,24 @@ class AttemptsMixin(StoreBase):
                 counts.update((name, int(count)) for name, count in (await session.execute(stmt)).all())
         return counts
 
-    async def orders_since(self, directory: str, since: datetime) -> int:
-        """Orders started against ``directory`` since ``since``: the account's rate budget."""
+    async def orders_since(self, directory: str, since: datetime, *, new_names_only: bool = False) -> int:
+        """Orders started against ``directory`` since ``since``: the account's rate budget.
+
+        ``new_names_only`` leaves out renewals (orders for a name that already had a
+        certificate when they started), which a CA with renewal information exempts.
+        """
         stmt = (
             select(func.count())
             .select_from(_attempts)
             .where(_attempts.c.directory == directory, _attempts.c.started_at >= _aware(since, "since"))
         )
+        if new_names_only:
+            earlier = (
+                select(_certificates.c.id)
+                .where(_certificates.c.name == _attempts.c.name, _certificates.c.created_at < _attempts.c.started_at)
+                .exists()
+            )
+            stmt = stmt.where(~earlier)
         async with self._reading() as session:
             return int((await session.execute(stmt)).scalar_one())
 
@@ -133,11 +168,15 @@ class AttemptsMixin(StoreBase):
                 found.update((row.name, _name_state(row)) for row in rows)
         return found
 
-    async def set_next_attempt(self, name: str, when: datetime | None) -> None:
-        """Schedule (or with None, clear) the earliest time the next order for ``name`` may start."""
+    async def set_next_attempt(self, name: str, when: datetime | None, *, reason: str | None = None) -> None:
+        """Schedule (or with None, clear) the earliest time the next order for ``name`` may start;
+        ``reason``, when given, is recorded as the name's last error (why it waits)."""
         at = _aware(when, "when") if when is not None else None
-        stmt = self._insert(_name_states).values(name=name, failures=0, next_attempt_at=at)
-        stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={"next_attempt_at": stmt.excluded.next_attempt_at})
+        stmt = self._insert(_name_states).values(name=name, failures=0, next_attempt_at=at, last_error=reason)
+        changes = {"next_attempt_at": stmt.excluded.next_attempt_at}
+        if reason is not None:
+            changes["last_error"] = stmt.excluded.last_error
+        stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=changes)
         async with self._writing() as session:
             await session.execute(stmt)
 

@@ -185,6 +185,12 @@ class CertificatesMixin(StoreBase):
             rows = (await session.execute(stmt)).all()
         return [self._unsealed(_certificate(row)) for row in rows]
 
+    async def count_renewals_due(self, before: datetime) -> int:
+        """How many current certificates are due for renewal by ``before``."""
+        stmt = select(func.count()).select_from(_certificates).where(_is_current(), _certificates.c.renew_at <= _aware(before, "before"))
+        async with self._reading() as session:
+            return int((await session.execute(stmt)).scalar_one())
+
     async def certificates_since(self, last_id: int, limit: int | None = None) -> list[StoredCertificate]:
         """Certificates with an id above ``last_id``, oldest first.
 

@@ -22,6 +22,7 @@ from sqlalchemy import Table, event, inspect, select, text
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -33,9 +34,22 @@ from sqlalchemy.ext.asyncio import (
 
 from .._errors import ConfigError, StoreError
 from .._sealing import KeySealer
-from .records import Account, StoredCertificate
+from .records import Account, StoredCertificate, _accounts, _certificates
 
 log = logging.getLogger("autocert.store")
+
+
+class _CancelledResetFilter(logging.Filter):
+    """A task cancelled while its connection was being reset (a shutdown cancelling a scan
+    halfway) leaves SQLAlchemy's pool to discard that connection, which is all there is to
+    do; the pool reports it as an ERROR with a traceback. That report is dropped here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+# The pool logs through a logger named after its class; filters do not reach child loggers.
+logging.getLogger(f"{AsyncAdaptedQueuePool.__module__}.{AsyncAdaptedQueuePool.__name__}").addFilter(_CancelledResetFilter())
 
 #: How long a SQLite writer waits for another process's write lock before giving up.
 #: Writes take milliseconds; the margin covers a migration running in another process.
@@ -365,6 +379,19 @@ class StoreBase:
         """Round-trip to the database; raises :class:`StoreError` when it is unreachable."""
         async with self._reading() as session:
             await session.execute(select(1))
+
+    async def check_keys(self) -> None:
+        """Raise :class:`StoreError`, naming ``AUTOCERT_SECRET``, when stored private keys cannot
+        be read with this process's secret (missing, or not the one they were sealed with).
+
+        Tries every account key and the newest certificate key: a few rows whatever the size,
+        and the newest key is where another instance with another secret would show first.
+        """
+        newest = select(_certificates.c.key_pem).order_by(_certificates.c.id.desc()).limit(1)
+        async with self._reading() as session:
+            blobs = [*(await session.execute(select(_accounts.c.key_pem))).scalars(), *(await session.execute(newest)).scalars()]
+        for blob in blobs:
+            self._sealer.unseal(bytes(blob))
 
     # -- transactions ------------------------------------------------------------------------
 
