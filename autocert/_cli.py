@@ -30,8 +30,10 @@ from ._config import (
     listening_socket,
     parse_bool_env,
     parse_listen,
+    parse_on_off,
     parse_positive_float,
     parse_positive_int,
+    parse_seconds_above_zero,
 )
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._names import is_pattern, normalize_entry, normalize_name
@@ -118,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-size", default=env("AUTOCERT_CACHE_SIZE", "10000"), metavar="N")
     serve.add_argument("--default-name", default=None, metavar="NAME", help="certificate for clients without SNI")
     serve.add_argument("--hsts", action="store_true", help="add Strict-Transport-Security to proxied responses")
+    serve.add_argument("--header-timeout", default=env("AUTOCERT_HEADER_TIMEOUT", "30"), metavar="SECONDS",
+                       help="a client must send each request head within SECONDS (the first one from the handshake)")
+    serve.add_argument("--idle-timeout", default=env("AUTOCERT_IDLE_TIMEOUT", "75"), metavar="SECONDS",
+                       help="close a kept-alive connection after SECONDS without a request")
+    serve.add_argument("--access-log", default=env("AUTOCERT_ACCESS_LOG", "on"), metavar="on|off",
+                       help="one log line per HTTPS request (default on)")
     serve.add_argument("--log-format", choices=("text", "json"), default=env("AUTOCERT_LOG_FORMAT", "text"))
     serve.add_argument("--on-event", default=env("AUTOCERT_ON_EVENT"), metavar="CMD",
                        help="run CMD (a shell command; event JSON on stdin) on issued, renewed, failed, expiring, expired")
@@ -473,6 +481,9 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     options.upstream = args.upstream
     options.first_contact_wait = parse_positive_float(args.first_contact_wait, option="--first-contact-wait")
     options.hsts = args.hsts
+    options.header_timeout = parse_seconds_above_zero(args.header_timeout, option="--header-timeout")
+    options.idle_timeout = parse_seconds_above_zero(args.idle_timeout, option="--idle-timeout")
+    options.access_log = parse_on_off(args.access_log, option="--access-log")
     options.on_event = args.on_event
     options.webhook = check_webhook(args.webhook)
     check_admin_binding(options)

@@ -29,8 +29,6 @@ from ._policy import Route
 from ._tls import UNRECOGNIZED_NAME_ALERT
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from ._config import ServeOptions
     from ._manager import Manager
 
@@ -239,7 +237,7 @@ class TlsFront:
     certificate) get a task; their transport stops reading meanwhile.
     """
 
-    def __init__(self, manager: Manager, protocol_factory: web.Server, options: ServeOptions) -> None:
+    def __init__(self, manager: Manager, protocol_factory: Callable[[], asyncio.BaseProtocol], options: ServeOptions) -> None:
         self._manager = manager
         self._protocol_factory = protocol_factory
         self._options = options

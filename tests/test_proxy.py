@@ -35,8 +35,12 @@ from support import (
     served_certificate,
 )
 
+from yarl import URL
+
 from autocert._errors import ConfigError
-from autocert._proxy import forwarded_headers, proxy_app, strip_hop_by_hop
+from autocert._http import HttpServer
+from autocert._http.heads import Origin, forwarded_headers, strip_hop_by_hop
+from autocert._proxy import ProxyHandler
 
 NAME = "proxy.example.test"
 FIVE_MB = 5 * 1024 * 1024
@@ -394,22 +398,43 @@ def test_bad_upstream_is_a_usage_error_and_writes_nothing(tmp_path: Path) -> Non
 # -- in process: the proxy app alone in front of an aiohttp upstream ----------------------------
 
 
+class LocalProxy:
+    """The proxy's HTTP/1.1 server alone on plain loopback HTTP, in this test's event loop."""
+
+    def __init__(self, http: HttpServer, server: asyncio.Server) -> None:
+        self.http = http
+        self.server = server
+        self.port: int = server.sockets[0].getsockname()[1]
+
+    def make_url(self, path: str) -> URL:
+        return URL(f"http://127.0.0.1:{self.port}{path}")
+
+    async def close(self) -> None:
+        """What serve does on SIGTERM: stop accepting, then drain."""
+        self.server.close()
+        await self.http.shutdown(10)
+
+
 @pytest.fixture()
 async def local() -> AsyncIterator[Callable[..., Any]]:
     """Serve an upstream app and a proxy in front of it, both on plain loopback HTTP."""
-    servers: list[TestServer] = []
+    upstreams: list[TestServer] = []
+    proxies: list[LocalProxy] = []
 
-    async def start(upstream_app: web.Application, **options: Any) -> tuple[TestServer, TestServer]:
+    async def start(upstream_app: web.Application, **options: Any) -> tuple[LocalProxy, TestServer]:
         upstream_server = TestServer(upstream_app, host="127.0.0.1")
         await upstream_server.start_server()
-        proxy_server = TestServer(proxy_app(f"http://127.0.0.1:{upstream_server.port}{options.pop('prefix', '')}", **options),
-                                  host="127.0.0.1")
-        await proxy_server.start_server()
-        servers.extend([proxy_server, upstream_server])
+        upstreams.append(upstream_server)
+        handler = ProxyHandler(f"http://127.0.0.1:{upstream_server.port}{options.pop('prefix', '')}", **options)
+        http = HttpServer(handler, tls=False, on_close=handler.close)
+        proxy_server = LocalProxy(http, await asyncio.get_running_loop().create_server(http, "127.0.0.1", 0))
+        proxies.append(proxy_server)
         return proxy_server, upstream_server
 
     yield start
-    for server in servers:
+    for proxy_server in proxies:
+        await proxy_server.close()
+    for server in upstreams:
         await server.close()
 
 
@@ -633,21 +658,13 @@ async def test_shutdown_closes_websockets_with_going_away(local) -> None:
 def test_bad_upstream_urls_are_refused() -> None:
     for bad in ("", "127.0.0.1:8000", "ftp://host", "http://", "http://user:pw@host", "http://host/?q=1"):
         with pytest.raises(ConfigError, match="--upstream"):
-            proxy_app(bad)
+            ProxyHandler(bad)
 
 
 def test_forwarded_element_quotes_ipv6_and_ports() -> None:
-    from aiohttp.test_utils import make_mocked_request
-    from multidict import CIMultiDict
-
-    class Transport:
-        def get_extra_info(self, name: str, default: Any = None) -> Any:
-            return ("2001:db8::1", 4242, 0, 0) if name == "peername" else default
-
-    request = make_mocked_request("GET", "/", headers=CIMultiDict({"Host": "shop.example:8443", "Forwarded": "for=192.0.2.1"}),
-                                  transport=Transport())
-    headers = forwarded_headers(request)
-    assert headers["Forwarded"] == 'for=192.0.2.1, for="[2001:db8::1]";host="shop.example:8443";proto=https'
-    assert headers["X-Forwarded-For"] == "2001:db8::1"
-    stripped = strip_hop_by_hop(CIMultiDict({"Connection": "close, X-A", "X-A": "1", "Proxy-Foo": "2", "X-B": "3"}))
-    assert list(stripped.items()) == [("X-B", "3")]
+    headers = forwarded_headers([(b"Host", b"shop.example:8443"), (b"Forwarded", b"for=192.0.2.1")], Origin("2001:db8::1"))
+    values = dict(headers)
+    assert values[b"Forwarded"] == b'for=192.0.2.1, for="[2001:db8::1]";host="shop.example:8443";proto=https'
+    assert values[b"X-Forwarded-For"] == b"2001:db8::1"
+    stripped = strip_hop_by_hop([(b"Connection", b"close, X-A"), (b"X-A", b"1"), (b"Proxy-Foo", b"2"), (b"X-B", b"3")])
+    assert stripped == [(b"X-B", b"3")]
