@@ -98,10 +98,9 @@ class ProxyHandler:
             return
         if target[:1] == b"/":
             target = self.prefix + target
-        connection = exchange.connection
-        headers = forwarded_headers(exchange.headers, connection.origin)
+        headers = forwarded_headers(exchange.headers, exchange.connection.origin)
         extra = b""
-        if not any(len(name) == 4 and name.lower() == b"host" for name, _ in exchange.headers):
+        if headers[-2][0] != b"X-Forwarded-Host":  # the request has no Host
             extra += b"Host: " + self.authority + b"\r\n"
         if exchange.body_chunked:
             extra += b"Transfer-Encoding: chunked\r\n"

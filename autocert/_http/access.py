@@ -30,9 +30,9 @@ class AccessLog:
         self._handle: asyncio.TimerHandle | None = None
 
     def add(self, address: str, method: bytes, target: bytes, version: str, status: int, size: int,
-            referer: bytes | None, user_agent: bytes | None) -> None:
+            headers: list[tuple[bytes, bytes]]) -> None:
         entries = self._entries
-        entries.append((address, time.time(), method, target, version, status, size, referer, user_agent))
+        entries.append((address, time.time(), method, target, version, status, size, headers))
         if self._handle is None:
             self._handle = asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
 
@@ -41,7 +41,14 @@ class AccessLog:
         entries, self._entries = self._entries, []
         if not log.isEnabledFor(logging.INFO):
             return
-        for address, when, method, target, version, status, size, referer, user_agent in entries:
+        for address, when, method, target, version, status, size, headers in entries:
+            referer = user_agent = None
+            for name, value in headers:  # type: ignore[attr-defined]
+                lower = name.lower()
+                if lower == b"referer":
+                    referer = value
+                elif lower == b"user-agent":
+                    user_agent = value
             log.info(
                 _FORMAT, address, time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(when)),  # type: ignore[arg-type]
                 _text(method), _text(target), version, status, size, _text(referer), _text(user_agent),

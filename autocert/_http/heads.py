@@ -8,6 +8,7 @@ dictionaries, no text decoding on the way through.
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from collections.abc import Iterable, Sequence
 from email.utils import formatdate
@@ -32,7 +33,7 @@ HSTS: Final = b"max-age=31536000"
 #: guess a type other than the one given.
 OWN_HEADERS: Final = b"X-Content-Type-Options: nosniff\r\n"
 
-_TOKEN_CHARS: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -77,13 +78,13 @@ def forwarded_node(remote: str | None) -> bytes:
 
 def forwarded_value(value: bytes) -> bytes:
     """A token as is, anything else as a quoted-string (``host:port`` needs quoting)."""
-    if value and all(char in _TOKEN_CHARS for char in value):
+    if _TOKEN.fullmatch(value):
         return value
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
 class Origin:
-    """What the upstream is told about one client connection, worked out once per connection."""
+    """What the upstream is told about one client address, worked out once (see :meth:`of`)."""
 
     __slots__ = ("address", "node")
 
@@ -92,6 +93,19 @@ class Origin:
         self.address = remote.encode("latin-1", "replace") if remote else None
         #: Its RFC 7239 ``for=`` node.
         self.node = forwarded_node(remote)
+
+    @classmethod
+    def of(cls, remote: str | None) -> Origin:
+        """The origin of ``remote``, from a small cache: clients come back from the same address."""
+        origin = _ORIGINS.get(remote)
+        if origin is None:
+            if len(_ORIGINS) >= 4096:
+                _ORIGINS.clear()
+            origin = _ORIGINS[remote] = cls(remote)
+        return origin
+
+
+_ORIGINS: dict[str | None, Origin] = {}
 
 
 #: What happens to each request header on its way upstream: 1 dropped, 2 replaced by ours, and

@@ -109,9 +109,9 @@ class Exchange:
                 sink.send_body(chunk)
             self.early = None
             self.early_size = 0
+            self.connection.resume_reading(PAUSE_EARLY)
         if self.request_done and self.has_body:
             sink.end_body()
-        self.connection.resume_reading(PAUSE_EARLY)
 
     def _body(self, data: bytes) -> None:
         if self.sink is not None:
@@ -258,7 +258,7 @@ class HttpConnection(asyncio.Protocol):
 
     __slots__ = (
         "_active", "_broken", "_chunked", "_eof", "_head_size", "_headers", "_idle", "_length", "_paused", "_queue", "_receiving",
-        "_upgrade_buffer", "_url", "_write_paused", "deadline", "feeding", "origin", "out", "parser", "peer", "relay", "server",
+        "_upgrade_buffer", "_url", "_write_paused", "deadline", "feeding", "out", "parser", "peer", "relay", "server",
         "transport",
     )
 
@@ -272,7 +272,6 @@ class HttpConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.relay: Relay | None = None
         self.peer = ""
-        self.origin: Origin = None  # type: ignore[assignment]
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._length = 0
@@ -299,7 +298,6 @@ class HttpConnection(asyncio.Protocol):
         server.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
-        self.origin = Origin(self.peer or None)
         self.deadline = server.now + server.header_timeout
 
     def data_received(self, data: bytes) -> None:
@@ -376,6 +374,11 @@ class HttpConnection(asyncio.Protocol):
     @property
     def write_paused(self) -> bool:
         return self._write_paused
+
+    @property
+    def origin(self) -> Origin:
+        """Where the client connects from, as the upstream is told."""
+        return Origin.of(self.peer or None)
 
     # -- llhttp callbacks ------------------------------------------------------------------------
 
@@ -469,13 +472,14 @@ class HttpConnection(asyncio.Protocol):
             return
         self._idle = True
         self.deadline = self.server.now + self.server.idle_timeout
-        self.resume_reading(PAUSE_PIPELINE)
+        if self._paused:
+            self.resume_reading(PAUSE_PIPELINE)
 
     def _log(self, exchange: Exchange) -> None:
         access = self.server.access
         if access is not None:
             access.add(self.peer, exchange.method, exchange.target, exchange.version, exchange.status, exchange.sent,
-                       _header(exchange.headers, b"referer"), _header(exchange.headers, b"user-agent"))
+                       exchange.headers)
 
     def _upgraded(self, rest: bytes) -> None:
         """llhttp stopped after a head with ``Connection: upgrade``."""

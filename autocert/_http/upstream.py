@@ -66,7 +66,8 @@ class Upstream(asyncio.Protocol):
     """One connection to the upstream; see the module docstring."""
 
     __slots__ = (
-        "_complete", "_framing", "_head_size", "_headed", "_headers", "_interim", "_keep", "_out", "_pending", "_reason",
+        "_complete", "_framing", "_has_length", "_head_size", "_headed", "_headers", "_interim", "_keep", "_out", "_pending",
+        "_reason", "_transfer_encoded",
         "_request_chunked", "_request_done", "_started", "exchange", "head", "last_read", "owner", "parser", "pool", "relay",
         "reused", "transport",
     )
@@ -108,6 +109,8 @@ class Upstream(asyncio.Protocol):
         self._keep = False
         self._framing = _NONE
         self._head_size = 0
+        self._has_length = False
+        self._transfer_encoded = False
 
     # -- sending the request ---------------------------------------------------------------------
 
@@ -228,13 +231,19 @@ class Upstream(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._headers = []
         self._reason = b""
+        self._has_length = self._transfer_encoded = False
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._headed:  # trailers of a chunked body are not passed on
-            self._headers.append((name, value))
+        if self._headed:  # trailers of a chunked body are not passed on
+            return
+        self._headers.append((name, value))
+        if len(name) == 14 and name.lower() == b"content-length":
+            self._has_length = True
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            self._transfer_encoded = True
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange
@@ -262,7 +271,7 @@ class Upstream(asyncio.Protocol):
         close = exchange.will_close() or exchange.upgrade
         if method == b"HEAD" or status == 204 or status == 304:
             self._framing = _NONE
-        elif self._has_length():
+        elif self._has_length:
             self._framing = _RAW
         elif exchange.version == "1.1":
             self._framing = _CHUNKED
@@ -300,17 +309,9 @@ class Upstream(asyncio.Protocol):
 
     # -- the end of an exchange ------------------------------------------------------------------
 
-    def _has_length(self) -> bool:
-        for name, _value in self._headers:
-            if len(name) == 14 and name.lower() == b"content-length":
-                return True
-        return False
-
     def _until_close(self) -> bool:
         """Whether the response's body is delimited by the end of the connection."""
-        if self._has_length():
-            return False
-        return not any(len(name) == 17 and name.lower() == b"transfer-encoding" for name, _ in self._headers)
+        return not self._has_length and not self._transfer_encoded
 
     def _finish(self, exchange: Exchange) -> None:
         transport = self.transport
