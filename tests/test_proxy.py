@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from support import (
     free_port,
     run_cli,
     served_certificate,
+    websocket_echo,
 )
 
 from yarl import URL
@@ -183,15 +185,16 @@ def upstream() -> Iterator[Upstream]:
     app.stop()
 
 
-@pytest.fixture()
-def proxy(pebble, upstream: Upstream, root_ca: str, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
-    """Start ``autocert serve --upstream`` (extra args allowed) with a certificate for NAME."""
+@pytest.fixture(params=["uvloop", "asyncio"])
+def proxy(request: pytest.FixtureRequest, pebble, upstream: Upstream, root_ca: str, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Start ``autocert serve --upstream`` (extra args allowed) with a certificate for NAME, on each loop."""
     db = f"sqlite:///{tmp_path / 'autocert.db'}"
     assert run_cli("allow", NAME, db=db).returncode == 0
     started: list[ServeProcess] = []
 
     def start(*extra: str) -> ServeProcess:
-        server = ServeProcess(db, pebble, tmp_path, extra=["--upstream", f"http://127.0.0.1:{upstream.port}", *extra])
+        server = ServeProcess(db, pebble, tmp_path, extra=["--upstream", f"http://127.0.0.1:{upstream.port}", *extra],
+                              env={"AUTOCERT_EVENT_LOOP": request.param})
         started.append(server)
         server.start()
         served_certificate(server.https_port, NAME, root_ca, timeout=60)
@@ -384,6 +387,49 @@ async def test_hsts_flag_adds_the_header(proxy, upstream: Upstream, root_ca: str
         async with session.get(f"https://{NAME}:{server.https_port}/") as response:
             assert response.status == 502
             assert response.headers["Strict-Transport-Security"] == "max-age=31536000", "error pages need it too"
+
+
+def test_silent_and_slow_clients_after_the_handshake_are_closed_at_their_bounds(proxy, root_ca: str) -> None:
+    """After TLS: nothing sent, or half a head, is closed at --header-timeout; a kept-alive
+    connection lives until --idle-timeout, which is longer, then is closed."""
+    server = proxy("--header-timeout", "1", "--idle-timeout", "3")
+    context = ssl.create_default_context(cafile=root_ca)
+
+    def connect() -> ssl.SSLSocket:
+        tls = context.wrap_socket(socket.create_connection(("127.0.0.1", server.https_port), timeout=15), server_hostname=NAME)
+        tls.settimeout(15)
+        return tls
+
+    def seconds_until_closed(tls: ssl.SSLSocket) -> tuple[float, bytes]:
+        started = time.monotonic()
+        data = b""
+        try:
+            while chunk := tls.recv(65536):
+                data += chunk
+        except (ssl.SSLError, ConnectionError):
+            pass
+        return time.monotonic() - started, data
+
+    silent = connect()
+    half = connect()
+    half.sendall(b"GET /echo HTTP/1.1\r\nHost: " + NAME.encode() + b"\r\nX-Slow: ")
+    for tls in (silent, half):
+        waited, data = seconds_until_closed(tls)
+        tls.close()
+        assert data == b"" and waited < 5, (waited, data)
+
+    kept = connect()
+    request = b"GET /echo HTTP/1.1\r\nHost: " + NAME.encode() + b"\r\n\r\n"
+    for pause in (0, 1.8):  # past the header bound, within the idle bound
+        time.sleep(pause)
+        kept.sendall(request)
+        response = http.client.HTTPResponse(kept)  # type: ignore[arg-type]
+        response.begin()
+        assert response.status == 200
+        response.read()
+    waited, data = seconds_until_closed(kept)
+    kept.close()
+    assert data == b"" and 2 <= waited < 7, waited
 
 
 def test_bad_upstream_is_a_usage_error_and_writes_nothing(tmp_path: Path) -> None:
@@ -635,15 +681,8 @@ async def test_odd_request_targets_reach_the_upstream_as_paths(local) -> None:
 
 
 async def test_shutdown_closes_websockets_with_going_away(local) -> None:
-    async def echo(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for message in ws:
-            await ws.send_str(message.data)
-        return ws
-
     app = web.Application()
-    app.router.add_get("/ws", echo)
+    app.router.add_get("/ws", websocket_echo)
     proxy_server, _ = await local(app)
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(proxy_server.make_url("/ws")) as ws:

@@ -2,7 +2,7 @@
 
 A request costs one tuple appended to a list. The lines are made and logged in batches a
 moment later, on a timer, through the ``autocert.access`` logger (so ``--log-format json``
-applies to them as to every other line). The line is the combined log format aiohttp's
+applies to them as to every other line); a stream handler gets a whole batch in one write. The line is the combined log format aiohttp's
 access logger wrote before: ``ADDRESS [TIME] "REQUEST LINE" STATUS BYTES "REFERER" "USER-AGENT"``.
 """
 
@@ -39,8 +39,9 @@ class AccessLog:
     def flush(self) -> None:
         self._handle = None
         entries, self._entries = self._entries, []
-        if not log.isEnabledFor(logging.INFO):
+        if not entries or not log.isEnabledFor(logging.INFO):
             return
+        records = []
         for address, when, method, target, version, status, size, headers in entries:
             referer = user_agent = None
             for name, value in headers:  # type: ignore[attr-defined]
@@ -49,15 +50,37 @@ class AccessLog:
                     referer = value
                 elif lower == b"user-agent":
                     user_agent = value
-            log.info(
-                _FORMAT, address, time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(when)),  # type: ignore[arg-type]
-                _text(method), _text(target), version, status, size, _text(referer), _text(user_agent),
-            )
+            args = (address, time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(when)),  # type: ignore[arg-type]
+                    _text(method), _text(target), version, status, size, _text(referer), _text(user_agent))
+            record = log.makeRecord(log.name, logging.INFO, __file__, 0, _FORMAT, args, None)
+            if log.filter(record):
+                records.append(record)
+        for handler in _handlers():
+            if isinstance(handler, logging.StreamHandler) and type(handler).emit is logging.StreamHandler.emit:
+                lines = [handler.format(record) for record in records if record.levelno >= handler.level and handler.filter(record)]
+                if lines:
+                    with handler.lock:  # type: ignore[union-attr]
+                        handler.stream.write(handler.terminator.join(lines) + handler.terminator)
+                        handler.flush()
+            else:
+                for record in records:
+                    if record.levelno >= handler.level:
+                        handler.handle(record)
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
         self.flush()
+
+
+def _handlers() -> list[logging.Handler]:
+    """The handlers a record of the access logger reaches, as ``Logger.callHandlers`` walks them."""
+    found: list[logging.Handler] = []
+    logger: logging.Logger | None = log
+    while logger is not None:
+        found += logger.handlers
+        logger = logger.parent if logger.propagate else None
+    return found or ([logging.lastResort] if logging.lastResort else [])
 
 
 def _text(value: object) -> str:

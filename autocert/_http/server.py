@@ -32,6 +32,9 @@ MAX_HEAD: Final = 32 * 1024
 MAX_HEADERS: Final = 100
 #: Request body bytes held for a handler that has not attached a sink yet.
 EARLY_BODY_LIMIT: Final = 64 * 1024
+#: A client's write buffer once large bodies flow (a quarter of it is the low mark): fewer
+#: pauses of the upstream, at most this much held per slow client.
+WRITE_BUFFER_HIGH: Final = 512 * 1024
 
 #: Why reading from a client is paused; reading resumes when no reason is left.
 PAUSE_UPSTREAM, PAUSE_PIPELINE, PAUSE_EARLY, PAUSE_UPGRADE = 1, 2, 4, 8
@@ -257,7 +260,7 @@ class HttpConnection(asyncio.Protocol):
     """One client connection: parses requests, runs exchanges one at a time, enforces deadlines."""
 
     __slots__ = (
-        "_active", "_broken", "_chunked", "_eof", "_head_size", "_headers", "_idle", "_length", "_paused", "_queue", "_receiving",
+        "_active", "_big", "_broken", "_chunked", "_eof", "_head_size", "_headers", "_idle", "_length", "_paused", "_queue", "_receiving",
         "_upgrade_buffer", "_url", "_write_paused", "deadline", "feeding", "out", "parser", "peer", "relay", "server",
         "transport",
     )
@@ -282,6 +285,7 @@ class HttpConnection(asyncio.Protocol):
         self._queue: deque[Exchange] | None = None
         self._paused = 0
         self._write_paused = False
+        self._big = False
         self._eof = False
         self._idle = False  # kept alive after a response, waiting for the next request's first byte
         self._broken: BadRequest | None = None
@@ -399,7 +403,11 @@ class HttpConnection(asyncio.Protocol):
         if len(name) == 14 and name.lower() == b"content-length":
             self._length = int(value)  # llhttp has checked it is one plain number
         elif len(name) == 17 and name.lower() == b"transfer-encoding":
-            self._chunked = True  # llhttp accepts only chunked, last, for requests
+            # llhttp insists on chunked, last; a coding before it would reach the upstream
+            # undeclared once the chunks are undone here.
+            if value.strip().lower() != b"chunked":
+                raise BadRequest(501, "transfer codings other than chunked are not supported")
+            self._chunked = True
 
     def on_headers_complete(self) -> None:
         if self.transport.is_closing():
@@ -559,13 +567,23 @@ class HttpConnection(asyncio.Protocol):
             out.clear()
             return
         if len(out) == 1:
-            self.transport.write(out[0])
+            data = out[0]
+            if len(data) > 65536 and not self._big:
+                self._allow_big_writes()
+            self.transport.write(data)
         elif sum(map(len, out)) <= 65536:
             self.transport.write(b"".join(out))
         else:
+            if not self._big:
+                self._allow_big_writes()
             for data in out:
                 self.transport.write(data)
         out.clear()
+
+    def _allow_big_writes(self) -> None:
+        """Large bodies: a bigger write buffer, so the upstream is not paused every 64 KiB."""
+        self._big = True
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     def pause_reading(self, reason: int) -> None:
         if not self._paused:

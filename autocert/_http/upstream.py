@@ -66,8 +66,8 @@ class Upstream(asyncio.Protocol):
     """One connection to the upstream; see the module docstring."""
 
     __slots__ = (
-        "_complete", "_framing", "_has_length", "_head_size", "_headed", "_headers", "_interim", "_keep", "_out", "_pending",
-        "_reason", "_transfer_encoded",
+        "_body_left", "_complete", "_framing", "_has_length", "_head_size", "_headed", "_headers", "_interim", "_keep", "_out",
+        "_pending", "_reason", "_transfer_encoded",
         "_request_chunked", "_request_done", "_started", "exchange", "head", "last_read", "owner", "parser", "pool", "relay",
         "reused", "transport",
     )
@@ -111,6 +111,7 @@ class Upstream(asyncio.Protocol):
         self._head_size = 0
         self._has_length = False
         self._transfer_encoded = False
+        self._body_left = -1  # bytes of a Content-Length body still to come (-1: not such a body)
 
     # -- sending the request ---------------------------------------------------------------------
 
@@ -171,6 +172,9 @@ class Upstream(asyncio.Protocol):
             return
         self.last_read = self.pool.now
         self._started = True
+        if self._body_left > 0:
+            self._pass_body(exchange, data)
+            return
         if not self._headed:
             self._head_size += len(data)
             if self._head_size > MAX_RESPONSE_HEAD + len(data):
@@ -213,6 +217,23 @@ class Upstream(asyncio.Protocol):
             self._finish(exchange)
             return
         self._fail(Failure.CLOSED, exc or "the connection was closed")
+
+    def _pass_body(self, exchange: Exchange, data: bytes) -> None:
+        """The rest of a Content-Length body goes to the client as read: no parser, no copy.
+
+        llhttp is left behind mid-body, so the next response gets a new one.
+        """
+        left = self._body_left - len(data)
+        if left < 0:
+            self._fail(Failure.INVALID, "more bytes than the Content-Length announced")
+            return
+        exchange.write(data)
+        exchange.flush()
+        self._body_left = left
+        if not left:
+            self.parser = httptools.HttpResponseParser(self)
+            self._complete = True
+            self._finish(exchange)
 
     def pause_writing(self) -> None:
         if self.relay is not None:
@@ -273,6 +294,8 @@ class Upstream(asyncio.Protocol):
             self._framing = _NONE
         elif self._has_length:
             self._framing = _RAW
+            self._body_left = _content_length(self._headers)
+            self._keep = self.parser.should_keep_alive()
         elif exchange.version == "1.1":
             self._framing = _CHUNKED
             lines.append(b"Transfer-Encoding: chunked\r\n")
@@ -291,6 +314,8 @@ class Upstream(asyncio.Protocol):
         framing = self._framing
         if framing == _RAW:
             self.exchange.write(body)  # type: ignore[union-attr]
+            if self._body_left > 0:
+                self._body_left -= len(body)
         elif framing == _CHUNKED:
             exchange = self.exchange
             assert exchange is not None
@@ -305,6 +330,7 @@ class Upstream(asyncio.Protocol):
         if self._framing == _CHUNKED:
             self.exchange.write(b"0\r\n\r\n")  # type: ignore[union-attr]
         self._complete = True
+        self._body_left = -1
         self._keep = self.parser.should_keep_alive()
 
     # -- the end of an exchange ------------------------------------------------------------------
@@ -375,6 +401,13 @@ class Upstream(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self.transport is not None and not self.transport.is_reading() and not self.transport.is_closing():
             self.transport.resume_reading()
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
+        if len(name) == 14 and name.lower() == b"content-length":
+            return int(value)  # llhttp has checked it is one plain number
+    return -1
 
 
 class UpstreamPool:
