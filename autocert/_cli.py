@@ -186,6 +186,9 @@ def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Neither format shows them, and every record (one per request with the access log)
+    # would look them up.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -128,8 +128,11 @@ class Upstream(asyncio.Protocol):
         self._out.append(head)
         exchange.source = self
         exchange.attach(self)
+        # A connection back from the pool may have been paused for its previous client.
         if exchange.connection.write_paused:
             self.pause_reading()
+        else:
+            self.resume_reading()
 
     def send_body(self, data: bytes) -> None:
         if self._request_chunked:
@@ -358,6 +361,7 @@ class Upstream(asyncio.Protocol):
                 exchange.source = None
             if exchange.sink is self:
                 exchange.sink = None
+            exchange.connection.resume_reading(PAUSE_UPSTREAM)  # if this connection had paused it
         self._out.clear()
 
     def _fail(self, failure: str, detail: object) -> None:
