@@ -24,7 +24,7 @@ from ._config import ServeOptions, bind_listeners, check_admin_binding
 from ._front import TlsFront
 from ._http import HttpServer
 from ._http.pages import confirmation_handler, redirect_handler
-from ._http.server import Handler
+from ._http.exchange import Handler
 from ._manager import Manager
 from ._metrics import Metrics
 from ._monitor import ExpiryMonitor

@@ -32,16 +32,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from handshake import CLIENT_CPUS, SERVER_CPUS, Server, cpu_seconds, free_port, pin
-
-from fixtures import build_database, make_chain, name_for
-
 UNREACHABLE_CA = "https://127.0.0.1:9/directory"
-NAME = name_for(0)
+NAME = "n0.bench.test"  # fixtures.name_for(0); clients import nothing of autocert
 SMALL, LARGE = b"ok", b"x" * (256 * 1024)
 ROWS = {
     # key: (title, which server, path, connections per client, requests per connection)
@@ -165,7 +162,9 @@ def export(ref: str, into: Path) -> Path:
     return target
 
 
-def run_row(servers: dict[str, Server], key: str, scale: float) -> dict[str, tuple[int, int, float]]:
+def run_row(servers: dict[str, Any], key: str, scale: float) -> dict[str, tuple[int, int, float]]:
+    from handshake import CLIENT_CPUS, cpu_seconds
+
     _title, _kind, path, connections, requests = ROWS[key]
     ports = ",".join(str(server.port) for server in servers.values())
     expect = {"/small": len(SMALL), "/large": len(LARGE)}.get(path, -1)
@@ -198,6 +197,7 @@ def run_row(servers: dict[str, Server], key: str, scale: float) -> dict[str, tup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ref", action="append", default=[], help="also measure this commit (git archive), e.g. main")
+    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=PATH", help="also measure the tree at PATH")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the connections per round")
     parser.add_argument("--access-log-off", action="store_true", help="also this tree with --access-log off")
@@ -219,6 +219,8 @@ def main() -> None:
         return
     if args.quick:
         args.rounds, args.scale = 2, args.scale / 4
+    from fixtures import build_database, make_chain
+    from handshake import CLIENT_CPUS, SERVER_CPUS, Server, cpu_seconds, free_port, pin
 
     workdir = Path(tempfile.mkdtemp(prefix="autocert-proxy-bench-"))
     started: list[Server] = []
@@ -231,10 +233,11 @@ def main() -> None:
         upstream.start()
         os.sched_setaffinity(upstream.pid, CLIENT_CPUS)
         builds: list[tuple[str, Path, tuple[str, ...]]] = [(ref, export(ref, workdir), ()) for ref in args.ref]
+        builds += [(label, Path(path), ()) for label, _, path in (tree.partition("=") for tree in args.tree)]
         builds.append(("this tree", HERE.parent, ()))
         if args.access_log_off:
             builds.append(("this tree, --access-log off", HERE.parent, ("--access-log", "off")))
-        servers: dict[str, dict[str, Server]] = {"proxy": {}, "own": {}}
+        servers: dict[str, dict[str, Any]] = {"proxy": {}, "own": {}}
         for label, tree, extra in builds:
             for kind in servers:
                 port = free_port()

@@ -8,7 +8,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from .server import Exchange, Handler
+from .exchange import Exchange, Handler
 
 log = logging.getLogger("autocert.server")
 

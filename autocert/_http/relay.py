@@ -12,7 +12,7 @@ import asyncio
 import struct
 from typing import TYPE_CHECKING, Final
 
-from .server import PAUSE_UPSTREAM
+from .exchange import PAUSE_UPSTREAM
 
 if TYPE_CHECKING:
     from .server import HttpConnection

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 import httptools
 
 from .heads import HSTS, date_line, join_head, response_headers, status_line
-from .server import PAUSE_EARLY, PAUSE_UPSTREAM, Exchange
+from .exchange import PAUSE_EARLY, PAUSE_UPSTREAM, Exchange
 
 if TYPE_CHECKING:
     from .relay import WebSocketRelay
