@@ -108,6 +108,7 @@ class ProxyHandler:
             extra += b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
         head = join_head(b"%s %s HTTP/1.1\r\n" % (exchange.method, target), headers, extra)
         self._send(exchange, head, self.pool.take())
+        exchange.go_on()  # the body goes upstream as it comes
 
     def _send(self, exchange: Exchange, head: bytes, upstream: Upstream | None) -> None:
         reused = upstream is not None

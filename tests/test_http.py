@@ -198,3 +198,30 @@ async def test_the_access_log_writes_one_line_per_request_a_moment_later(serve_h
     lines = [record.getMessage() for record in caplog.records if record.name == "autocert.access"]
     assert len(lines) == 1, lines
     assert lines[0].startswith("127.0.0.1 [") and '"GET /page?x=1 HTTP/1.1" 200 ' in lines[0] and '"logged-client"' in lines[0]
+
+
+async def test_expect_100_continue_is_answered_here_and_1xx_from_the_upstream_pass_on(serve_http) -> None:
+    async def upstream_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"expect" not in head.lower(), "Expect must not reach the upstream"
+        body = await reader.readexactly(5)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    upstream = await asyncio.start_server(upstream_connection, "127.0.0.1", 0)
+    try:
+        port = await serve_http(ProxyHandler(f"http://127.0.0.1:{upstream.sockets[0].getsockname()[1]}"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", "the client must not have to wait to send its body"
+        writer.write(b"hello")
+        rest = await asyncio.wait_for(reader.read(), timeout=10)
+        writer.close()
+    finally:
+        upstream.close()
+    early, _, final = rest.partition(b"\r\n\r\n")
+    assert early.startswith(b"HTTP/1.1 103 Early Hints\r\n") and b"Link: </style.css>; rel=preload" in early
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n") and final.endswith(b"\r\n\r\nhello")

@@ -45,7 +45,8 @@ class Exchange:
     """One request on a client connection, and what the handler has answered so far."""
 
     __slots__ = (
-        "body_chunked", "close", "connection", "early", "early_size", "has_body", "head_sent", "headers", "keep_alive",
+        "body_chunked", "close", "connection", "continue_expected", "early", "early_size", "has_body", "head_sent", "headers",
+        "keep_alive",
         "method", "request_done", "sent", "sink", "source", "status", "target", "upgrade", "version",
     )
 
@@ -70,6 +71,8 @@ class Exchange:
         self.sink: Sink | None = None
         #: What produces the response body (paused when the client reads slowly).
         self.source: Source | None = None
+        #: The client waits for ``100 Continue`` before it sends the body (see :meth:`go_on`).
+        self.continue_expected = False
         self.early: list[bytes] | None = None
         self.early_size = 0
         self.status = 0
@@ -100,6 +103,12 @@ class Exchange:
         self.early_size += len(data)
         if self.early_size > EARLY_BODY_LIMIT:
             self.connection.pause_reading(PAUSE_EARLY)
+
+    def go_on(self) -> None:
+        """Tell a client that sent ``Expect: 100-continue`` to send its body now."""
+        if self.continue_expected and not self.request_done and not self.head_sent:
+            self.continue_expected = False
+            self.connection.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     # -- the response ----------------------------------------------------------------------------
 

@@ -128,7 +128,7 @@ class HttpConnection(asyncio.Protocol):
     """One client connection: parses requests, runs exchanges one at a time, enforces deadlines."""
 
     __slots__ = (
-        "_active", "_big", "_broken", "_chunked", "_eof", "_head_size", "_headers", "_idle", "_length", "_paused", "_queue", "_receiving",
+        "_active", "_big", "_broken", "_chunked", "_continue", "_eof", "_head_size", "_headers", "_idle", "_length", "_paused", "_queue", "_receiving",
         "_upgrade_buffer", "_url", "_write_paused", "deadline", "feeding", "out", "parser", "peer", "relay", "server",
         "transport",
     )
@@ -147,6 +147,7 @@ class HttpConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._length = 0
         self._chunked = False
+        self._continue = False
         self._head_size = 0
         self._receiving: Exchange | None = None
         self._active: Exchange | None = None
@@ -259,6 +260,7 @@ class HttpConnection(asyncio.Protocol):
         self._headers = []
         self._length = 0
         self._chunked = False
+        self._continue = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -276,6 +278,8 @@ class HttpConnection(asyncio.Protocol):
             if value.strip().lower() != b"chunked":
                 raise BadRequest(501, "transfer codings other than chunked are not supported")
             self._chunked = True
+        elif len(name) == 6 and name.lower() == b"expect" and value.strip().lower() == b"100-continue":
+            self._continue = True
 
     def on_headers_complete(self) -> None:
         if self.transport.is_closing():
@@ -287,6 +291,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0
         exchange = Exchange(self, parser.get_method(), self._url, version, self._headers, parser.should_keep_alive(),
                             self._chunked, self._length)
+        exchange.continue_expected = self._continue and version == "1.1"
         if parser.should_upgrade():
             if exchange.method == b"CONNECT":
                 raise BadRequest(405, "CONNECT is not supported")
