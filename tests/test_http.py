@@ -225,3 +225,19 @@ async def test_expect_100_continue_is_answered_here_and_1xx_from_the_upstream_pa
     early, _, final = rest.partition(b"\r\n\r\n")
     assert early.startswith(b"HTTP/1.1 103 Early Hints\r\n") and b"Link: </style.css>; rel=preload" in early
     assert final.startswith(b"HTTP/1.1 200 OK\r\n") and final.endswith(b"\r\n\r\nhello")
+
+
+async def test_oversized_heads_get_431_and_unknown_versions_505(serve_http) -> None:
+    port = await serve_http(confirmation_handler())
+    huge = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 1000) for i in range(40))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for start in range(0, len(huge), 4096):  # in several reads, as a slow client sends it
+        writer.write(huge[start:start + 4096])
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    answer = await asyncio.wait_for(reader.read(), timeout=10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+    many = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n"
+    assert (await exchange(port, many))[0].startswith(b"HTTP/1.1 431 ")
+    assert (await exchange(port, b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"))[0].startswith(b"HTTP/1.1 505 ")
