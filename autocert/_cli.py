@@ -32,10 +32,12 @@ from ._config import (
     parse_alpn,
     parse_bool_env,
     parse_listen,
+    parse_on_off,
     parse_positive_float,
     parse_order_limit,
     parse_positive_int,
     parse_proxy_protocol,
+    parse_seconds_above_zero,
     tcp_upstream,
 )
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
@@ -130,9 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--first-contact-wait", default=env("AUTOCERT_FIRST_CONTACT_WAIT", "10"), metavar="SECONDS")
     serve.add_argument("--cache-size", default=env("AUTOCERT_CACHE_SIZE", "10000"), metavar="N")
     serve.add_argument("--default-name", default=None, metavar="NAME", help="certificate for clients without SNI")
-    serve.add_argument("--idle-timeout", default=env("AUTOCERT_IDLE_TIMEOUT", "75"), metavar="SECONDS",
-                       help="close a connection that passed no bytes for this long (0: never)")
     serve.add_argument("--hsts", action="store_true", help="add Strict-Transport-Security to proxied responses")
+    serve.add_argument("--header-timeout", default=env("AUTOCERT_HEADER_TIMEOUT", "30"), metavar="SECONDS",
+                       help="a client must send each request head within SECONDS (the first one from the handshake)")
+    serve.add_argument("--idle-timeout", default=env("AUTOCERT_IDLE_TIMEOUT", "75"), metavar="SECONDS",
+                       help="close a kept-alive connection after SECONDS without a request (pass-through: without a byte)")
+    serve.add_argument("--access-log", default=env("AUTOCERT_ACCESS_LOG", "on"), metavar="on|off",
+                       help="one log line per HTTPS request (default on)")
     serve.add_argument("--log-format", choices=("text", "json"), default=env("AUTOCERT_LOG_FORMAT", "text"))
     serve.add_argument("--on-event", default=env("AUTOCERT_ON_EVENT"), metavar="CMD",
                        help="run CMD (a shell command; event JSON on stdin) on issued, renewed, failed, expiring, expired")
@@ -193,6 +199,9 @@ def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Neither format shows them, and every record (one per request with the access log)
+    # would look them up.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -500,11 +509,13 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     options.admin_token = args.admin_token
     options.upstream = args.upstream
     options.first_contact_wait = parse_positive_float(args.first_contact_wait, option="--first-contact-wait")
-    options.idle_timeout = parse_positive_float(args.idle_timeout, option="--idle-timeout")
     options.proxy_protocol = parse_proxy_protocol(args.proxy_protocol)
     options.alpn = parse_alpn(args.alpn)
     tcp_upstream(options)
     options.hsts = args.hsts
+    options.header_timeout = parse_seconds_above_zero(args.header_timeout, option="--header-timeout")
+    options.idle_timeout = parse_seconds_above_zero(args.idle_timeout, option="--idle-timeout")
+    options.access_log = parse_on_off(args.access_log, option="--access-log")
     options.on_event = args.on_event
     options.webhook = check_webhook(args.webhook)
     check_admin_binding(options)

@@ -82,6 +82,24 @@ def parse_positive_float(value: str, *, option: str) -> float:
     return _parse_number(value, option, float, "a number of seconds", 0.0, "must not be negative")
 
 
+def parse_seconds_above_zero(value: str, *, option: str) -> float:
+    """A bound in seconds: any number above zero."""
+    seconds = parse_positive_float(value, option=option)
+    if seconds == 0:
+        raise ConfigError(f"{option} {value!r}: must be more than 0")
+    return seconds
+
+
+def parse_on_off(value: str, *, option: str) -> bool:
+    """``on`` or ``off`` (``true``/``false``, ``yes``/``no``, ``1``/``0`` too)."""
+    text = value.strip().lower()
+    if text in ("on", "true", "yes", "1"):
+        return True
+    if text in ("off", "false", "no", "0"):
+        return False
+    raise ConfigError(f"{option} {value!r}: expected on or off")
+
+
 def parse_positive_int(value: str, *, option: str, maximum: int | None = None) -> int:
     """A count: a whole number from one up (to ``maximum``)."""
     number = _parse_number(value, option, int, "a whole number", 1, "must be at least 1")
@@ -154,14 +172,22 @@ class ServeOptions:
     hello_timeout: float = 5.0
     #: Seconds the TLS handshake may take once it starts. Default 10.
     handshake_timeout: float = 10.0
+    #: Seconds a client has to send a complete request head: the first one after the
+    #: handshake, and each later one from its first byte. Default 30. Longer lets slow-header
+    #: clients hold connections; far shorter cuts off clients on slow links.
+    header_timeout: float = 30.0
+    #: Seconds a kept-alive connection may wait for its next request before it is closed, and
+    #: in pass-through mode (``tcp://``) seconds a connection may pass no bytes either way.
+    #: Default 75 (nginx's). WebSockets and responses still streaming are never cut by it;
+    #: long-lived quiet pass-through connections (a database pool) need more, or keepalives.
+    idle_timeout: float = 75.0
+    #: One line per answered request on the https listener (``autocert.access`` logger).
+    #: Default on. Off saves a few microseconds of CPU per request.
+    access_log: bool = True
     #: How long in-flight requests (a slow page, a proxied download) may run on after
     #: SIGTERM; idle connections close at once, so an idle server still stops immediately.
     #: Default 30. A supervisor that kills sooner cuts those requests off.
     shutdown_timeout: float = 30.0
-    #: Seconds a connection may pass no bytes either way before it is closed. Default 75.
-    #: Long-lived quiet connections (a database pool, a WebSocket without pings) need
-    #: more, or keepalives of their own; 0 turns the bound off, so dead peers hold sockets.
-    idle_timeout: float = 75.0
     #: With a ``tcp://`` upstream, the PROXY protocol version (1 or 2) whose header starts
     #: every upstream connection. Default None: the decrypted bytes only. An upstream that
     #: does not expect the header reads it as garbage; one that does and gets none is confused.

@@ -1,10 +1,13 @@
-"""``autocert serve``: the applications its listeners run, listener start-up and signal handling.
+"""``autocert serve``: what its listeners answer with, listener start-up and signal handling.
 
 :func:`listeners` starts the http, admin and TLS listeners on sockets bound beforehand and
 stops them in order; ``serve`` runs it until a signal, and the one-shot CLI commands run it
 to answer ACME challenges while they order. The TLS listener is the ClientHello front of
-:mod:`autocert._front`, in front of an aiohttp application, or in pass-through mode
-(``--upstream tcp://``) of :mod:`autocert._passthrough`.
+:mod:`autocert._front`, which hands each connection to the lean HTTP/1.1 protocol of
+:mod:`autocert._http` (the reverse proxy of :mod:`autocert._proxy`, or the confirmation
+page), or in pass-through mode (``--upstream tcp://``) the front of
+:mod:`autocert._passthrough`; the http listener runs the same HTTP/1.1 protocol (http-01
+answers and redirects). Only the admin listener is an aiohttp application.
 """
 
 from __future__ import annotations
@@ -19,56 +22,41 @@ from aiohttp import web
 
 from ._config import ServeOptions, bind_listeners, check_admin_binding, tcp_upstream
 from ._front import TlsFront
-from ._signals import STOP_SIGNALS
+from ._http import HttpServer
+from ._http.exchange import Handler
+from ._http.pages import confirmation_handler, redirect_handler
 from ._manager import Manager
 from ._metrics import Metrics
 from ._monitor import ExpiryMonitor
 from ._notify import Notifier
 from ._passthrough import PassthroughFront
-from .web import CHALLENGE_PREFIX, challenge_response, middleware, status_app
+from ._signals import STOP_SIGNALS
+from .web import status_app
 
 log = logging.getLogger("autocert.server")
 
 
-def tls_app(options: ServeOptions) -> web.Application:
-    """What TLS clients reach when no upstream is configured: a short confirmation page."""
-
-    async def hello(request: web.Request) -> web.Response:
-        response = web.Response(text=f"autocert is serving {request.host} over HTTPS\n")
-        if options.hsts:
-            response.headers["Strict-Transport-Security"] = "max-age=31536000"
-        return response
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", hello)
-    return app
-
-
-def http_app(manager: Manager, options: ServeOptions) -> web.Application:
-    """Port 80: http-01 answers, everything else 308 to the same URL on https."""
-    https_port = options.https.port if options.https else 443
-
-    async def redirect(request: web.Request) -> web.Response:
-        if request.path.startswith(CHALLENGE_PREFIX):
-            answer = await challenge_response(manager, request)
-            if answer is not None:
-                return answer
-        host = (request.host or "").rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
-        authority = host if https_port == 443 else f"{host}:{https_port}"
-        raise web.HTTPPermanentRedirect(f"https://{authority}{request.rel_url}")
-
-    app = web.Application(middlewares=[middleware(manager)])
-    app.router.add_route("*", "/{tail:.*}", redirect)
-    return app
-
-
-def https_application(options: ServeOptions) -> web.Application:
-    """What TLS clients reach: the ``--upstream`` reverse proxy, else :func:`tls_app`."""
+def https_handler(options: ServeOptions) -> Handler:
+    """What TLS clients reach: the ``--upstream`` reverse proxy, else a one-line confirmation page."""
     if options.upstream:
-        from ._proxy import proxy_app
+        from ._proxy import ProxyHandler
 
-        return proxy_app(options.upstream, hsts=options.hsts)
-    return tls_app(options)
+        return ProxyHandler(options.upstream)
+    return confirmation_handler()
+
+
+def http_handler(manager: Manager, options: ServeOptions) -> Handler:
+    """Port 80: http-01 answers from the database, everything else 308 to the same URL on https."""
+    return redirect_handler(options.https.port if options.https else 443, manager.store.get_challenge)
+
+
+def http_server(handler: Handler, options: ServeOptions, *, tls: bool) -> HttpServer:
+    """The HTTP/1.1 side of a listener, with the timeouts, HSTS and access log of ``options``."""
+    close = getattr(handler, "close", None)
+    return HttpServer(
+        handler, tls=tls, hsts=options.hsts and tls, header_timeout=options.header_timeout, idle_timeout=options.idle_timeout,
+        access_log=options.access_log and tls, on_close=close,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -77,20 +65,25 @@ async def listeners(
     options: ServeOptions,
     sockets: dict[str, socket.socket],
     *,
-    https_app: web.Application | None = None,
+    https: Handler | None = None,
     announce: bool = True,
 ) -> AsyncIterator[None]:
     """Listen on each of ``sockets`` (labelled ``http``, ``admin``, ``https``) while inside.
 
     ``http`` answers http-01 and redirects, ``admin`` serves the status app, ``https`` runs
-    the ClientHello front in front of ``https_app`` (default :func:`https_application`), or
+    the ClientHello front in front of the ``https`` handler (default :func:`https_handler`), or
     relays to a ``tcp://`` upstream.
     Each socket is popped from ``sockets`` once a listener owns it, so the caller closes only
     what a failed start did not hand on. ``announce`` prints one ready line per listener.
-    On the way out the front stops accepting, then the sites drain in reverse order of start,
-    then connections still waiting for a ClientHello or a certificate are dropped.
+    On the way out both listeners stop accepting, their connections drain (idle ones close at
+    once, responses in flight get ``shutdown_timeout``, WebSockets are closed with 1001), the
+    admin site stops, then connections still waiting for a ClientHello or a certificate are
+    dropped.
     """
+    loop = asyncio.get_running_loop()
     runners: list[web.AppRunner] = []
+    servers: list[HttpServer] = []
+    plain: asyncio.Server | None = None
     front: TlsFront | None = None
     accept_task: asyncio.Task[None] | None = None
 
@@ -101,7 +94,12 @@ async def listeners(
 
     try:
         if "http" in sockets:
-            runners.append(await _start_site(http_app(manager, options), sockets.pop("http"), "http", options, announce))
+            redirects = http_server(http_handler(manager, options), options, tls=False)
+            servers.append(redirects)
+            sock = sockets.pop("http")
+            plain = await loop.create_server(redirects, sock=sock, backlog=1024)
+            if announce:
+                _announce("http", sock)
         if "admin" in sockets:
             admin = status_app(manager, token=options.admin_token, checks=[listeners_health])
             runners.append(await _start_site(admin, sockets.pop("admin"), "admin", options, announce))
@@ -110,15 +108,11 @@ async def listeners(
             if passthrough is not None:
                 front = PassthroughFront(manager, options, passthrough)
             else:
-                if https_app is None:
-                    https_app = https_application(options)
-                https_runner = web.AppRunner(https_app, shutdown_timeout=options.shutdown_timeout, handle_signals=False)
-                await https_runner.setup()
-                runners.append(https_runner)
-                assert https_runner.server is not None
-                front = TlsFront(manager, https_runner.server, options)
+                tls = http_server(https if https is not None else https_handler(options), options, tls=True)
+                servers.append(tls)
+                front = TlsFront(manager, tls, options)
             listener = sockets.pop("https")
-            accept_task = asyncio.get_running_loop().create_task(front.serve(listener))
+            accept_task = loop.create_task(front.serve(listener))
             accept_task.add_done_callback(lambda _t: listener.close())
             if announce:
                 _announce("https", listener)
@@ -127,6 +121,9 @@ async def listeners(
         if accept_task is not None:
             accept_task.cancel()
             await asyncio.gather(accept_task, return_exceptions=True)
+        if plain is not None:
+            plain.close()
+        await asyncio.gather(*(server.shutdown(options.shutdown_timeout) for server in servers))
         for runner in reversed(runners):
             await runner.cleanup()
         if front is not None:
@@ -162,7 +159,7 @@ async def _serve(
     manager: Manager, options: ServeOptions, sockets: dict[str, socket.socket], ready: asyncio.Event | None, stop: asyncio.Event | None
 ) -> None:
     # Built before anything starts: a bad --upstream is a usage error with nothing written.
-    https_app = None if tcp_upstream(options) is not None else https_application(options)
+    https = None if tcp_upstream(options) is not None else https_handler(options)
     loop = asyncio.get_running_loop()
     owns_signals = stop is None
     if stop is None:
@@ -176,7 +173,7 @@ async def _serve(
     monitor = ExpiryMonitor.of(manager)
     await manager.start()
     try:
-        async with listeners(manager, options, sockets, https_app=https_app):
+        async with listeners(manager, options, sockets, https=https):
             await monitor.start()  # its first scan runs once the listeners are up
             if ready is not None:
                 ready.set()

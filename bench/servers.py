@@ -2,8 +2,8 @@
 
     python bench/servers.py VARIANT --port PORT --chain-dir DIR [--db URL --warm N]
 
-Every variant serves the same aiohttp application protocol that ``autocert serve`` uses, so
-the only difference between them is how a connection gets to its TLS context:
+Every variant serves the same HTTP/1.1 protocol that ``autocert serve`` uses (its confirmation
+page), so the only difference between them is how a connection gets to its TLS context:
 
 - ``static``: ``loop.create_server(ssl=context)`` with one context, the floor for this loop;
 - ``sni``: the same, with ``Manager.ssl_context()`` choosing the context in ``sni_callback``;
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,7 +41,8 @@ from autocert._manager import Manager
 from autocert._policy import Route
 from autocert._config import ServeOptions, listening_socket
 from autocert._front import MAX_CLIENT_HELLO, NotClientHello, TlsFront, parse_client_hello
-from autocert._server import tls_app
+from autocert._http import HttpServer
+from autocert._http.pages import confirmation_handler
 from autocert._tls import build_context
 
 class TaskFront(TlsFront):
@@ -161,9 +161,7 @@ async def main(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     options = ServeOptions(https=Listen("127.0.0.1", args.port), http=None, admin=None)
-    runner = web.AppRunner(tls_app(options), access_log=None, handle_signals=False)
-    await runner.setup()
-    assert runner.server is not None
+    http = HttpServer(confirmation_handler(), tls=True, access_log=False)
     listener = listening_socket(options.https)  # type: ignore[arg-type]
     manager: Manager | None = None
     if args.variant not in ("static", "alert-only") or args.with_manager:
@@ -177,16 +175,16 @@ async def main(args: argparse.Namespace) -> None:
     if args.variant == "static":
         chain_dir = Path(args.chain_dir)
         context = build_context((chain_dir / "chain.pem").read_bytes(), (chain_dir / "key.pem").read_bytes())
-        server = await loop.create_server(runner.server, sock=listener, ssl=context, backlog=1024)
+        server = await loop.create_server(http, sock=listener, ssl=context, backlog=1024)
     elif args.variant == "alert-only":
         server = await loop.create_server(AlertOnly, sock=listener, backlog=1024)
     elif args.variant == "sni":
         assert manager is not None
-        server = await loop.create_server(runner.server, sock=listener, ssl=manager.ssl_context(), backlog=1024)
+        server = await loop.create_server(http, sock=listener, ssl=manager.ssl_context(), backlog=1024)
     else:
         assert manager is not None
         front_class = {"front": TlsFront, "front-task": TaskFront, "front-reader": ReaderFront}[args.variant]
-        front = front_class(manager, runner.server, options)
+        front = front_class(manager, http, options)
         accepting = loop.create_task(front.serve(listener))
     if args.gc_freeze:
         import gc
@@ -199,7 +197,7 @@ async def main(args: argparse.Namespace) -> None:
     if accepting is not None:
         accepting.cancel()
         await asyncio.gather(accepting, return_exceptions=True)
-    await runner.cleanup()
+    await http.shutdown(5)
     if manager is not None:
         await manager.stop()
 

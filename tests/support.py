@@ -202,3 +202,14 @@ def eventually(check: Callable[[], Any], *, timeout: float = 30, what: str = "co
 
 def monotonic() -> float:
     return time.monotonic()
+
+
+async def websocket_echo(request: Any) -> Any:
+    """An aiohttp WebSocket handler that sends every text message back."""
+    from aiohttp import web
+
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for message in ws:
+        await ws.send_str(message.data)
+    return ws

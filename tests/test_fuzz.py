@@ -1,14 +1,20 @@
-"""ClientHello fuzzing: the parser on its own (hypothesis), then a live ``autocert serve``.
+"""ClientHello fuzzing: the parser on its own (hypothesis), then a live ``autocert serve``;
+and the request-smuggling defences of the HTTP layer behind it.
 
 The front parses bytes from anyone on the internet before TLS starts, so its parser must
 have exactly three outcomes whatever it is fed: a ``ClientHello``, ``None`` (need more bytes)
 or ``NotClientHello``. The live test sends thousands of broken hellos over TCP and then checks
 that the server still completes a good handshake and never logged a traceback.
+
+Requests whose framing two parsers could read differently (Content-Length with
+Transfer-Encoding, two lengths, folded lines, bad chunk sizes, bare LF) must get a 400 and
+never reach the upstream, not even in part.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import ssl
 from functools import cache
@@ -20,6 +26,8 @@ from hypothesis import strategies as st
 from pebble import Pebble
 from support import ServeProcess, handshake, run_cli, served_certificate
 
+from autocert._http import HttpServer
+from autocert._proxy import ProxyHandler
 from autocert._front import (
     MAX_CLIENT_HELLO,
     MAX_HELLO_RECORDS,
@@ -405,3 +413,57 @@ def test_live_server_survives_mutated_hellos(pebble: Pebble, tmp_path: Path, loo
     stderr = server.stderr_path.read_text()
     assert "Traceback" not in stderr, stderr[-6000:]
     assert "Exception in callback" not in stderr and "exception was never retrieved" not in stderr, stderr[-6000:]
+
+
+# -- request smuggling ---------------------------------------------------------------------------
+
+SMUGGLING = {
+    "CL and TE": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+    "TE and CL": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\nG",
+    "two equal CL": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    "two CL": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 0\r\n\r\nhello",
+    "CL list": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello",
+    "signed CL": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello",
+    "obs-fold": b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n Transfer-Encoding: chunked\r\n\r\n",
+    "obs-fold of TE": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",
+    "bad chunk size": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    "chunk size overflow": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1000000000000000000005\r\nhello\r\n0\r\n\r\n",
+    "chunk size with LF only": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+    "bare LF": b"GET / HTTP/1.1\nHost: a\n\n",
+    "bare LF in a header": b"GET / HTTP/1.1\r\nHost: a\nTransfer-Encoding: chunked\r\n\r\n",
+    "space before colon": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "TE not chunked": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\nhello",
+    "TE chunked twice": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "gzip, chunked": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "NUL in a value": b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x00c\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", SMUGGLING, ids=list(SMUGGLING))
+async def test_ambiguous_framing_gets_400_and_nothing_reaches_the_upstream(case: str, caplog: pytest.LogCaptureFixture) -> None:
+    received = bytearray()
+    connections = 0
+
+    async def upstream_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        received.extend(await reader.read(65536))
+        writer.close()
+
+    upstream = await asyncio.start_server(upstream_connection, "127.0.0.1", 0)
+    handler = ProxyHandler(f"http://127.0.0.1:{upstream.sockets[0].getsockname()[1]}")
+    http = HttpServer(handler, tls=False, on_close=handler.close)
+    proxy = await asyncio.get_running_loop().create_server(http, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+        writer.write(SMUGGLING[case])
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+        writer.close()
+        await asyncio.sleep(0.2)
+    finally:
+        proxy.close()
+        await http.shutdown(5)
+        upstream.close()
+    assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 501 ")), answer
+    assert not received and not connections, f"the upstream saw {bytes(received)!r}"
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING], caplog.text

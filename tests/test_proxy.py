@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,15 @@ from support import (
     free_port,
     run_cli,
     served_certificate,
+    websocket_echo,
 )
 
+from yarl import URL
+
 from autocert._errors import ConfigError
-from autocert._proxy import forwarded_headers, proxy_app, strip_hop_by_hop
+from autocert._http import HttpServer
+from autocert._http.heads import Origin, forwarded_headers, strip_hop_by_hop
+from autocert._proxy import ProxyHandler
 
 NAME = "proxy.example.test"
 FIVE_MB = 5 * 1024 * 1024
@@ -179,15 +185,16 @@ def upstream() -> Iterator[Upstream]:
     app.stop()
 
 
-@pytest.fixture()
-def proxy(pebble, upstream: Upstream, root_ca: str, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
-    """Start ``autocert serve --upstream`` (extra args allowed) with a certificate for NAME."""
+@pytest.fixture(params=["uvloop", "asyncio"])
+def proxy(request: pytest.FixtureRequest, pebble, upstream: Upstream, root_ca: str, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Start ``autocert serve --upstream`` (extra args allowed) with a certificate for NAME, on each loop."""
     db = f"sqlite:///{tmp_path / 'autocert.db'}"
     assert run_cli("allow", NAME, db=db).returncode == 0
     started: list[ServeProcess] = []
 
     def start(*extra: str) -> ServeProcess:
-        server = ServeProcess(db, pebble, tmp_path, extra=["--upstream", f"http://127.0.0.1:{upstream.port}", *extra])
+        server = ServeProcess(db, pebble, tmp_path, extra=["--upstream", f"http://127.0.0.1:{upstream.port}", *extra],
+                              env={"AUTOCERT_EVENT_LOOP": request.param})
         started.append(server)
         server.start()
         served_certificate(server.https_port, NAME, root_ca, timeout=60)
@@ -382,6 +389,49 @@ async def test_hsts_flag_adds_the_header(proxy, upstream: Upstream, root_ca: str
             assert response.headers["Strict-Transport-Security"] == "max-age=31536000", "error pages need it too"
 
 
+def test_silent_and_slow_clients_after_the_handshake_are_closed_at_their_bounds(proxy, root_ca: str) -> None:
+    """After TLS: nothing sent, or half a head, is closed at --header-timeout; a kept-alive
+    connection lives until --idle-timeout, which is longer, then is closed."""
+    server = proxy("--header-timeout", "1", "--idle-timeout", "3")
+    context = ssl.create_default_context(cafile=root_ca)
+
+    def connect() -> ssl.SSLSocket:
+        tls = context.wrap_socket(socket.create_connection(("127.0.0.1", server.https_port), timeout=15), server_hostname=NAME)
+        tls.settimeout(15)
+        return tls
+
+    def seconds_until_closed(tls: ssl.SSLSocket) -> tuple[float, bytes]:
+        started = time.monotonic()
+        data = b""
+        try:
+            while chunk := tls.recv(65536):
+                data += chunk
+        except (ssl.SSLError, ConnectionError):
+            pass
+        return time.monotonic() - started, data
+
+    silent = connect()
+    half = connect()
+    half.sendall(b"GET /echo HTTP/1.1\r\nHost: " + NAME.encode() + b"\r\nX-Slow: ")
+    for tls in (silent, half):
+        waited, data = seconds_until_closed(tls)
+        tls.close()
+        assert data == b"" and waited < 5, (waited, data)
+
+    kept = connect()
+    request = b"GET /echo HTTP/1.1\r\nHost: " + NAME.encode() + b"\r\n\r\n"
+    for pause in (0, 1.8):  # past the header bound, within the idle bound
+        time.sleep(pause)
+        kept.sendall(request)
+        response = http.client.HTTPResponse(kept)  # type: ignore[arg-type]
+        response.begin()
+        assert response.status == 200
+        response.read()
+    waited, data = seconds_until_closed(kept)
+    kept.close()
+    assert data == b"" and 2 <= waited < 7, waited
+
+
 def test_bad_upstream_is_a_usage_error_and_writes_nothing(tmp_path: Path) -> None:
     db = tmp_path / "never.db"
     result = run_cli("serve", "--upstream", "ftp://files.example", "--https", "127.0.0.1:0", "--http", "none",
@@ -394,22 +444,43 @@ def test_bad_upstream_is_a_usage_error_and_writes_nothing(tmp_path: Path) -> Non
 # -- in process: the proxy app alone in front of an aiohttp upstream ----------------------------
 
 
+class LocalProxy:
+    """The proxy's HTTP/1.1 server alone on plain loopback HTTP, in this test's event loop."""
+
+    def __init__(self, http: HttpServer, server: asyncio.Server) -> None:
+        self.http = http
+        self.server = server
+        self.port: int = server.sockets[0].getsockname()[1]
+
+    def make_url(self, path: str) -> URL:
+        return URL(f"http://127.0.0.1:{self.port}{path}")
+
+    async def close(self) -> None:
+        """What serve does on SIGTERM: stop accepting, then drain."""
+        self.server.close()
+        await self.http.shutdown(10)
+
+
 @pytest.fixture()
 async def local() -> AsyncIterator[Callable[..., Any]]:
     """Serve an upstream app and a proxy in front of it, both on plain loopback HTTP."""
-    servers: list[TestServer] = []
+    upstreams: list[TestServer] = []
+    proxies: list[LocalProxy] = []
 
-    async def start(upstream_app: web.Application, **options: Any) -> tuple[TestServer, TestServer]:
+    async def start(upstream_app: web.Application, **options: Any) -> tuple[LocalProxy, TestServer]:
         upstream_server = TestServer(upstream_app, host="127.0.0.1")
         await upstream_server.start_server()
-        proxy_server = TestServer(proxy_app(f"http://127.0.0.1:{upstream_server.port}{options.pop('prefix', '')}", **options),
-                                  host="127.0.0.1")
-        await proxy_server.start_server()
-        servers.extend([proxy_server, upstream_server])
+        upstreams.append(upstream_server)
+        handler = ProxyHandler(f"http://127.0.0.1:{upstream_server.port}{options.pop('prefix', '')}", **options)
+        http = HttpServer(handler, tls=False, on_close=handler.close)
+        proxy_server = LocalProxy(http, await asyncio.get_running_loop().create_server(http, "127.0.0.1", 0))
+        proxies.append(proxy_server)
         return proxy_server, upstream_server
 
     yield start
-    for server in servers:
+    for proxy_server in proxies:
+        await proxy_server.close()
+    for server in upstreams:
         await server.close()
 
 
@@ -610,15 +681,8 @@ async def test_odd_request_targets_reach_the_upstream_as_paths(local) -> None:
 
 
 async def test_shutdown_closes_websockets_with_going_away(local) -> None:
-    async def echo(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for message in ws:
-            await ws.send_str(message.data)
-        return ws
-
     app = web.Application()
-    app.router.add_get("/ws", echo)
+    app.router.add_get("/ws", websocket_echo)
     proxy_server, _ = await local(app)
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(proxy_server.make_url("/ws")) as ws:
@@ -633,21 +697,13 @@ async def test_shutdown_closes_websockets_with_going_away(local) -> None:
 def test_bad_upstream_urls_are_refused() -> None:
     for bad in ("", "127.0.0.1:8000", "ftp://host", "http://", "http://user:pw@host", "http://host/?q=1"):
         with pytest.raises(ConfigError, match="--upstream"):
-            proxy_app(bad)
+            ProxyHandler(bad)
 
 
 def test_forwarded_element_quotes_ipv6_and_ports() -> None:
-    from aiohttp.test_utils import make_mocked_request
-    from multidict import CIMultiDict
-
-    class Transport:
-        def get_extra_info(self, name: str, default: Any = None) -> Any:
-            return ("2001:db8::1", 4242, 0, 0) if name == "peername" else default
-
-    request = make_mocked_request("GET", "/", headers=CIMultiDict({"Host": "shop.example:8443", "Forwarded": "for=192.0.2.1"}),
-                                  transport=Transport())
-    headers = forwarded_headers(request)
-    assert headers["Forwarded"] == 'for=192.0.2.1, for="[2001:db8::1]";host="shop.example:8443";proto=https'
-    assert headers["X-Forwarded-For"] == "2001:db8::1"
-    stripped = strip_hop_by_hop(CIMultiDict({"Connection": "close, X-A", "X-A": "1", "Proxy-Foo": "2", "X-B": "3"}))
-    assert list(stripped.items()) == [("X-B", "3")]
+    headers = forwarded_headers([(b"Host", b"shop.example:8443"), (b"Forwarded", b"for=192.0.2.1")], Origin("2001:db8::1"))
+    values = dict(headers)
+    assert values[b"Forwarded"] == b'for=192.0.2.1, for="[2001:db8::1]";host="shop.example:8443";proto=https'
+    assert values[b"X-Forwarded-For"] == b"2001:db8::1"
+    stripped = strip_hop_by_hop([(b"Connection", b"close, X-A"), (b"X-A", b"1"), (b"Proxy-Foo", b"2"), (b"X-B", b"3")])
+    assert stripped == [(b"X-B", b"3")]

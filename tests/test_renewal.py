@@ -11,13 +11,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from autocert import Manager
 from autocert._config import Listen
 from autocert._scheduler import Scheduler
 from autocert._config import ServeOptions, listening_socket
-from autocert._server import http_app
+from autocert._server import listeners
 from autocert._policy import RETRY_DELAYS, renewal_time, retry_delay
 from support import ServeProcess, acme_args, cli_json, eventually, handshake, openssl_s_client, run_cli, served_certificate
 
@@ -53,13 +52,10 @@ async def running_manager(pebble, db: str, **kwargs) -> AsyncIterator[Manager]: 
     manager = Manager(db=db, directory=pebble.directory_url, ca_bundle=pebble.ca_bundle, agree_tos=True, **kwargs)
     await manager.start()
     options = ServeOptions(https=None, http=Listen("127.0.0.1", pebble.http01_port), admin=None)
-    runner = web.AppRunner(http_app(manager, options))
-    await runner.setup()
-    await web.SockSite(runner, listening_socket(options.http)).start()  # type: ignore[arg-type]
     try:
-        yield manager
+        async with listeners(manager, options, {"http": listening_socket(options.http)}, announce=False):  # type: ignore[arg-type]
+            yield manager
     finally:
-        await runner.cleanup()
         await manager.stop()
 
 
