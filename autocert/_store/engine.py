@@ -153,6 +153,11 @@ def _upgrade_to_head(connection: Connection) -> None:
     command.upgrade(_alembic_config(connection), "head")
 
 
+def _includes_revision(current: str, revision: str) -> bool:
+    """Whether the schema at ``current`` has had ``revision`` applied (it is ``current`` or older)."""
+    return any(script.revision == revision for script in _script_directory().iterate_revisions(current, "base"))
+
+
 def _known_revision(revision: str) -> bool:
     from alembic.script.revision import RevisionError
     from alembic.util import CommandError
@@ -353,6 +358,7 @@ class StoreBase:
                         text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
                     )
                 await connection.run_sync(_upgrade_to_head)
+                await self._after_migration(connection, current)
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot migrate database {self.url}: {_short_error(exc)}") from exc
         except Exception as exc:
@@ -360,6 +366,10 @@ class StoreBase:
                 raise StoreError(f"cannot migrate database {self.url}: {exc}") from exc
             raise
         return head
+
+    async def _after_migration(self, connection: AsyncConnection, previous: str | None) -> None:
+        """Fill what a migration from ``previous`` (None: an empty database) created empty, in
+        the migration's own transaction; the parts of the store that need to override this."""
 
     async def ping(self) -> None:
         """Round-trip to the database; raises :class:`StoreError` when it is unreachable."""
