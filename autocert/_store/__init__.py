@@ -5,7 +5,8 @@ This package is the only code that writes SQL. It hands out frozen dataclasses
 :class:`Store` is one class made of a part per aggregate, each over the shared base in
 :mod:`.engine` (engine, sessions, key sealer, lifecycle and migrations): :mod:`.allowlist`,
 :mod:`.accounts`, :mod:`.certificates` (with pending orders), :mod:`.attempts` (with
-backoff and leases) and :mod:`.challenges`.
+backoff and leases) and :mod:`.challenges`; :mod:`.names` keeps the status index those
+writes summarise, and :mod:`.status` answers status pages and counts from it.
 
 What follows is the store's contract: what callers may rely on, on both backends.
 
@@ -89,6 +90,7 @@ from .allowlist import AllowlistMixin
 from .attempts import AttemptsMixin
 from .certificates import CertificatesMixin
 from .challenges import ChallengesMixin
+from .status import SORTS, NameStatus, Position, StatusCounts, StatusMixin, StatusPage, StatusQuery
 from .engine import StoreBase, async_url, head_revision, migrations_path
 from .records import (
     Account,
@@ -109,6 +111,12 @@ __all__ = [
     "ChangeMarks",
     "ExpiryOverview",
     "NameState",
+    "NameStatus",
+    "Position",
+    "SORTS",
+    "StatusCounts",
+    "StatusPage",
+    "StatusQuery",
     "Store",
     "StoredCertificate",
     "async_url",
@@ -117,5 +125,5 @@ __all__ = [
 ]
 
 
-class Store(AllowlistMixin, AccountsMixin, CertificatesMixin, AttemptsMixin, ChallengesMixin, StoreBase):
+class Store(AllowlistMixin, AccountsMixin, CertificatesMixin, AttemptsMixin, ChallengesMixin, StatusMixin, StoreBase):
     """Async access to autocert's database; create it with :meth:`open`, end with :meth:`close`."""

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import func, or_, select, union, update
+from sqlalchemy import func, or_, select, update
 
 from .._errors import StoreError
 from .._timefmt import utcnow
 from .engine import _aware, _chunks
 from .names import NamesMixin
-from .records import Attempt, NameState, _allowed, _attempt, _attempts, _certificates, _is_current, _name_state, _name_states
+from .records import Attempt, NameState, _attempt, _attempts, _certificates, _is_current, _name_state, _name_states
 
 AttemptResult = Literal["running", "valid", "failed"]
 
@@ -210,26 +210,6 @@ class AttemptsMixin(NamesMixin):
         )
         async with self._writing() as session:
             return (await session.execute(stmt)).first() is not None
-
-    # -- status ------------------------------------------------------------------------------
-
-    async def status_names(self, names: Sequence[str] | None = None) -> list[str]:
-        """Every name the database knows about, sorted; or ``names`` themselves, deduplicated.
-
-        Known means: an exact allowlist entry, or any certificate, attempt or backoff state
-        for it (so disallowed names with history still show up).
-        """
-        if names is not None:
-            return list(dict.fromkeys(names))
-        known = union(
-            select(_allowed.c.entry.label("name")).where(_allowed.c.entry.not_like("*.%")),
-            select(_certificates.c.name),
-            select(_attempts.c.name),
-            select(_name_states.c.name),
-        ).subquery()
-        async with self._reading() as session:
-            found = (await session.execute(select(known.c.name))).scalars()
-            return sorted(set(found))
 
 
 def _error_text(problem_type: str | None, detail: str | None) -> str:

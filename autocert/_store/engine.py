@@ -276,6 +276,10 @@ class StoreBase:
         self._write_engine = write_engine
         self._read_sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._write_sessions = async_sessionmaker(write_engine, expire_on_commit=False)
+        # SQLite's read transactions see one state of the file throughout; PostgreSQL's
+        # default (READ COMMITTED) gives each statement its own.
+        snapshot_engine = engine.execution_options(isolation_level="REPEATABLE READ") if self.dialect == "postgresql" else engine
+        self._snapshot_sessions = async_sessionmaker(snapshot_engine, expire_on_commit=False)
         #: Kept open for :meth:`change_marks`, which every server runs once a second.
         self._poll_connection: AsyncConnection | None = None
 
@@ -381,6 +385,10 @@ class StoreBase:
     def _reading(self) -> AbstractAsyncContextManager[AsyncSession]:
         """One read transaction."""
         return self._transaction(self._read_sessions)
+
+    def _snapshot(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """One read transaction whose statements all see the same state of the database."""
+        return self._transaction(self._snapshot_sessions)
 
     def _writing(self) -> AbstractAsyncContextManager[AsyncSession]:
         """One write transaction (``BEGIN IMMEDIATE`` on SQLite)."""

@@ -1,0 +1,514 @@
+"""Status queries: names filtered, counted and sorted in the database over the status index
+(:mod:`.names`), a page at a time, so that 100,000 names cost what 100 do.
+
+How the SQL follows the rules. A name's state (:func:`autocert._policy.name_status`) and its
+"expiring soon" flag (:func:`~autocert._policy.expires_soon`) depend on four facts, each a
+column or two of the index: whether the name is allowed; where its current certificate stands
+(none, expired, valid inside its expiring-soon window (``soon_at``), valid); whether an order is
+under way (callers pass the names being ordered); whether it is failing. The predicates are not
+written from those rules by hand: :func:`_classes` runs the rules themselves on a witness of
+every combination of facts, and each state (or sort group) becomes the predicate that picks its
+combinations. Filters, counts and sort groups therefore say what the rules say, which the tests
+check against the rules applied in Python to the same rows.
+
+Plans. Each query reads one chosen index: the order's own when it scans in order, or the
+index of a small set (names being ordered, a prefix, the expiring-soon window, expired,
+failing, disallowed or uncertified names) that is then sorted. SQLite's planner, which keeps
+no statistics here, is told which by a unary ``+`` on every other column (it then cannot use
+them); PostgreSQL's planner has statistics and chooses for itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import itertools
+import json
+import math
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, literal_column, or_, select, true, tuple_
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+
+from .._names import pattern_for
+from .._policy import SEVERITY, STATES, expires_soon, expires_soon_from, name_status, needs_attention
+from .engine import StoreBase, _aware, _chunks
+from .records import _allowed, _certificates, _name_states, _names
+
+# --------------------------------------------------------------------------------------------
+# Facts, and the state classes the rules make of them
+
+#: allowed, certificate, ordering, failing
+Facts = tuple[bool, str, bool, bool]
+CERTIFICATE = ("none", "expired", "soon", "live")
+DOMAINS: tuple[tuple[Any, ...], ...] = ((True, False), CERTIFICATE, (True, False), (True, False))
+ALLOWED, CERT, ORDERING, FAILING = range(4)
+
+#: A certificate in each standing, as (not_before, not_after, renew_at) offsets from now.
+_WITNESS_TIMES: dict[str, tuple[timedelta, timedelta, timedelta] | None] = {
+    "none": None,
+    "expired": (timedelta(days=-91), timedelta(days=-1), timedelta(days=-31)),
+    "soon": (timedelta(days=-89), timedelta(days=1), timedelta(days=-29)),
+    "live": (timedelta(days=-10), timedelta(days=80), timedelta(days=50)),
+}
+_WITNESS_NOW = datetime(2000, 1, 1, tzinfo=UTC)
+
+#: (state, expiring soon): what the page shows of a name, and what sorts group by.
+Class = tuple[str, bool]
+
+
+def _standing(not_before: datetime, not_after: datetime, renew_at: datetime, now: datetime) -> str:
+    """The certificate fact as the index's columns answer it."""
+    if not_after <= now:
+        return "expired"
+    return "soon" if expires_soon_from(not_before, not_after, renew_at) <= now else "live"
+
+
+@functools.cache
+def _classes() -> dict[Facts, Class]:
+    """What the rules say for a witness of every combination of facts."""
+    now = _WITNESS_NOW
+    table: dict[Facts, Class] = {}
+    for facts in itertools.product(*DOMAINS):
+        allowed, certificate, ordering, failing = facts
+        offsets = _WITNESS_TIMES[certificate]
+        not_before = not_after = renew_at = None
+        if offsets is not None:
+            not_before, not_after, renew_at = (now + offset for offset in offsets)
+            if _standing(not_before, not_after, renew_at, now) != certificate:
+                raise AssertionError(f"the witness of a {certificate!r} certificate no longer is one under the policy")
+        state = name_status(allowed=allowed, not_after=not_after, ordering=ordering, failures=1 if failing else 0, now=now)
+        soon = bool(state != "disallowed" and not_before and not_after and expires_soon(not_before, not_after, renew_at, now))
+        table[facts] = (state, soon)
+    return table
+
+
+def _boxes(combos: set[Facts], domains: Sequence[tuple[Any, ...]]) -> list[tuple[frozenset[Any], ...]]:
+    """``combos`` as few products of per-fact value sets as a simple split finds."""
+    if not combos:
+        return []
+    projections = tuple(frozenset(facts[i] for facts in combos) for i in range(len(DOMAINS)))
+    if math.prod(len(values) for values in projections) == len(combos):
+        return [projections]
+    split = next(i for i, values in enumerate(projections) if len(values) > 1)
+    return [box for value in domains[split] if value in projections[split] for box in _boxes({f for f in combos if f[split] == value}, domains)]
+
+
+# --------------------------------------------------------------------------------------------
+# Queries and sorts
+
+
+@dataclass(frozen=True)
+class StatusQuery:
+    """Which names to show and in what order. Empty ``states``: every state."""
+
+    states: frozenset[str] = frozenset()
+    failing: bool = False  # consecutive failures since the last success, whatever the state
+    expiring: bool = False  # flagged as expiring soon (policy.expires_soon), not disallowed
+    expired: bool = False  # the current certificate has expired, whatever the state
+    prefix: str | None = None
+    issuer: str | None = None
+    sort: str = "name"  # a key of SORTS; a leading "-" reverses the order
+
+    def __post_init__(self) -> None:
+        unknown = set(self.states) - set(STATES)
+        if unknown:
+            raise ValueError(f"unknown state {sorted(unknown)[0]!r}")
+        if self.sort.removeprefix("-") not in SORTS:
+            raise ValueError(f"unknown sort {self.sort!r}")
+
+
+@dataclass(frozen=True)
+class Sort:
+    """Rows in groups ranked by their class, then by ``column`` (missing values last), then name."""
+
+    rank: Callable[[str, bool], tuple[int, ...]] | None
+    column: str
+
+
+SORTS: dict[str, Sort] = {
+    "attention": Sort(lambda state, soon: (int(not needs_attention(state, soon)), SEVERITY[state]), "not_after"),
+    "name": Sort(None, "name"),
+    "state": Sort(lambda state, soon: (SEVERITY[state],), "name"),
+    "expires": Sort(None, "not_after"),
+    "renew": Sort(None, "renew_at"),
+    "attempts": Sort(None, "attempts"),
+    "next": Sort(None, "next_attempt_at"),
+}
+_TIMES = ("not_after", "renew_at", "next_attempt_at")
+_NULL_WITHOUT_CERTIFICATE = ("not_after", "renew_at")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a row sits in a sort: its group's rank, whether it is in the group's tail of
+    missing values, its value of the sort column, and its name. Cursors carry one."""
+
+    rank: tuple[int, ...]
+    null: bool
+    value: Any
+    name: str
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.rank, self.null)
+
+    def encode(self, sort: str, forward: bool) -> str:
+        value = self.value.isoformat() if isinstance(self.value, datetime) else self.value
+        raw = json.dumps([sort, int(forward), list(self.rank), int(self.null), value, self.name], separators=(",", ":"))
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str, sort: str) -> tuple[Position, bool]:
+        """(position, forward) from a cursor made for ``sort``; ValueError if it is not one."""
+        try:
+            raw = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+            made_for, forward, rank, null, value, name = raw
+            column = SORTS[sort.removeprefix("-")].column
+            if made_for != sort or not isinstance(name, str) or not all(isinstance(part, int) for part in rank):
+                raise ValueError
+            if null or column == "name":
+                value = None
+            elif column in _TIMES:
+                value = _aware(datetime.fromisoformat(value), "cursor")
+            elif not isinstance(value, int):
+                raise ValueError
+            return cls(tuple(rank), bool(null), value, name), bool(forward)
+        except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
+            raise ValueError("not a cursor of this listing (it belongs to another sort, or was cut short)") from None
+
+
+@dataclass(frozen=True, slots=True)
+class NameStatus:
+    """One name's row of the status index, with the few fields of its certificate and state
+    that the report shows; ``ordering`` is not here: the caller knows what it passed."""
+
+    name: str
+    allowed: bool
+    not_before: datetime | None
+    not_after: datetime | None
+    renew_at: datetime | None
+    serial: str | None
+    issuer: str | None
+    directory: str | None
+    attempts: int
+    failures: int
+    last_error: str | None
+    next_attempt_at: datetime | None
+
+
+@dataclass(frozen=True)
+class StatusPage:
+    rows: list[NameStatus]
+    positions: list[Position]
+    more: bool  # rows remain beyond the last one, in the direction read
+
+
+@dataclass(frozen=True)
+class StatusCounts:
+    total: int
+    states: dict[str, int]
+    soon: int
+    attention: int
+    soonest: tuple[str, datetime] | None  # name and not_after of the earliest expiry among allowed names
+
+
+# --------------------------------------------------------------------------------------------
+# SQL
+
+
+class _unindexed(FunctionElement[Any]):
+    """A column SQLite may not use an index for (``+column``); as it is elsewhere."""
+
+    inherit_cache = True
+    name = "unindexed"
+
+    def __init__(self, column: Any) -> None:
+        super().__init__(column)
+        self.type = column.type
+
+
+@compiles(_unindexed)
+def _plain(element: _unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(_unindexed, "sqlite")
+def _plus(element: _unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return "+" + compiler.process(element.clauses, **kw)
+
+
+Columns = Callable[[str], Any]
+
+
+def _columns(indexed: Collection[str]) -> Columns:
+    return lambda name: _names.c[name] if name in indexed else _unindexed(_names.c[name])
+
+
+def _certificate_sql(values: frozenset[str], c: Columns, now: datetime) -> Any:
+    timed = values - {"none"}
+    parts: list[Any] = []
+    if timed == {"expired", "soon", "live"}:
+        parts.append(c("not_after").is_not(None))
+    elif timed == {"soon", "live"}:
+        parts.append(c("not_after") > now)
+    elif timed == {"expired", "soon"}:
+        parts.append(c("soon_at") <= now)
+    else:
+        single = {"expired": lambda: c("not_after") <= now, "soon": lambda: and_(c("soon_at") <= now, c("not_after") > now),
+                  "live": lambda: c("soon_at") > now}
+        parts.extend(single[value]() for value in CERTIFICATE if value in timed)
+    if "none" in values:
+        parts.append(c("not_after").is_(None))
+    return or_(*parts)
+
+
+def _box_sql(box: tuple[frozenset[Any], ...], domains: Sequence[tuple[Any, ...]], c: Columns, now: datetime, ordering: Sequence[str]) -> Any:
+    terms: list[Any] = []
+    if box[ALLOWED] != frozenset(domains[ALLOWED]):
+        terms.append(c("allowed") if True in box[ALLOWED] else ~c("allowed"))
+    if box[CERT] != frozenset(domains[CERT]):
+        terms.append(_certificate_sql(box[CERT], c, now))
+    if box[ORDERING] != frozenset(domains[ORDERING]):
+        terms.append(c("name").in_(ordering) if True in box[ORDERING] else c("name").not_in(ordering))
+    if box[FAILING] != frozenset(domains[FAILING]):
+        zero = literal_column("0")  # as written, so that the partial index on failures > 0 applies
+        terms.append(c("failures") > zero if True in box[FAILING] else c("failures") == zero)
+    return and_(true(), *terms)
+
+
+def _driver(boxes: Sequence[tuple[frozenset[Any], ...]], query: StatusQuery, column: str | None) -> set[str]:
+    """The columns left indexable: those of the one index this query should read."""
+    box = boxes[0] if len(boxes) == 1 else None
+    if box is not None and box[ORDERING] == {True}:
+        return {"name"}  # the few names being ordered
+    if query.prefix:
+        return {"name"}
+    if box is not None:
+        if "soon" in box[CERT] and box[CERT] <= {"soon", "expired"}:
+            return {"soon_at"}
+        if box[CERT] == {"expired"}:
+            return {"not_after", "name"} if column == "not_after" else {"not_after"}
+        if box[FAILING] == {True}:
+            return {"failures", "name"}
+        if box[ALLOWED] == {False}:
+            return {"allowed", "name"}
+        if box[CERT] == {"none"}:
+            return {"not_after", "failures", "name"}
+    if query.issuer and column == "name":
+        return {"issuer", "name"}
+    return {column or "name", "name"}
+
+
+def _prefix_range(prefix: str, c: Columns) -> Any:
+    """Names starting with ``prefix`` as a range of the primary key (names are ASCII A-labels)."""
+    return and_(c("name") >= prefix, c("name") < prefix + "\U0010ffff")
+
+
+@dataclass(frozen=True)
+class _Part:
+    rank: tuple[int, ...]
+    null: bool
+    boxes: tuple[tuple[frozenset[Any], ...], ...]
+
+
+class _Plan:
+    """One query's parts in reading order, with what rendering them needs."""
+
+    def __init__(self, query: StatusQuery, ordering: Sequence[str], now: datetime) -> None:
+        self.query, self.ordering, self.now = query, ordering, now
+        # The values each fact can take in the database now: with nobody ordering, the
+        # ordering fact needs no SQL. Filters only narrow the combinations wanted.
+        domains = list(DOMAINS)
+        if not ordering:
+            domains[ORDERING] = (False,)
+        self.domains = domains
+        classes = _classes()
+        self.combos = {
+            facts for facts in itertools.product(*domains)
+            if (not query.states or classes[facts][0] in query.states) and (not query.expiring or classes[facts][1])
+            and (not query.failing or facts[FAILING]) and (not query.expired or facts[CERT] == "expired")
+        }
+
+    def where(self, boxes: Sequence[tuple[frozenset[Any], ...]], c: Columns) -> Any:
+        terms = [or_(*(_box_sql(box, self.domains, c, self.now, self.ordering) for box in boxes))]
+        if self.query.prefix:
+            terms.append(_prefix_range(self.query.prefix, c))
+        if self.query.issuer:
+            terms.append(c("issuer") == self.query.issuer)
+        return and_(*terms)
+
+    def parts(self, sort: Sort) -> list[_Part]:
+        """Parts in ascending order: by group rank, then values before missing values."""
+        classes = _classes()
+        groups: dict[tuple[int, ...], set[Facts]] = {}
+        for facts in self.combos:
+            rank = sort.rank(*classes[facts]) if sort.rank else ()
+            groups.setdefault(rank, set()).add(facts)
+        parts = []
+        for rank in sorted(groups):
+            boxes = _boxes(groups[rank], self.domains)
+            if sort.column not in _TIMES:
+                parts.append(_Part(rank, False, tuple(boxes)))
+                continue
+            for null in (False, True):
+                fitting = boxes
+                if sort.column in _NULL_WITHOUT_CERTIFICATE:  # missing exactly when there is no certificate
+                    fitting = [box[:CERT] + (box[CERT] & ({"none"} if null else set(CERTIFICATE) - {"none"}),) + box[CERT + 1 :] for box in boxes]
+                    fitting = [box for box in fitting if box[CERT]]
+                if fitting:
+                    parts.append(_Part(rank, null, tuple(fitting)))
+        return parts
+
+
+_ROW_COLUMNS = (
+    _names.c.name, _names.c.allowed, _names.c.not_before, _names.c.not_after, _names.c.renew_at, _certificates.c.serial,
+    _names.c.issuer, _certificates.c.directory, _names.c.attempts, _names.c.failures, _name_states.c.last_error,
+    _names.c.next_attempt_at,
+)
+
+
+def _rows_from() -> Any:
+    return _names.outerjoin(_certificates, _certificates.c.id == _names.c.certificate_id).outerjoin(
+        _name_states, _name_states.c.name == _names.c.name
+    )
+
+
+def _record(row: Any) -> NameStatus:
+    return NameStatus(*row)
+
+
+class StatusMixin(StoreBase):
+    """Status pages, counts and single names, read from the status index."""
+
+    async def status_names(self, names: Sequence[str] | None = None) -> list[str]:
+        """Every name the database knows about, sorted; or ``names`` themselves, deduplicated.
+
+        Known means: an exact allowlist entry, or any certificate, attempt or backoff state
+        for it (so disallowed names with history still show up).
+        """
+        if names is not None:
+            return list(dict.fromkeys(names))
+        async with self._reading() as session:
+            return list((await session.execute(select(_names.c.name).order_by(_names.c.name))).scalars())
+
+    async def ordering_names(self, now: datetime) -> set[str]:
+        """Names whose order lease some process holds at ``now``."""
+        stmt = select(_name_states.c.name).where(_name_states.c.lease_owner.is_not(None), _name_states.c.lease_until > _aware(now, "now"))
+        async with self._reading() as session:
+            return set((await session.execute(stmt)).scalars())
+
+    async def name_statuses(self, names: Sequence[str]) -> list[NameStatus]:
+        """The rows of ``names``, in the order given; a name the database does not know gets a
+        row of its own (nothing stored, allowed as the allowlist says)."""
+        wanted = list(dict.fromkeys(names))
+        found: dict[str, NameStatus] = {}
+        async with self._reading() as session:
+            for chunk in _chunks(wanted):
+                rows = (await session.execute(select(*_ROW_COLUMNS).select_from(_rows_from()).where(_names.c.name.in_(chunk)))).all()
+                found.update((row.name, _record(row)) for row in rows)
+            unknown = [name for name in wanted if name not in found]
+            entries: set[str] = set()
+            candidates = sorted({*unknown, *(pattern for pattern in map(pattern_for, unknown) if pattern)})
+            for chunk in _chunks(candidates):
+                entries.update((await session.execute(select(_allowed.c.entry).where(_allowed.c.entry.in_(chunk)))).scalars())
+        for name in unknown:
+            allowed = name in entries or pattern_for(name) in entries
+            found[name] = NameStatus(name, allowed, None, None, None, None, None, None, 0, 0, None, None)
+        return [found[name] for name in wanted]
+
+    async def status_counts(self, ordering: Collection[str], now: datetime) -> StatusCounts:
+        """How many names are in each state, expiring soon and needing attention, in one
+        snapshot, each from an index range: the largest class (valid, not expiring soon) is
+        the total less the others, so no query reads every name."""
+        now = _aware(now, "now")
+        plan = _Plan(StatusQuery(), sorted(ordering), now)
+        classes = _classes()
+        by_class: dict[Class, set[Facts]] = {}
+        for facts in plan.combos:
+            by_class.setdefault(classes[facts], set()).add(facts)
+        rest: Class = ("valid", False)
+        counts: dict[Class, int] = {}
+        soonest_query = (
+            select(_names.c.name, _names.c.not_after)
+            .where(_unindexed(_names.c.allowed), _names.c.not_after.is_not(None))
+            .order_by(_names.c.not_after, _names.c.name)
+            .limit(1)
+        )
+        async with self._snapshot() as session:
+            total = int((await session.execute(select(func.count()).select_from(_names))).scalar_one())
+            for klass, combos in sorted(by_class.items()):
+                if klass == rest:
+                    continue
+                boxes = _boxes(combos, plan.domains)
+                c = _columns(_driver(boxes, plan.query, None))
+                stmt = select(func.count()).select_from(_names).where(plan.where(boxes, c))
+                counts[klass] = int((await session.execute(stmt)).scalar_one())
+            soonest = (await session.execute(soonest_query)).first()
+        counts[rest] = total - sum(counts.values())
+        states = dict.fromkeys(STATES, 0)
+        for (state, _soon), count in counts.items():
+            states[state] += count
+        return StatusCounts(
+            total=total,
+            states=states,
+            soon=sum(count for (_state, soon), count in counts.items() if soon),
+            attention=sum(count for klass, count in counts.items() if needs_attention(*klass)),
+            soonest=(soonest.name, soonest.not_after) if soonest else None,
+        )
+
+    async def status_page(
+        self, query: StatusQuery, *, ordering: Collection[str], now: datetime, limit: int,
+        after: Position | None = None, forward: bool = True,
+    ) -> StatusPage:
+        """Up to ``limit`` rows in ``query.sort`` order after ``after`` (None: from the start),
+        or, with ``forward`` False, the ``limit`` rows before it, still in sort order."""
+        now = _aware(now, "now")
+        plan = _Plan(query, sorted(ordering), now)
+        sort = SORTS[query.sort.removeprefix("-")]
+        ascending = not query.sort.startswith("-")
+        parts = plan.parts(sort)
+        if ascending != forward:
+            parts.reverse()
+        up = ascending == forward  # the direction in which rows are read
+        found: list[tuple[Any, Position]] = []
+        async with self._snapshot() as session:
+            for part in parts:
+                key = (part.rank, part.null)
+                if after is not None and key != after.key() and (key < after.key()) == up:
+                    continue  # wholly before the cursor, in the direction read
+                stmt = self._part_query(plan, part, sort.column, up, after, limit + 1 - len(found))
+                for row in (await session.execute(stmt)).all():
+                    value = getattr(row, sort.column) if sort.column != "name" else None
+                    found.append((row, Position(part.rank, part.null, value, row.name)))
+                if len(found) > limit:
+                    break
+        more = len(found) > limit
+        found = found[:limit]
+        if not forward:
+            found.reverse()
+        return StatusPage(rows=[_record(row) for row, _ in found], positions=[position for _, position in found], more=more)
+
+    def _part_query(self, plan: _Plan, part: _Part, column: str, up: bool, after: Position | None, limit: int) -> Any:
+        ordered = column if not part.null and column != "name" else None
+        indexed = _driver(part.boxes, plan.query, ordered)
+        c = _columns(indexed)
+        terms = [plan.where(part.boxes, c)]
+        if column in _TIMES:
+            terms.append(c(column).is_(None) if part.null else c(column).is_not(None))
+        if after is not None and (part.rank, part.null) == after.key():
+            if ordered:
+                bound = tuple_(c(ordered), c("name"))
+                terms.append(bound > tuple_(after.value, after.name) if up else bound < tuple_(after.value, after.name))
+            else:
+                terms.append(c("name") > after.name if up else c("name") < after.name)
+        keys = [ordered, "name"] if ordered else ["name"]
+        order = [(_names.c[key] if key in indexed else _unindexed(_names.c[key])) for key in keys]
+        stmt = select(*_ROW_COLUMNS).select_from(_rows_from()).where(*terms)
+        return stmt.order_by(*(key.asc() if up else key.desc() for key in order)).limit(limit)
+
