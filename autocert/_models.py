@@ -230,24 +230,29 @@ class NameRow(Base):
         Index("ix_names_uncertified", "failures", "name", sqlite_where=text("not_after IS NULL"),
               postgresql_where=text("not_after IS NULL")),
         Index("ix_names_failing", "name", sqlite_where=text("failures > 0"), postgresql_where=text("failures > 0")),
-        Index("ix_names_disallowed", "name", sqlite_where=text("NOT allowed"), postgresql_where=text("NOT allowed")),
+        # As each backend writes "not allowed" (SQLite's partial indexes match terms as written).
+        Index("ix_names_disallowed", "name", sqlite_where=text("allowed = 0"), postgresql_where=text("NOT allowed")),
     )
 
     name: Mapped[str] = mapped_column(SORTED_NAME, primary_key=True)
     # An exact allowlist entry; allowed: that, or covered by the one pattern that can cover it.
     listed: Mapped[bool] = mapped_column(Boolean)
     allowed: Mapped[bool] = mapped_column(Boolean)
-    # The current certificate (see the store's contract) and its times; all None without one.
+    # The current certificate (see the store's contract) and what the report shows of it; all
+    # None without one. Copied, so that a page reads this table alone.
     certificate_id: Mapped[int | None] = mapped_column(Integer)
     not_before: Mapped[datetime | None]
     not_after: Mapped[datetime | None]
     renew_at: Mapped[datetime | None]
     issuer: Mapped[str | None] = mapped_column(Text)
+    serial: Mapped[str | None] = mapped_column(String(128))
+    directory: Mapped[str | None] = mapped_column(String(URL_LENGTH))
     # When the status page starts flagging it as expiring soon (policy.expires_soon_from).
     soon_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    # Copied from name_states: consecutive failures and the time of the next try.
+    # Copied from name_states: consecutive failures, the last error and the time of the next try.
     failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
     next_attempt_at: Mapped[datetime | None]
 
 

@@ -9,14 +9,15 @@ the same ``now`` and the same set of names being ordered that the query used.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from ._policy import STATES, name_status
-from ._store import SORTS, NameStatus, Position, StatusCounts, StatusQuery, Store
-from ._timefmt import isoformat, utcnow
+from ._store import SORTS, NameStatus, Position, StatusBatch, StatusCounts, StatusQuery, Store
+from ._timefmt import utcnow
 
 __all__ = [
     "CHUNK",
@@ -90,20 +91,18 @@ def parse_limit(value: str | None, parameter: str = "limit") -> int | None:
 
 def status_item(row: NameStatus, *, ordering: bool, directory: str, now: datetime) -> dict[str, Any]:
     """The STATUS object of one row."""
-    state = name_status(allowed=row.allowed, not_after=row.not_after, ordering=ordering, failures=row.failures, now=now)
-    certified = row.not_after is not None
     return {
         "name": row.name,
-        "state": state,
-        "not_before": isoformat(row.not_before),
-        "not_after": isoformat(row.not_after),
-        "renew_at": isoformat(row.renew_at),
+        "state": name_status(allowed=row.allowed, not_after=row.expires, ordering=ordering, failures=row.failures, now=now),
+        "not_before": row.not_before,
+        "not_after": row.not_after,
+        "renew_at": row.renew_at,
         "serial": row.serial,
         "issuer": row.issuer,
-        "directory": row.directory if certified and row.directory else directory,
+        "directory": row.directory if row.expires is not None and row.directory else directory,
         "attempts": row.attempts,
         "last_error": row.last_error,
-        "next_attempt_at": isoformat(row.next_attempt_at),
+        "next_attempt_at": row.next_attempt_at,
     }
 
 
@@ -143,22 +142,44 @@ async def status_chunks(
     now: datetime | None = None,
     chunk: int = CHUNK,
     limit: int | None = None,
+    cursor: str | None = None,
+    where: list[str | None] | None = None,
 ) -> AsyncIterator[list[dict[str, Any]]]:
-    """Every row ``query`` selects (at most ``limit``), in its order, ``chunk`` at a time: one
-    indexed query per chunk, continuing from the last row of the one before."""
+    """Every row ``query`` selects (at most ``limit``, from ``cursor``), in its order, as
+    STATUS objects ``chunk`` at a time, from one snapshot of the database read in batches.
+
+    With a ``limit``, ``where`` (a list) receives the cursor of what comes next, or None.
+    """
     now = now or utcnow()
+    after, forward = _decode(cursor, query)
+    if not forward:
+        raise QueryError("cursor", "this cursor leads backwards, to a previous page: a listing reads forwards")
     ordering = await _ordering(store, in_flight, now)
-    after: Position | None = None
-    left = limit
-    while left is None or left > 0:
-        size = chunk if left is None else min(chunk, left)
-        page = await store.status_page(query, ordering=ordering, now=now, limit=size, after=after)
-        if page.rows:
-            yield _items(page.rows, ordering, directory, now)
-        if not page.more:
-            return
-        after = page.positions[-1]
-        left = None if left is None else left - len(page.rows)
+    shown, more = 0, False
+    last: tuple[NameStatus, StatusBatch] | None = None
+    rows = store.status_rows(query, ordering=ordering, now=now, after=after, limit=None if limit is None else limit + 1,
+                             batch=max(chunk, 500))
+    async with contextlib.aclosing(rows):
+        async for batch in rows:
+            for start in range(0, len(batch.rows), chunk):
+                piece = batch.rows[start : start + chunk]
+                if limit is not None and shown + len(piece) > limit:
+                    more, piece = True, piece[: limit - shown]
+                if piece:
+                    shown += len(piece)
+                    last = (piece[-1], batch)
+                    yield _items(piece, ordering, directory, now)
+    if where is not None:
+        where.append(last[1].position(last[0]).encode(query.sort, True) if more and last is not None else None)
+
+
+def _decode(cursor: str | None, query: StatusQuery) -> tuple[Position | None, bool]:
+    if not cursor:
+        return None, True
+    try:
+        return Position.decode(cursor, query.sort)
+    except ValueError as exc:
+        raise QueryError("cursor", str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -182,17 +203,11 @@ async def status_page(
     """One page of ``query`` with the cursors of its neighbours (keyset pagination: the
     thousandth page costs what the first does). :class:`QueryError` for a bad cursor."""
     now = now or utcnow()
-    after: Position | None = None
-    forward = True
-    if cursor:
-        try:
-            after, forward = Position.decode(cursor, query.sort)
-        except ValueError as exc:
-            raise QueryError("cursor", str(exc)) from None
+    after, forward = _decode(cursor, query)
     ordering = await _ordering(store, in_flight, now)
     page = await store.status_page(query, ordering=ordering, now=now, limit=limit, after=after, forward=forward)
-    first = page.positions[0] if page.positions else after
-    last = page.positions[-1] if page.positions else after
+    first = page.first or after
+    last = page.last or after
     if forward:
         more_after, more_before = page.more, after is not None
     else:

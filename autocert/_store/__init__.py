@@ -90,7 +90,7 @@ from .allowlist import AllowlistMixin
 from .attempts import AttemptsMixin
 from .certificates import CertificatesMixin
 from .challenges import ChallengesMixin
-from .status import SORTS, NameStatus, Position, StatusCounts, StatusMixin, StatusPage, StatusQuery
+from .status import SORTS, NameStatus, Position, StatusBatch, StatusCounts, StatusMixin, StatusPage, StatusQuery
 from .engine import StoreBase, async_url, head_revision, migrations_path
 from .records import (
     Account,
@@ -114,6 +114,7 @@ __all__ = [
     "NameStatus",
     "Position",
     "SORTS",
+    "StatusBatch",
     "StatusCounts",
     "StatusPage",
     "StatusQuery",

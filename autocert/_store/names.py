@@ -95,21 +95,22 @@ class NamesMixin(StoreBase):
     async def _refresh_certificates(self, session: Executor, names: Iterable[str]) -> None:
         """Copy each name's current certificate (or none) into its row."""
         for chunk in _chunks(names):
-            stmt = select(
-                _certificates.c.name, _certificates.c.id, _certificates.c.not_before, _certificates.c.not_after,
-                _certificates.c.renew_at, _certificates.c.issuer,
-            ).where(_is_current(), _certificates.c.name.in_(chunk))
+            stmt = _current_certificates().where(_certificates.c.name.in_(chunk))
             current = {row.name: row for row in (await session.execute(stmt)).all()}
             await session.execute(_SET_CERTIFICATE, [_certificate_values(name, current.get(name)) for name in chunk])
 
     async def _refresh_states(self, session: Executor, names: Iterable[str]) -> None:
-        """Copy each name's failures and next attempt from ``name_states`` into its row."""
+        """Copy each name's failures, last error and next attempt from ``name_states`` into its row."""
         state = _name_states.alias("state")
-        failures = select(state.c.failures).where(state.c.name == _names.c.name).scalar_subquery()
-        next_attempt = select(state.c.next_attempt_at).where(state.c.name == _names.c.name).scalar_subquery()
+
+        def copied(column: str) -> Any:
+            return select(state.c[column]).where(state.c.name == _names.c.name).scalar_subquery()
+
         for chunk in _chunks(names):
             await session.execute(
-                update(_names).where(_names.c.name.in_(chunk)).values(failures=func.coalesce(failures, 0), next_attempt_at=next_attempt)
+                update(_names).where(_names.c.name.in_(chunk)).values(
+                    failures=func.coalesce(copied("failures"), 0), last_error=copied("last_error"), next_attempt_at=copied("next_attempt_at"),
+                )
             )
 
     async def _count_attempt(self, session: Executor, name: str) -> None:
@@ -176,22 +177,19 @@ class NamesMixin(StoreBase):
         def listed() -> Any:
             return exists().where(_allowed.c.entry == known.c.name)
 
+        def state(column: str) -> Any:
+            return select(_name_states.c[column]).where(_name_states.c.name == known.c.name).scalar_subquery()
+
         tries = select(func.count()).where(_attempts.c.name == known.c.name).scalar_subquery()
-        failures = select(_name_states.c.failures).where(_name_states.c.name == known.c.name).scalar_subquery()
-        next_attempt = select(_name_states.c.next_attempt_at).where(_name_states.c.name == known.c.name).scalar_subquery()
-        columns = ["name", "listed", "allowed", "attempts", "failures", "next_attempt_at"]
-        rows = select(known.c.name, listed(), listed(), tries, func.coalesce(failures, 0), next_attempt)
+        columns = ["name", "listed", "allowed", "attempts", "failures", "last_error", "next_attempt_at"]
+        rows = select(known.c.name, listed(), listed(), tries, func.coalesce(state("failures"), 0), state("last_error"), state("next_attempt_at"))
         await session.execute(insert(_names).from_select(columns, rows))
         for pattern in (await session.execute(select(_allowed.c.entry).where(_allowed.c.entry.startswith(PATTERN_PREFIX, autoescape=True)))).scalars():
             under = _under(pattern)
             if under is not None:
                 await session.execute(update(_names).where(under).values(allowed=True))
-        current = select(
-            _certificates.c.name, _certificates.c.id, _certificates.c.not_before, _certificates.c.not_after,
-            _certificates.c.renew_at, _certificates.c.issuer,
-        ).where(_is_current())
         batch: list[dict[str, Any]] = []
-        for row in (await session.execute(current)).all():
+        for row in (await session.execute(_current_certificates())).all():
             batch.append(_certificate_values(row.name, row))
             if len(batch) >= 1000:
                 await session.execute(_SET_CERTIFICATE, batch)
@@ -206,16 +204,21 @@ _SET_CERTIFICATE = (
     .where(_names.c.name == bindparam("b_name"))
     .values(
         certificate_id=bindparam("b_id"), not_before=bindparam("b_not_before"), not_after=bindparam("b_not_after"),
-        renew_at=bindparam("b_renew_at"), issuer=bindparam("b_issuer"), soon_at=bindparam("b_soon_at"),
+        renew_at=bindparam("b_renew_at"), issuer=bindparam("b_issuer"), serial=bindparam("b_serial"),
+        directory=bindparam("b_directory"), soon_at=bindparam("b_soon_at"),
     )
 )
+_CERTIFICATE_FIELDS = ("id", "not_before", "not_after", "renew_at", "issuer", "serial", "directory")
+
+
+def _current_certificates() -> Any:
+    """Each name's current certificate, with what the index copies of it."""
+    return select(_certificates.c.name, *(_certificates.c[field] for field in _CERTIFICATE_FIELDS)).where(_is_current())
 
 
 def _certificate_values(name: str, row: Any) -> dict[str, Any]:
-    if row is None:
-        return {"b_name": name, "b_id": None, "b_not_before": None, "b_not_after": None, "b_renew_at": None, "b_issuer": None, "b_soon_at": None}
-    return {
-        "b_name": name, "b_id": row.id, "b_not_before": row.not_before, "b_not_after": row.not_after,
-        "b_renew_at": row.renew_at, "b_issuer": row.issuer, "b_soon_at": _soon_from(row),
-    }
+    """The parameters of :data:`_SET_CERTIFICATE` for ``name``'s current certificate (None: none)."""
+    values = {f"b_{field}": getattr(row, field) if row is not None else None for field in _CERTIFICATE_FIELDS}
+    values.update(b_name=name, b_soon_at=_soon_from(row) if row is not None else None)
+    return values
 

@@ -22,24 +22,26 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import itertools
 import json
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, func, literal_column, or_, select, true, tuple_
+from sqlalchemy import String, and_, func, literal_column, or_, select, true, tuple_, type_coerce
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from .._names import pattern_for
 from .._policy import SEVERITY, STATES, expires_soon, expires_soon_from, name_status, needs_attention
+from .._timefmt import isoformat
 from .engine import StoreBase, _aware, _chunks
-from .records import _allowed, _certificates, _name_states, _names
+from .records import _allowed, _name_states, _names
 
 # --------------------------------------------------------------------------------------------
 # Facts, and the state classes the rules make of them
@@ -183,29 +185,49 @@ class Position:
             raise ValueError("not a cursor of this listing (it belongs to another sort, or was cut short)") from None
 
 
-@dataclass(frozen=True, slots=True)
-class NameStatus:
-    """One name's row of the status index, with the few fields of its certificate and state
-    that the report shows; ``ordering`` is not here: the caller knows what it passed."""
+class NameStatus(NamedTuple):
+    """One name's row of the status index as the report shows it: times already in the
+    contract's ISO 8601 form (a stream turns 100,000 of them into JSON, and parsing each time
+    to print it again was most of the cost), and ``expires``, the certificate's ``not_after``
+    as a time, for the state rule. Whether an order is under way is the caller's to say."""
 
     name: str
     allowed: bool
-    not_before: datetime | None
-    not_after: datetime | None
-    renew_at: datetime | None
+    not_before: str | None
+    not_after: str | None
+    renew_at: str | None
     serial: str | None
     issuer: str | None
     directory: str | None
     attempts: int
     failures: int
     last_error: str | None
-    next_attempt_at: datetime | None
+    next_attempt_at: str | None
+    expires: datetime | None
+
+
+@dataclass(frozen=True)
+class StatusBatch:
+    """Rows read together, all from one part of the sort."""
+
+    rows: list[NameStatus]
+    column: str
+    part: _Part
+
+    def position(self, row: NameStatus) -> Position:
+        value: Any = None
+        if self.column == "attempts":
+            value = row.attempts
+        elif self.column != "name" and not self.part.null:
+            value = datetime.fromisoformat(getattr(row, self.column))
+        return Position(self.part.rank, self.part.null, value, row.name)
 
 
 @dataclass(frozen=True)
 class StatusPage:
     rows: list[NameStatus]
-    positions: list[Position]
+    first: Position | None
+    last: Position | None
     more: bool  # rows remain beyond the last one, in the direction read
 
 
@@ -366,21 +388,37 @@ class _Plan:
         return parts
 
 
+def _raw(column: Any) -> Any:
+    """A time column as the driver returns it: SQLite's stored text, asyncpg's datetime."""
+    return type_coerce(column, String()).label(column.name)
+
+
 _ROW_COLUMNS = (
-    _names.c.name, _names.c.allowed, _names.c.not_before, _names.c.not_after, _names.c.renew_at, _certificates.c.serial,
-    _names.c.issuer, _certificates.c.directory, _names.c.attempts, _names.c.failures, _name_states.c.last_error,
-    _names.c.next_attempt_at,
+    _names.c.name, _names.c.allowed, _raw(_names.c.not_before), _raw(_names.c.not_after), _raw(_names.c.renew_at),
+    _names.c.serial, _names.c.issuer, _names.c.directory, _names.c.attempts, _names.c.failures, _names.c.last_error,
+    _raw(_names.c.next_attempt_at),
 )
 
 
-def _rows_from() -> Any:
-    return _names.outerjoin(_certificates, _certificates.c.id == _names.c.certificate_id).outerjoin(
-        _name_states, _name_states.c.name == _names.c.name
-    )
+def _iso(value: str | datetime | None) -> str | None:
+    """:func:`autocert._timefmt.isoformat` of a raw time, without making a datetime of the
+    text SQLite stores (``YYYY-MM-DD HH:MM:SS.ffffff``, naive UTC)."""
+    if value is None or not isinstance(value, str):
+        return isoformat(value)
+    text = value.replace(" ", "T", 1)
+    return (text[:-7] if text.endswith(".000000") else text) + "Z"
+
+
+def _time(value: str | datetime | None) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value.astimezone(UTC) if value is not None else None
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 def _record(row: Any) -> NameStatus:
-    return NameStatus(*row)
+    name, allowed, not_before, not_after, renew_at, serial, issuer, directory, attempts, failures, last_error, next_attempt_at = row
+    return NameStatus(name, allowed, _iso(not_before), _iso(not_after), _iso(renew_at), serial, issuer, directory, attempts, failures,
+                      last_error, _iso(next_attempt_at), _time(not_after))
 
 
 class StatusMixin(StoreBase):
@@ -410,7 +448,7 @@ class StatusMixin(StoreBase):
         found: dict[str, NameStatus] = {}
         async with self._reading() as session:
             for chunk in _chunks(wanted):
-                rows = (await session.execute(select(*_ROW_COLUMNS).select_from(_rows_from()).where(_names.c.name.in_(chunk)))).all()
+                rows = (await session.execute(select(*_ROW_COLUMNS).where(_names.c.name.in_(chunk)))).all()
                 found.update((row.name, _record(row)) for row in rows)
             unknown = [name for name in wanted if name not in found]
             entries: set[str] = set()
@@ -419,7 +457,7 @@ class StatusMixin(StoreBase):
                 entries.update((await session.execute(select(_allowed.c.entry).where(_allowed.c.entry.in_(chunk)))).scalars())
         for name in unknown:
             allowed = name in entries or pattern_for(name) in entries
-            found[name] = NameStatus(name, allowed, None, None, None, None, None, None, 0, 0, None, None)
+            found[name] = NameStatus(name, allowed, None, None, None, None, None, None, 0, 0, None, None, None)
         return [found[name] for name in wanted]
 
     async def status_counts(self, ordering: Collection[str], now: datetime) -> StatusCounts:
@@ -462,12 +500,17 @@ class StatusMixin(StoreBase):
             soonest=(soonest.name, soonest.not_after) if soonest else None,
         )
 
-    async def status_page(
-        self, query: StatusQuery, *, ordering: Collection[str], now: datetime, limit: int,
-        after: Position | None = None, forward: bool = True,
-    ) -> StatusPage:
-        """Up to ``limit`` rows in ``query.sort`` order after ``after`` (None: from the start),
-        or, with ``forward`` False, the ``limit`` rows before it, still in sort order."""
+    async def status_rows(
+        self, query: StatusQuery, *, ordering: Collection[str], now: datetime, after: Position | None = None,
+        forward: bool = True, limit: int | None = None, batch: int = 500,
+    ) -> AsyncIterator[StatusBatch]:
+        """The rows ``query`` selects in ``query.sort`` order from ``after`` (None: the start),
+        or with ``forward`` False backwards from it, at most ``limit``, ``batch`` at a time.
+
+        One snapshot for the whole listing, each part read by one streaming query: the
+        caller turns a batch into output while the next is fetched for it. Close the iterator
+        (``contextlib.aclosing``) when stopping early.
+        """
         now = _aware(now, "now")
         plan = _Plan(query, sorted(ordering), now)
         sort = SORTS[query.sort.removeprefix("-")]
@@ -476,30 +519,53 @@ class StatusMixin(StoreBase):
         if ascending != forward:
             parts.reverse()
         up = ascending == forward  # the direction in which rows are read
-        found: list[tuple[Any, Position]] = []
+        left = limit
         async with self._snapshot() as session:
             for part in parts:
                 key = (part.rank, part.null)
                 if after is not None and key != after.key() and (key < after.key()) == up:
                     continue  # wholly before the cursor, in the direction read
-                stmt = self._part_query(plan, part, sort.column, up, after, limit + 1 - len(found))
-                for row in (await session.execute(stmt)).all():
-                    value = getattr(row, sort.column) if sort.column != "name" else None
-                    found.append((row, Position(part.rank, part.null, value, row.name)))
-                if len(found) > limit:
-                    break
+                stmt = self._part_query(plan, part, sort.column, up, after, left)
+                result = await session.stream(stmt.execution_options(yield_per=batch))
+                try:
+                    async for rows in result.partitions():
+                        taken = rows if left is None else rows[:left]
+                        yield StatusBatch([_record(row) for row in taken], sort.column, part)
+                        if left is not None:
+                            left -= len(taken)
+                            if left <= 0:
+                                return
+                finally:
+                    await result.close()
+
+    async def status_page(
+        self, query: StatusQuery, *, ordering: Collection[str], now: datetime, limit: int,
+        after: Position | None = None, forward: bool = True,
+    ) -> StatusPage:
+        """Up to ``limit`` rows in ``query.sort`` order after ``after`` (None: from the start),
+        or, with ``forward`` False, the ``limit`` rows before it, still in sort order."""
+        found: list[tuple[NameStatus, StatusBatch]] = []
+        rows = self.status_rows(query, ordering=ordering, now=now, after=after, forward=forward, limit=limit + 1, batch=limit + 1)
+        async with contextlib.aclosing(rows):
+            async for batch in rows:
+                found.extend((row, batch) for row in batch.rows)
         more = len(found) > limit
         found = found[:limit]
         if not forward:
             found.reverse()
-        return StatusPage(rows=[_record(row) for row, _ in found], positions=[position for _, position in found], more=more)
+        return StatusPage(
+            rows=[row for row, _ in found],
+            first=found[0][1].position(found[0][0]) if found else None,
+            last=found[-1][1].position(found[-1][0]) if found else None,
+            more=more,
+        )
 
-    def _part_query(self, plan: _Plan, part: _Part, column: str, up: bool, after: Position | None, limit: int) -> Any:
+    def _part_query(self, plan: _Plan, part: _Part, column: str, up: bool, after: Position | None, limit: int | None) -> Any:
         ordered = column if not part.null and column != "name" else None
         indexed = _driver(part.boxes, plan.query, ordered)
         c = _columns(indexed)
         terms = [plan.where(part.boxes, c)]
-        if column in _TIMES:
+        if column in _TIMES and column not in _NULL_WITHOUT_CERTIFICATE:  # else the boxes say it already
             terms.append(c(column).is_(None) if part.null else c(column).is_not(None))
         if after is not None and (part.rank, part.null) == after.key():
             if ordered:
@@ -509,6 +575,7 @@ class StatusMixin(StoreBase):
                 terms.append(c("name") > after.name if up else c("name") < after.name)
         keys = [ordered, "name"] if ordered else ["name"]
         order = [(_names.c[key] if key in indexed else _unindexed(_names.c[key])) for key in keys]
-        stmt = select(*_ROW_COLUMNS).select_from(_rows_from()).where(*terms)
-        return stmt.order_by(*(key.asc() if up else key.desc() for key in order)).limit(limit)
+        stmt = select(*_ROW_COLUMNS).where(*terms)
+        stmt = stmt.order_by(*(key.asc() if up else key.desc() for key in order))
+        return stmt.limit(limit) if limit is not None else stmt
 

@@ -42,9 +42,12 @@ def upgrade() -> None:
         sa.Column("not_after", UTC_TIME, nullable=True),
         sa.Column("renew_at", UTC_TIME, nullable=True),
         sa.Column("issuer", sa.Text(), nullable=True),
+        sa.Column("serial", sa.String(128), nullable=True),
+        sa.Column("directory", sa.String(1024), nullable=True),
         sa.Column("soon_at", UTC_TIME, nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("failures", sa.Integer(), nullable=False),
+        sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("next_attempt_at", UTC_TIME, nullable=True),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_names")),
     )
@@ -53,7 +56,7 @@ def upgrade() -> None:
     op.create_index("ix_names_soon_at", "names", ["soon_at"])
     op.create_index("ix_names_uncertified", "names", ["failures", "name"], **_partial("not_after IS NULL"))
     op.create_index("ix_names_failing", "names", ["name"], **_partial("failures > 0"))
-    op.create_index("ix_names_disallowed", "names", ["name"], **_partial("NOT allowed"))
+    op.create_index("ix_names_disallowed", "names", ["name"], sqlite_where=sa.text("allowed = 0"), postgresql_where=sa.text("NOT allowed"))
 
 
 def downgrade() -> None:
