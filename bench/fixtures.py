@@ -116,10 +116,10 @@ def build_database(path: Path, count: int, chain: Chain, directory: str) -> str:
         # The status index: the first name's row again for every cloned certificate.
         db.execute(
             """
-            INSERT INTO names (name, listed, allowed, certificate_id, not_before, not_after, renew_at, issuer, soon_at,
-                               attempts, failures, next_attempt_at)
-            SELECT c.name, n.listed, n.allowed, c.id, n.not_before, n.not_after, n.renew_at, n.issuer, n.soon_at,
-                   n.attempts, n.failures, n.next_attempt_at
+            INSERT INTO names (name, listed, allowed, certificate_id, not_before, not_after, renew_at, issuer, serial, directory,
+                               soon_at, attempts, failures, last_error, next_attempt_at)
+            SELECT c.name, n.listed, n.allowed, c.id, n.not_before, n.not_after, n.renew_at, n.issuer, c.serial, c.directory,
+                   n.soon_at, n.attempts, n.failures, n.last_error, n.next_attempt_at
             FROM certificates AS c, names AS n WHERE n.certificate_id = 1 AND c.id > 1
             """
         )

@@ -435,6 +435,14 @@ class StatusMixin(StoreBase):
         async with self._reading() as session:
             return list((await session.execute(select(_names.c.name).order_by(_names.c.name))).scalars())
 
+    async def status_widths(self) -> tuple[int, int]:
+        """The longest name and the most attempts of any name: what a table of a listing too
+        long to hold needs to align its columns before it has seen every row."""
+        stmt = select(func.coalesce(func.max(func.length(_names.c.name)), 0), func.coalesce(func.max(_names.c.attempts), 0))
+        async with self._reading() as session:
+            longest, most = (await session.execute(stmt)).one()
+        return int(longest), int(most)
+
     async def ordering_names(self, now: datetime) -> set[str]:
         """Names whose order lease some process holds at ``now``."""
         stmt = select(_name_states.c.name).where(_name_states.c.lease_owner.is_not(None), _name_states.c.lease_until > _aware(now, "now"))
