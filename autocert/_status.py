@@ -21,7 +21,6 @@ from ._timefmt import utcnow
 
 __all__ = [
     "CHUNK",
-    "MAX_LIMIT",
     "QueryError",
     "ReportPage",
     "StatusQuery",
@@ -37,10 +36,6 @@ __all__ = [
 #: Rows read per query when a whole listing is streamed: small enough that turning them into
 #: STATUS objects holds the event loop for a few milliseconds at most.
 CHUNK = 200
-#: The most rows one page may ask for.
-MAX_LIMIT = 10_000
-
-
 class QueryError(ValueError):
     """A filter, sort, limit or cursor that cannot be used; ``parameter`` names it."""
 
@@ -84,8 +79,8 @@ def parse_limit(value: str | None, parameter: str = "limit") -> int | None:
         limit = int(value)
     except ValueError:
         raise QueryError(parameter, f"{value!r} is not a whole number") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise QueryError(parameter, f"{limit} is out of range (1 to {MAX_LIMIT})")
+    if limit < 1:
+        raise QueryError(parameter, f"{limit} is not a count of names (1 or more)")
     return limit
 
 
@@ -157,8 +152,7 @@ async def status_chunks(
     ordering = await _ordering(store, in_flight, now)
     shown, more = 0, False
     last: tuple[NameStatus, StatusBatch] | None = None
-    rows = store.status_rows(query, ordering=ordering, now=now, after=after, limit=None if limit is None else limit + 1,
-                             batch=max(chunk, 500))
+    rows = store.status_rows(query, ordering=ordering, now=now, after=after, limit=None if limit is None else limit + 1, batch=chunk)
     async with contextlib.aclosing(rows):
         async for batch in rows:
             for start in range(0, len(batch.rows), chunk):

@@ -177,6 +177,7 @@ async def _status_json(request: web.Request) -> web.StreamResponse:
         while chunk is not None:
             await response.write(separator + _json_lines(chunk))
             separator = b",\n"
+            await asyncio.sleep(0)  # a write that fits the buffer does not yield: give TLS its turn
             chunk = await anext(chunks, None)
     tail = "\n]"
     if limit is not None:
