@@ -192,6 +192,12 @@ def measure(label: str, code: Path, db: str, args: argparse.Namespace, *, curren
             subprocess.run([*status, "--state", "failed"] if current else status, env={**os.environ, **env}, stdout=subprocess.DEVNULL, check=True)
             runs.append(time.perf_counter() - started)
         figures.requests["cli"] = runs[1:]  # the first one compiles what it imports
+        imports = []
+        for _ in range(3):
+            started = time.perf_counter()
+            subprocess.run([*python, "-c", "import autocert._cli, autocert._status, autocert._store"], env={**os.environ, **env}, check=True)
+            imports.append(time.perf_counter() - started)
+        figures.requests["imports"] = imports
         started = time.perf_counter()
         subprocess.run(status, env={**os.environ, **env}, stdout=subprocess.DEVNULL, check=True)
         figures.values["cli_all"] = time.perf_counter() - started
@@ -253,6 +259,7 @@ def report(runs: list[Figures], names: int) -> None:
     print("| admin requests served while handshakes were measured | " + " | ".join(f"{f.values['busy_requests']:.0f}" for f in runs) + " | |")
     print("| `autocert status --state failed`, from process start | " + " | ".join(request(f, "cli") for f in runs)
           + f" | ≤ 0.5 s {verdict(statistics.median(now.requests['cli']), TARGETS['cli'])} |")
+    print("| of which Python starting and importing what `status` needs | " + " | ".join(request(f, "imports") for f in runs) + " | |")
     print("| `autocert status`, every name, table to /dev/null | " + " | ".join(ms(f.values["cli_all"]) for f in runs) + " | |")
 
 
