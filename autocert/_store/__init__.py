@@ -6,7 +6,8 @@ This package is the only code that writes SQL. It hands out frozen dataclasses
 :mod:`.engine` (engine, sessions, key sealer, lifecycle and migrations): :mod:`.allowlist`,
 :mod:`.accounts`, :mod:`.certificates` (with pending orders), :mod:`.attempts` (with
 backoff and leases) and :mod:`.challenges`; :mod:`.names` keeps the status index those
-writes summarise, and :mod:`.status` answers status pages and counts from it.
+writes summarise, and :mod:`.status` answers status pages and counts from it, with
+predicates that :mod:`.rules` derives from the state rules.
 
 What follows is the store's contract: what callers may rely on, on both backends.
 
@@ -57,6 +58,16 @@ Current certificate
     expired. Every query about current certificates (``current_certificate(s)``,
     ``renewals_due``, ``renewal_info_due``, ``expiry_overview``, ``next_due``) uses this one
     definition.
+
+Status index
+    One row per known name (table ``names``) holds what status queries filter, sort and count
+    on: allowed or not, the current certificate's times, issuer, serial and directory, the
+    number of attempts, the failures, last error and next attempt. Every write that changes
+    one of those updates the row in the same transaction, so a status read sees the index and
+    the tables it summarises agree; ``rebuild_names`` recomputes it from them, and runs after
+    migrating a database from before the index. Status reads (``status_page``,
+    ``status_rows``, ``status_counts``) see one snapshot of the database each (REPEATABLE READ
+    on PostgreSQL).
 
 Clocks
     Times are computed on the caller's host, never by the database: aware datetimes go in

@@ -1,5 +1,6 @@
 """What the store hands to callers: frozen dataclasses, never ORM objects, so that nothing
-above the store can run a query by accident; and the tables and row converters behind them.
+above the store can run a query by accident; the tables and row converters behind them; and
+the one definition of a name's current certificate.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """Status queries: names filtered, counted and sorted in the database over the status index
-(:mod:`.names`), a page at a time, so that 100,000 names cost what 100 do.
+(:mod:`.names`), a page or a batch at a time, so that 100,000 names cost what 100 do. The
+predicates come from the state rules themselves (:mod:`.rules`).
 
-How the SQL follows the rules. A name's state (:func:`autocert._policy.name_status`) and its
-"expiring soon" flag (:func:`~autocert._policy.expires_soon`) depend on four facts, each a
-column or two of the index: whether the name is allowed; where its current certificate stands
-(none, expired, valid inside its expiring-soon window (``soon_at``), valid); whether an order is
-under way (callers pass the names being ordered); whether it is failing. The predicates are not
-written from those rules by hand: :func:`_classes` runs the rules themselves on a witness of
-every combination of facts, and each state (or sort group) becomes the predicate that picks its
-combinations. Filters, counts and sort groups therefore say what the rules say, which the tests
-check against the rules applied in Python to the same rows.
-
-Plans. Each query reads one chosen index: the order's own when it scans in order, or the
-index of a small set (names being ordered, a prefix, the expiring-soon window, expired,
-failing, disallowed or uncertified names) that is then sorted. SQLite's planner, which keeps
-no statistics here, is told which by a unary ``+`` on every other column (it then cannot use
-them); PostgreSQL's planner has statistics and chooses for itself.
+A sort is a sequence of parts: groups of state classes in rank order, each in the order of one
+column (rows without a value last) and then of name. A page reads the parts from where its
+cursor (:class:`Position`) points, each with one query on one index, until it has enough rows.
 """
 
 from __future__ import annotations
@@ -23,84 +12,37 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import functools
 import itertools
 import json
-import math
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import String, and_, func, literal_column, or_, select, true, tuple_, type_coerce
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy import String, and_, func, or_, select, tuple_, type_coerce
 
 from .._names import pattern_for
-from .._policy import SEVERITY, STATES, expires_soon, expires_soon_from, name_status, needs_attention
+from .._policy import SEVERITY, STATES, needs_attention
 from .._timefmt import isoformat
 from .engine import StoreBase, _aware, _chunks
 from .records import _allowed, _name_states, _names
-
-# --------------------------------------------------------------------------------------------
-# Facts, and the state classes the rules make of them
-
-#: allowed, certificate, ordering, failing
-Facts = tuple[bool, str, bool, bool]
-CERTIFICATE = ("none", "expired", "soon", "live")
-DOMAINS: tuple[tuple[Any, ...], ...] = ((True, False), CERTIFICATE, (True, False), (True, False))
-ALLOWED, CERT, ORDERING, FAILING = range(4)
-
-#: A certificate in each standing, as (not_before, not_after, renew_at) offsets from now.
-_WITNESS_TIMES: dict[str, tuple[timedelta, timedelta, timedelta] | None] = {
-    "none": None,
-    "expired": (timedelta(days=-91), timedelta(days=-1), timedelta(days=-31)),
-    "soon": (timedelta(days=-89), timedelta(days=1), timedelta(days=-29)),
-    "live": (timedelta(days=-10), timedelta(days=80), timedelta(days=50)),
-}
-_WITNESS_NOW = datetime(2000, 1, 1, tzinfo=UTC)
-
-#: (state, expiring soon): what the page shows of a name, and what sorts group by.
-Class = tuple[str, bool]
-
-
-def _standing(not_before: datetime, not_after: datetime, renew_at: datetime, now: datetime) -> str:
-    """The certificate fact as the index's columns answer it."""
-    if not_after <= now:
-        return "expired"
-    return "soon" if expires_soon_from(not_before, not_after, renew_at) <= now else "live"
-
-
-@functools.cache
-def _classes() -> dict[Facts, Class]:
-    """What the rules say for a witness of every combination of facts."""
-    now = _WITNESS_NOW
-    table: dict[Facts, Class] = {}
-    for facts in itertools.product(*DOMAINS):
-        allowed, certificate, ordering, failing = facts
-        offsets = _WITNESS_TIMES[certificate]
-        not_before = not_after = renew_at = None
-        if offsets is not None:
-            not_before, not_after, renew_at = (now + offset for offset in offsets)
-            if _standing(not_before, not_after, renew_at, now) != certificate:
-                raise AssertionError(f"the witness of a {certificate!r} certificate no longer is one under the policy")
-        state = name_status(allowed=allowed, not_after=not_after, ordering=ordering, failures=1 if failing else 0, now=now)
-        soon = bool(state != "disallowed" and not_before and not_after and expires_soon(not_before, not_after, renew_at, now))
-        table[facts] = (state, soon)
-    return table
-
-
-def _boxes(combos: set[Facts], domains: Sequence[tuple[Any, ...]]) -> list[tuple[frozenset[Any], ...]]:
-    """``combos`` as few products of per-fact value sets as a simple split finds."""
-    if not combos:
-        return []
-    projections = tuple(frozenset(facts[i] for facts in combos) for i in range(len(DOMAINS)))
-    if math.prod(len(values) for values in projections) == len(combos):
-        return [projections]
-    split = next(i for i, values in enumerate(projections) if len(values) > 1)
-    return [box for value in domains[split] if value in projections[split] for box in _boxes({f for f in combos if f[split] == value}, domains)]
-
+from .rules import (
+    CERT,
+    CERTIFICATE,
+    DOMAINS,
+    FAILING,
+    ORDERING,
+    Box,
+    Class,
+    Facts,
+    box_sql,
+    boxes,
+    classes,
+    columns,
+    driver,
+    prefix_range,
+    unindexed,
+)
 
 # --------------------------------------------------------------------------------------------
 # Queries and sorts
@@ -240,103 +182,11 @@ class StatusCounts:
     soonest: tuple[str, datetime] | None  # name and not_after of the earliest expiry among allowed names
 
 
-# --------------------------------------------------------------------------------------------
-# SQL
-
-
-class _unindexed(FunctionElement[Any]):
-    """A column SQLite may not use an index for (``+column``); as it is elsewhere."""
-
-    inherit_cache = True
-    name = "unindexed"
-
-    def __init__(self, column: Any) -> None:
-        super().__init__(column)
-        self.type = column.type
-
-
-@compiles(_unindexed)
-def _plain(element: _unindexed, compiler: SQLCompiler, **kw: Any) -> str:
-    return compiler.process(element.clauses, **kw)
-
-
-@compiles(_unindexed, "sqlite")
-def _plus(element: _unindexed, compiler: SQLCompiler, **kw: Any) -> str:
-    return "+" + compiler.process(element.clauses, **kw)
-
-
-Columns = Callable[[str], Any]
-
-
-def _columns(indexed: Collection[str]) -> Columns:
-    return lambda name: _names.c[name] if name in indexed else _unindexed(_names.c[name])
-
-
-def _certificate_sql(values: frozenset[str], c: Columns, now: datetime) -> Any:
-    timed = values - {"none"}
-    parts: list[Any] = []
-    if timed == {"expired", "soon", "live"}:
-        parts.append(c("not_after").is_not(None))
-    elif timed == {"soon", "live"}:
-        parts.append(c("not_after") > now)
-    elif timed == {"expired", "soon"}:
-        parts.append(c("soon_at") <= now)
-    else:
-        single = {"expired": lambda: c("not_after") <= now, "soon": lambda: and_(c("soon_at") <= now, c("not_after") > now),
-                  "live": lambda: c("soon_at") > now}
-        parts.extend(single[value]() for value in CERTIFICATE if value in timed)
-    if "none" in values:
-        parts.append(c("not_after").is_(None))
-    return or_(*parts)
-
-
-def _box_sql(box: tuple[frozenset[Any], ...], domains: Sequence[tuple[Any, ...]], c: Columns, now: datetime, ordering: Sequence[str]) -> Any:
-    terms: list[Any] = []
-    if box[ALLOWED] != frozenset(domains[ALLOWED]):
-        terms.append(c("allowed") if True in box[ALLOWED] else ~c("allowed"))
-    if box[CERT] != frozenset(domains[CERT]):
-        terms.append(_certificate_sql(box[CERT], c, now))
-    if box[ORDERING] != frozenset(domains[ORDERING]):
-        terms.append(c("name").in_(ordering) if True in box[ORDERING] else c("name").not_in(ordering))
-    if box[FAILING] != frozenset(domains[FAILING]):
-        zero = literal_column("0")  # as written, so that the partial index on failures > 0 applies
-        terms.append(c("failures") > zero if True in box[FAILING] else c("failures") == zero)
-    return and_(true(), *terms)
-
-
-def _driver(boxes: Sequence[tuple[frozenset[Any], ...]], query: StatusQuery, column: str | None) -> set[str]:
-    """The columns left indexable: those of the one index this query should read."""
-    box = boxes[0] if len(boxes) == 1 else None
-    if box is not None and box[ORDERING] == {True}:
-        return {"name"}  # the few names being ordered
-    if query.prefix:
-        return {"name"}
-    if box is not None:
-        if "soon" in box[CERT] and box[CERT] <= {"soon", "expired"}:
-            return {"soon_at"}
-        if box[CERT] == {"expired"}:
-            return {"not_after", "name"} if column == "not_after" else {"not_after"}
-        if box[FAILING] == {True}:
-            return {"failures", "name"}
-        if box[ALLOWED] == {False}:
-            return {"allowed", "name"}
-        if box[CERT] == {"none"}:
-            return {"not_after", "failures", "name"}
-    if query.issuer and column == "name":
-        return {"issuer", "name"}
-    return {column or "name", "name"}
-
-
-def _prefix_range(prefix: str, c: Columns) -> Any:
-    """Names starting with ``prefix`` as a range of the primary key (names are ASCII A-labels)."""
-    return and_(c("name") >= prefix, c("name") < prefix + "\U0010ffff")
-
-
 @dataclass(frozen=True)
 class _Part:
     rank: tuple[int, ...]
     null: bool
-    boxes: tuple[tuple[frozenset[Any], ...], ...]
+    boxes: tuple[Box, ...]
 
 
 class _Plan:
@@ -350,38 +200,38 @@ class _Plan:
         if not ordering:
             domains[ORDERING] = (False,)
         self.domains = domains
-        classes = _classes()
+        table = classes()
         self.combos = {
             facts for facts in itertools.product(*domains)
-            if (not query.states or classes[facts][0] in query.states) and (not query.expiring or classes[facts][1])
+            if (not query.states or table[facts][0] in query.states) and (not query.expiring or table[facts][1])
             and (not query.failing or facts[FAILING]) and (not query.expired or facts[CERT] == "expired")
         }
 
-    def where(self, boxes: Sequence[tuple[frozenset[Any], ...]], c: Columns) -> Any:
-        terms = [or_(*(_box_sql(box, self.domains, c, self.now, self.ordering) for box in boxes))]
+    def where(self, selected: Sequence[Box], c: Any) -> Any:
+        terms = [or_(*(box_sql(box, self.domains, c, self.now, self.ordering) for box in selected))]
         if self.query.prefix:
-            terms.append(_prefix_range(self.query.prefix, c))
+            terms.append(prefix_range(self.query.prefix, c))
         if self.query.issuer:
             terms.append(c("issuer") == self.query.issuer)
         return and_(*terms)
 
     def parts(self, sort: Sort) -> list[_Part]:
         """Parts in ascending order: by group rank, then values before missing values."""
-        classes = _classes()
+        table = classes()
         groups: dict[tuple[int, ...], set[Facts]] = {}
         for facts in self.combos:
-            rank = sort.rank(*classes[facts]) if sort.rank else ()
+            rank = sort.rank(*table[facts]) if sort.rank else ()
             groups.setdefault(rank, set()).add(facts)
         parts = []
         for rank in sorted(groups):
-            boxes = _boxes(groups[rank], self.domains)
+            found = boxes(groups[rank], self.domains)
             if sort.column not in _TIMES:
-                parts.append(_Part(rank, False, tuple(boxes)))
+                parts.append(_Part(rank, False, tuple(found)))
                 continue
             for null in (False, True):
-                fitting = boxes
+                fitting = found
                 if sort.column in _NULL_WITHOUT_CERTIFICATE:  # missing exactly when there is no certificate
-                    fitting = [box[:CERT] + (box[CERT] & ({"none"} if null else set(CERTIFICATE) - {"none"}),) + box[CERT + 1 :] for box in boxes]
+                    fitting = [box[:CERT] + (box[CERT] & ({"none"} if null else set(CERTIFICATE) - {"none"}),) + box[CERT + 1 :] for box in found]
                     fitting = [box for box in fitting if box[CERT]]
                 if fitting:
                     parts.append(_Part(rank, null, tuple(fitting)))
@@ -474,15 +324,15 @@ class StatusMixin(StoreBase):
         the total less the others, so no query reads every name."""
         now = _aware(now, "now")
         plan = _Plan(StatusQuery(), sorted(ordering), now)
-        classes = _classes()
+        table = classes()
         by_class: dict[Class, set[Facts]] = {}
         for facts in plan.combos:
-            by_class.setdefault(classes[facts], set()).add(facts)
+            by_class.setdefault(table[facts], set()).add(facts)
         rest: Class = ("valid", False)
         counts: dict[Class, int] = {}
         soonest_query = (
             select(_names.c.name, _names.c.not_after)
-            .where(_unindexed(_names.c.allowed), _names.c.not_after.is_not(None))
+            .where(unindexed(_names.c.allowed), _names.c.not_after.is_not(None))
             .order_by(_names.c.not_after, _names.c.name)
             .limit(1)
         )
@@ -491,9 +341,9 @@ class StatusMixin(StoreBase):
             for klass, combos in sorted(by_class.items()):
                 if klass == rest:
                     continue
-                boxes = _boxes(combos, plan.domains)
-                c = _columns(_driver(boxes, plan.query, None))
-                stmt = select(func.count()).select_from(_names).where(plan.where(boxes, c))
+                found = boxes(combos, plan.domains)
+                c = columns(driver(found, None, prefix=bool(plan.query.prefix), issuer=bool(plan.query.issuer)))
+                stmt = select(func.count()).select_from(_names).where(plan.where(found, c))
                 counts[klass] = int((await session.execute(stmt)).scalar_one())
             soonest = (await session.execute(soonest_query)).first()
         counts[rest] = total - sum(counts.values())
@@ -570,8 +420,8 @@ class StatusMixin(StoreBase):
 
     def _part_query(self, plan: _Plan, part: _Part, column: str, up: bool, after: Position | None, limit: int | None) -> Any:
         ordered = column if not part.null and column != "name" else None
-        indexed = _driver(part.boxes, plan.query, ordered)
-        c = _columns(indexed)
+        indexed = driver(part.boxes, ordered, prefix=bool(plan.query.prefix), issuer=bool(plan.query.issuer))
+        c = columns(indexed)
         terms = [plan.where(part.boxes, c)]
         if column in _TIMES and column not in _NULL_WITHOUT_CERTIFICATE:  # else the boxes say it already
             terms.append(c(column).is_(None) if part.null else c(column).is_not(None))
@@ -582,7 +432,7 @@ class StatusMixin(StoreBase):
             else:
                 terms.append(c("name") > after.name if up else c("name") < after.name)
         keys = [ordered, "name"] if ordered else ["name"]
-        order = [(_names.c[key] if key in indexed else _unindexed(_names.c[key])) for key in keys]
+        order = [c(key) for key in keys]
         stmt = select(*_ROW_COLUMNS).where(*terms)
         stmt = stmt.order_by(*(key.asc() if up else key.desc() for key in order))
         return stmt.limit(limit) if limit is not None else stmt
