@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ._errors import InvalidName
+from ._names import normalize_name
 from ._policy import STATES, name_status
 from ._store import SORTS, NameStatus, Position, StatusBatch, StatusCounts, StatusQuery, Store
 from ._timefmt import utcnow
@@ -57,7 +59,7 @@ def parse_query(
     """A :class:`StatusQuery` from what a user typed; :class:`QueryError` names what is wrong.
 
     ``prefix`` is lowered and stripped of a trailing dot, like names are stored; a Unicode
-    prefix would need the IDNA form of the whole name, so it is refused with that advice.
+    one is taken in its IDNA form when it is a whole name (part of a label has none).
     """
     wanted = frozenset(states)
     for state in sorted(wanted):
@@ -68,7 +70,10 @@ def parse_query(
     if prefix is not None:
         prefix = prefix.strip().lower().rstrip(".") or None
         if prefix is not None and not prefix.isascii():
-            raise QueryError("q", f"{prefix!r} is not ASCII: search for the name's xn-- form")
+            try:
+                prefix = normalize_name(prefix)
+            except InvalidName:
+                raise QueryError("q", f"{prefix!r}: give a whole name, or the start of its xn-- form") from None
     return StatusQuery(states=wanted, sort=sort, prefix=prefix, issuer=issuer or None, failing=failing, expiring=expiring, expired=expired)
 
 

@@ -326,7 +326,8 @@ async def test_a_limited_stream_stops_at_the_limit(fleet: Any) -> None:
 
 async def test_bad_queries_name_the_parameter(fleet: Any) -> None:
     store, _reference, _in_flight, now = fleet
-    for arguments, parameter in (({"states": ["bogus"]}, "state"), ({"sort": "colour"}, "sort"), ({"prefix": "bücher"}, "q")):
+    assert parse_query(prefix=" Bücher.Example. ").prefix == "xn--bcher-kva.example", "a whole Unicode name is searched as stored"
+    for arguments, parameter in (({"states": ["bogus"]}, "state"), ({"sort": "colour"}, "sort"), ({"prefix": "bü ch"}, "q")):
         with pytest.raises(QueryError) as raised:
             parse_query(**arguments)
         assert raised.value.parameter == parameter
