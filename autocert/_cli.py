@@ -15,7 +15,7 @@ import logging
 import os
 import resource
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +42,7 @@ from ._config import (
 )
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._names import is_pattern, normalize_entry, normalize_name
-from ._policy import MAX_CAP, budget_with_order_limit
+from ._policy import MAX_CAP, STATES, budget_with_order_limit
 from ._signals import STOP_SIGNALS, expect_stop_signals, release_stop_signals, stop_requested
 from ._timefmt import isoformat
 
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="show the allowlist", parents=[common])
     status = commands.add_parser("status", help="issuance status of every known name", parents=[common])
     status.add_argument("names", nargs="*", metavar="NAME")
+    status.add_argument("--state", action="append", metavar="STATE", help="only names in STATE (repeatable)")
+    status.add_argument("--limit", metavar="N", help="at most N names")
 
     issue = commands.add_parser("issue", help="order certificates now", parents=[common, acme])
     issue.add_argument("names", nargs="+", metavar="NAME")
@@ -277,18 +279,36 @@ async def cmd_list(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
+    """Named names at once; otherwise every name (or those in ``--state``), streamed in name
+    order from the database a chunk at a time, so that 100,000 names start printing at once."""
+    states = args.state or []
+    for state in states:
+        if state not in STATES:
+            raise UsageError(f"--state {state}: unknown state; use one of {', '.join(STATES)}")
+    limit = parse_positive_int(args.limit, option="--limit") if args.limit is not None else None
     names = normalise_all(args.names, patterns=False) if args.names else None
     directory = env("AUTOCERT_DIRECTORY", LETS_ENCRYPT_DIRECTORY) or LETS_ENCRYPT_DIRECTORY
-    from ._status import status_report
+    from ._status import parse_query, status_chunks, status_report
 
     async with open_store(args) as store:
-        report = await status_report(store, directory=directory, names=names)
-    if wants_json(args):
-        emit_json({"certificates": report})
-        return EXIT_OK
-    print_status(report)
+        if names is not None:
+            report = [item for item in await status_report(store, directory=directory, names=names) if not states or item["state"] in states]
+            await print_status(_once(report[:limit]), as_json=wants_json(args))
+            return EXIT_OK
+        query = parse_query(states=states)
+        chunks = status_chunks(store, query, directory=directory, limit=limit, chunk=STATUS_CHUNK)
+        async with contextlib.aclosing(chunks):
+            await print_status(chunks, as_json=wants_json(args), widths=store.status_widths)
     return EXIT_OK
 
+
+async def _once(items: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any]]]:
+    yield items
+
+
+#: Names per chunk of ``autocert status``: the table's columns are sized from the first one
+#: when it is all there is, else from the database's longest name and largest attempt count.
+STATUS_CHUNK = 1000
 
 #: ANSI colours per state, used only when stdout is a terminal (and NO_COLOR is unset).
 STATE_COLOURS = {
@@ -300,6 +320,8 @@ STATE_COLOURS = {
     "pending": "36",  # cyan
     "disallowed": "2",  # dim
 }
+STATUS_HEADERS = ["NAME", "STATE", "DAYS LEFT", "NOT AFTER", "RENEW AT", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"]
+TIME_WIDTH = len("2026-05-01 12:00Z")
 
 
 def use_colour(stream: Any = None) -> bool:
@@ -321,39 +343,53 @@ def short_time(value: str | None) -> str:
     return value[:16].replace("T", " ") + "Z" if value else "-"
 
 
-def print_status(report: list[dict[str, Any]], *, colour: bool | None = None) -> None:
-    """An aligned table; the state is coloured on a terminal so failures catch the eye."""
+async def print_status(chunks: AsyncIterator[list[dict[str, Any]]], *, as_json: bool, colour: bool | None = None,
+                       widths: Callable[[], Awaitable[tuple[int, int]]] | None = None) -> None:
+    """The report as JSON (one STATUS object a line) or as an aligned table whose state is
+    coloured on a terminal, printed chunk by chunk as the database hands them over."""
+    if as_json:
+        print('{"certificates": [', end="")
+        separator = "\n"
+        async for chunk in chunks:
+            for item in chunk:
+                print(separator + json.dumps(item), end="")
+                separator = ",\n"
+        print("\n]}")
+        return
     colour = use_colour() if colour is None else colour
     now = datetime.now(timezone.utc)
-    headers = ["NAME", "STATE", "DAYS LEFT", "NOT AFTER", "RENEW AT", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"]
-    rows = [
-        [
-            item["name"],
-            item["state"],
-            days_left(item["not_after"], now),
-            short_time(item["not_after"]),
-            short_time(item["renew_at"]),
-            str(item["attempts"]),
-            short_time(item["next_attempt_at"]),
-            (item["last_error"] or "-"),
-        ]
-        for item in report
-    ]
-    widths = [max([len(headers[i]), *(len(row[i]) for row in rows)]) for i in range(len(headers))]
-    numeric = {2, 5}
-
-    def line(cells: list[str], paint: bool) -> str:
-        parts = []
-        for i, (cell, width) in enumerate(zip(cells, widths)):
-            padded = cell.rjust(width) if i in numeric else cell.ljust(width)
-            if paint and i == 1 and cell in STATE_COLOURS:
-                padded = f"\x1b[{STATE_COLOURS[cell]}m{cell}\x1b[0m" + " " * (width - len(cell))
-            parts.append(padded)
-        return "  ".join(parts).rstrip()
-
-    print(line(headers, False))
+    first = await anext(chunks, [])
+    second = await anext(chunks, None)
+    sizes = [len(header) for header in STATUS_HEADERS]
+    rows = [_status_cells(item, now) for item in first]
     for row in rows:
-        print(line(row, colour))
+        sizes = [max(size, len(cell)) for size, cell in zip(sizes, row)]
+    if second is not None and widths is not None:  # more to come: size for the longest there is
+        longest_name, most_attempts = await widths()
+        fixed = (max(longest_name, sizes[0]), len("disallowed"), 9, TIME_WIDTH, TIME_WIDTH, len(str(most_attempts)), TIME_WIDTH)
+        sizes[: len(fixed)] = [max(size, width) for size, width in zip(sizes, fixed)]
+    print(_status_line(STATUS_HEADERS, sizes, False))
+    for row in rows:
+        print(_status_line(row, sizes, colour))
+    while second is not None:
+        for item in second:
+            print(_status_line(_status_cells(item, now), sizes, colour))
+        second = await anext(chunks, None)
+
+
+def _status_cells(item: dict[str, Any], now: datetime) -> list[str]:
+    return [item["name"], item["state"], days_left(item["not_after"], now), short_time(item["not_after"]), short_time(item["renew_at"]),
+            str(item["attempts"]), short_time(item["next_attempt_at"]), item["last_error"] or "-"]
+
+
+def _status_line(cells: list[str], widths: list[int], paint: bool) -> str:
+    parts = []
+    for i, (cell, width) in enumerate(zip(cells, widths)):
+        padded = cell.rjust(width) if i in (2, 5) else cell.ljust(width)
+        if paint and i == 1 and cell in STATE_COLOURS:
+            padded = f"\x1b[{STATE_COLOURS[cell]}m{cell}\x1b[0m" + " " * (width - len(cell))
+        parts.append(padded)
+    return "  ".join(parts).rstrip()
 
 
 def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str], **extra: Any) -> Manager:

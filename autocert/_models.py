@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, Index, Integer, LargeBinary, MetaData, String, Text, text
+from sqlalchemy import JSON, Boolean, DateTime, Index, Integer, LargeBinary, MetaData, String, Text, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -26,6 +26,7 @@ __all__ = [
     "Base",
     "CertificateRow",
     "ChallengeRow",
+    "NameRow",
     "NameStateRow",
     "UTCDateTime",
 ]
@@ -183,6 +184,11 @@ class NameStateRow(Base):
     """
 
     __tablename__ = "name_states"
+    __table_args__ = (
+        # Leases held (or left to expire): which names are being ordered, for the status queries.
+        Index("ix_name_states_lease_until", "lease_until", sqlite_where=text("lease_owner IS NOT NULL"),
+              postgresql_where=text("lease_owner IS NOT NULL")),
+    )
 
     name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     failures: Mapped[int] = mapped_column(Integer, default=0)
@@ -195,6 +201,59 @@ class NameStateRow(Base):
     order_url: Mapped[str | None] = mapped_column(Text)
     order_directory: Mapped[str | None] = mapped_column(Text)
     order_key_pem: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+#: Names compare byte by byte on every backend, so that pages sorted by name (and ranges over a
+#: prefix) come out in the same order on SQLite and on a PostgreSQL with a language collation.
+SORTED_NAME = String(NAME_LENGTH).with_variant(String(NAME_LENGTH, collation="C"), "postgresql")
+
+
+class NameRow(Base):
+    """The status index: one row per name the database knows (an exact allowlist entry, or any
+    certificate, attempt or scheduling state for it) with what the status queries filter, sort
+    and count on, so that a page of 100 names out of 100,000 is a few index reads.
+
+    Derived data: every write to the tables it summarises updates it in the same transaction
+    (:mod:`autocert._store.names`), and ``Store.rebuild_names`` recomputes it from them.
+    """
+
+    __tablename__ = "names"
+    __table_args__ = (
+        Index("ix_names_not_after", "not_after", "name"),
+        Index("ix_names_renew_at", "renew_at", "name"),
+        Index("ix_names_next_attempt_at", "next_attempt_at", "name"),
+        Index("ix_names_attempts", "attempts", "name"),
+        Index("ix_names_issuer", "issuer", "name"),
+        Index("ix_names_soon_at", "soon_at"),
+        # Small sets looked up by themselves: names without a certificate (pending, failed,
+        # issuing), names failing now, names no longer allowed.
+        Index("ix_names_uncertified", "failures", "name", sqlite_where=text("not_after IS NULL"),
+              postgresql_where=text("not_after IS NULL")),
+        Index("ix_names_failing", "name", sqlite_where=text("failures > 0"), postgresql_where=text("failures > 0")),
+        # As each backend writes "not allowed" (SQLite's partial indexes match terms as written).
+        Index("ix_names_disallowed", "name", sqlite_where=text("allowed = 0"), postgresql_where=text("NOT allowed")),
+    )
+
+    name: Mapped[str] = mapped_column(SORTED_NAME, primary_key=True)
+    # An exact allowlist entry; allowed: that, or covered by the one pattern that can cover it.
+    listed: Mapped[bool] = mapped_column(Boolean)
+    allowed: Mapped[bool] = mapped_column(Boolean)
+    # The current certificate (see the store's contract) and what the report shows of it; all
+    # None without one. Copied, so that a page reads this table alone.
+    certificate_id: Mapped[int | None] = mapped_column(Integer)
+    not_before: Mapped[datetime | None]
+    not_after: Mapped[datetime | None]
+    renew_at: Mapped[datetime | None]
+    issuer: Mapped[str | None] = mapped_column(Text)
+    serial: Mapped[str | None] = mapped_column(String(128))
+    directory: Mapped[str | None] = mapped_column(String(URL_LENGTH))
+    # When the status page starts flagging it as expiring soon (policy.expires_soon_from).
+    soon_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Copied from name_states: consecutive failures, the last error and the time of the next try.
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None]
 
 
 class ChallengeRow(Base):

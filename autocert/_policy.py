@@ -22,11 +22,13 @@ from ._names import pattern_for
 __all__ = [
     "BUDGET_RECHECK",
     "account_budget_hold",
+    "EXPIRING_SOON",
     "MAX_CAP",
     "Backoff",
     "HoldReason",
     "PARK_AFTER",
     "RETRY_DELAYS",
+    "SEVERITY",
     "STALE_CHALLENGE_AGE",
     "STATES",
     "RateBudget",
@@ -35,6 +37,8 @@ __all__ = [
     "budget_with_order_limit",
     "default_budget",
     "exempt_from_budgets",
+    "expires_soon",
+    "expires_soon_from",
     "failure_budget_hold",
     "hold_reason",
     "is_allowed",
@@ -42,6 +46,7 @@ __all__ = [
     "is_parked",
     "lease_held",
     "name_status",
+    "needs_attention",
     "needs_order",
     "next_attempt_after_failure",
     "order_budget_hold",
@@ -369,3 +374,39 @@ def is_expiring(not_before: datetime, not_after: datetime, renew_at: datetime | 
         return False
     grace = min(MAX_EXPIRY_GRACE, lifetime / 50)
     return renew_at is None or now >= renew_at + grace
+
+
+#: Under this much validity left a certificate is flagged as expiring soon, whatever its lifetime.
+#: The status index stores when each certificate crosses this line (``names.soon_at``, from
+#: :func:`expires_soon_from`): a change here needs a migration that rebuilds that index.
+EXPIRING_SOON = timedelta(days=7)
+
+#: The smallest step of a stored time: ``now > t`` is ``now >= t + RESOLUTION``.
+RESOLUTION = timedelta(microseconds=1)
+
+
+def expires_soon(not_before: datetime, not_after: datetime, renew_at: datetime | None, now: datetime) -> bool:
+    """What the status page flags as expiring soon: not expired yet, and less than
+    :data:`EXPIRING_SOON` left or :func:`is_expiring`."""
+    return now < not_after and (not_after - now < EXPIRING_SOON or is_expiring(not_before, not_after, renew_at, now))
+
+
+def expires_soon_from(not_before: datetime, not_after: datetime, renew_at: datetime | None) -> datetime:
+    """The first instant at which :func:`expires_soon` holds; it then holds until ``not_after``
+    (both of its reasons, once true, stay true as time passes). So ``expires_soon(..., now)``
+    is ``expires_soon_from(...) <= now < not_after``: a comparison the database can index."""
+    lifetime = not_after - not_before
+    # is_expiring: not_after - now < lifetime / 3, and now >= renew_at + grace.
+    expiring = not_after - lifetime / 3 + RESOLUTION
+    if renew_at is not None:
+        expiring = max(expiring, renew_at + min(MAX_EXPIRY_GRACE, lifetime / 50))
+    return min(not_after - EXPIRING_SOON + RESOLUTION, expiring)
+
+
+#: Most urgent first: the order of the status page's default sort and of its ``state`` sort.
+SEVERITY = {"failed": 0, "expired": 1, "renewing": 2, "issuing": 3, "pending": 4, "valid": 5, "disallowed": 6}
+
+
+def needs_attention(state: str, soon: bool) -> bool:
+    """Whether a person should look: failed, expired, or flagged by :func:`expires_soon`."""
+    return state in ("failed", "expired") or soon

@@ -6,9 +6,13 @@ standalone server answer challenges and report status identically.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import functools
 import hmac
 import json
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,7 +28,8 @@ from ._manager import Manager
 from ._metrics import Metrics
 from ._monitor import ExpiryMonitor
 from ._names import normalize_name
-from ._policy import STATES, is_expiring
+from ._policy import STATES, expires_soon, needs_attention
+from ._status import QueryError, StatusQuery, parse_limit, parse_query, status_chunks, status_counts, status_page
 from ._timefmt import isoformat
 
 __all__ = ["MANAGER_KEY", "middleware", "setup", "status_app"]
@@ -127,10 +132,66 @@ def status_app(
     return app
 
 
-async def _status_json(request: web.Request) -> web.Response:
+def _query_from(request: web.Request) -> StatusQuery:
+    """The filters and sort of a status request; :class:`QueryError` names a bad parameter."""
+    params = request.query
+    flags = {}
+    for flag in FLAGS:
+        value = params.get(flag, "")
+        if value not in ("", "0", "1"):
+            raise QueryError(flag, f"{value!r}: use {flag}=1")
+        flags[flag] = value == "1"
+    return parse_query(
+        states=[state for state in params.getall("state", []) if state], sort=params.get("sort") or DEFAULT_SORT,
+        prefix=params.get("q"), issuer=params.get("issuer"), **flags,
+    )
+
+
+def _bad_request(error: QueryError) -> web.Response:
+    return web.Response(status=400, text=f"{error.parameter}: {error}\n")
+
+
+async def _status_json(request: web.Request) -> web.StreamResponse:
+    """The contract's ``{"certificates": [STATUS, ...]}``, streamed a chunk at a time from one
+    snapshot; ``limit`` and ``cursor`` page it, and a ``next`` cursor is added then."""
     manager = request.app[MANAGER_KEY]
-    report = await manager.status()
-    return web.Response(text=json.dumps({"certificates": report}, indent=2) + "\n", content_type="application/json")
+    try:
+        query = _query_from(request)
+        if not request.query.get("sort"):
+            query = dataclasses.replace(query, sort="name")
+        limit = parse_limit(request.query.get("limit"))
+    except QueryError as error:
+        return _bad_request(error)
+    following: list[str | None] = []
+    chunks = status_chunks(manager.store, query, directory=manager.directory, in_flight=manager.worker.in_flight,
+                           limit=limit, cursor=request.query.get("cursor") or None, where=following)
+    async with contextlib.aclosing(chunks):
+        try:
+            first = await anext(chunks, None)  # a bad cursor shows here, before anything is sent
+        except QueryError as error:
+            return _bad_request(error)
+        response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+        await response.prepare(request)
+        await response.write(b'{"certificates": [\n')
+        chunk, separator = first, b""
+        while chunk is not None:
+            await response.write(separator + _json_lines(chunk))
+            separator = b",\n"
+            await asyncio.sleep(0)  # a write that fits the buffer does not yield: give TLS its turn
+            chunk = await anext(chunks, None)
+    tail = "\n]"
+    if limit is not None:
+        tail += ', "next": ' + json.dumps(following[0] if following else None)
+    await response.write((tail + "}\n").encode())
+    await response.write_eof()
+    return response
+
+
+def _json_lines(items: list[dict[str, Any]]) -> bytes:
+    """STATUS objects as JSON, one a line: one ``dumps`` for the chunk (a call per item costs
+    three times as much), then a line break at each object's start, which no string can hide
+    (a quote inside a string is escaped)."""
+    return json.dumps(items)[1:-1].replace('}, {"name": ', '},\n{"name": ').encode()
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -163,41 +224,49 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _status_page(request: web.Request) -> web.Response:
+    """The summary (counted in the database), one page of names in the chosen order with
+    links to the pages around it, and the recent events."""
     manager = request.app[MANAGER_KEY]
-    state = request.query.get("state") or None
-    if state is not None and state not in STATES:
-        return web.Response(status=400, text=f"unknown state {state!r}; use one of {', '.join(STATES)}\n")
-    sort = request.query.get("sort") or DEFAULT_SORT
-    if sort.lstrip("-") not in SORTS:
-        return web.Response(status=400, text=f"unknown sort {sort!r}; use one of {', '.join(SORTS)} (prefix - to reverse)\n")
-    now = datetime.now(timezone.utc)
-    rows = [StatusRow.from_status(item, now) for item in await manager.status()]
-    counts = {name: 0 for name in STATES}
-    for row in rows:
-        counts[row.state] += 1
-    summary = {
-        "total": len(rows),
-        "attention": sum(1 for row in rows if row.needs_attention),
-        "soon": sum(1 for row in rows if row.soon),
-        "soonest": min((row for row in rows if row.not_after is not None and row.state != "disallowed"),
-                       key=lambda row: row.not_after or now, default=None),
-    }
-    shown = [row for row in rows if state is None or row.state == state]
-    shown.sort(key=SORTS[sort.lstrip("-")], reverse=sort.startswith("-"))
-    page = render(
+    try:
+        query = _query_from(request)
+        if len(query.states) > 1:
+            raise QueryError("state", "the page shows one state at a time (status.json takes several)")
+        now = datetime.now(timezone.utc)
+        in_flight = manager.worker.in_flight
+        page = await status_page(manager.store, query, directory=manager.directory, limit=PAGE_SIZE,
+                                 cursor=request.query.get("cursor") or None, in_flight=in_flight, now=now)
+    except QueryError as error:
+        return _bad_request(error)
+    counts = await status_counts(manager.store, in_flight=in_flight, now=now)
+    soonest = None
+    if counts.soonest is not None:
+        name, not_after = counts.soonest
+        soonest = {"name": name, "days_left": (not_after - now).total_seconds() / 86400}
+    state = next(iter(query.states), None)
+    matching = counts.states[state] if state else counts.total
+    if query.prefix or query.issuer or query.failing or query.expired or (query.expiring and state):
+        matching = None  # not counted: only the states and the whole list are
+    elif query.expiring:
+        matching = counts.soon
+    filters = {"state": state, "sort": query.sort if query.sort != DEFAULT_SORT else None, "q": query.prefix, "issuer": query.issuer,
+               **{flag: "1" if getattr(query, flag) else None for flag in FLAGS}}
+    text = await render_in_turns(
         "status.html",
-        rows=shown[:PAGE_LIMIT],
-        hidden=max(0, len(shown) - PAGE_LIMIT),
-        counts=counts,
-        summary=summary,
+        rows=[StatusRow.from_status(item, now) for item in page.items],
+        page=page,
+        filters=filters,
+        matching=matching,
+        counts=counts.states,
+        summary={"total": counts.total, "attention": counts.attention, "soon": counts.soon, "soonest": soonest},
         state=state,
-        sort=sort,
+        sort=query.sort,
         sorts=SORT_LABELS,
+        flags=FLAGS,
         events=manager.events.recent(EVENTS_SHOWN),
         now=now,
         directory=manager.directory,
     )
-    return web.Response(text=page, content_type="text/html")
+    return web.Response(text=text, content_type="text/html")
 
 
 async def _name_page(request: web.Request) -> web.Response:
@@ -224,16 +293,13 @@ async def _name_page(request: web.Request) -> web.Response:
 
 # -- view model for the HTML pages ---------------------------------------------------------
 
-#: Rows on the overview before it asks the reader to filter; keeps huge fleets' pages usable.
-PAGE_LIMIT = 1000
+#: Rows on one page of the overview; the links below it lead to the pages around it.
+PAGE_SIZE = 100
 EVENTS_SHOWN = 50
 ATTEMPTS_SHOWN = 50
 
-#: Most urgent first: the order of the default sort and of the ``state`` sort.
-SEVERITY = {"failed": 0, "expired": 1, "renewing": 2, "issuing": 3, "pending": 4, "valid": 5, "disallowed": 6}
-
-#: Under this many days left a certificate is flagged whatever its lifetime.
-SOON_DAYS = 7.0
+#: Filters that are on or off (``?failing=1``), with what the page calls them.
+FLAGS = {"failing": "failing", "expiring": "expiring soon", "expired": "expired certificate"}
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -263,10 +329,7 @@ class StatusRow:
         not_before, not_after = _parse_time(item["not_before"]), _parse_time(item["not_after"])
         renew_at = _parse_time(item["renew_at"])
         days_left = (not_after - now).total_seconds() / 86400 if not_after else None
-        soon = bool(
-            not_before and not_after and item["state"] != "disallowed" and now < not_after
-            and ((days_left is not None and days_left < SOON_DAYS) or is_expiring(not_before, not_after, renew_at, now))
-        )
+        soon = bool(not_before and not_after and item["state"] != "disallowed" and expires_soon(not_before, not_after, renew_at, now))
         error_type, error_detail = split_problem(item["last_error"])
         return cls(
             name=item["name"],
@@ -286,7 +349,7 @@ class StatusRow:
 
     @property
     def needs_attention(self) -> bool:
-        return self.state in ("failed", "expired") or self.soon
+        return needs_attention(self.state, self.soon)
 
     @property
     def css_classes(self) -> str:
@@ -321,19 +384,7 @@ def split_problem(error: str | None) -> tuple[str | None, str | None]:
     return None, error
 
 
-def _sort_time(value: datetime | None) -> tuple[bool, datetime]:
-    return (value is None, value or datetime.max.replace(tzinfo=timezone.utc))
-
-
-SORTS: dict[str, Callable[[StatusRow], Any]] = {
-    "attention": lambda row: (not row.needs_attention, SEVERITY.get(row.state, 9), _sort_time(row.not_after), row.name),
-    "name": lambda row: row.name,
-    "state": lambda row: (SEVERITY.get(row.state, 9), row.name),
-    "expires": lambda row: (_sort_time(row.not_after), row.name),
-    "renew": lambda row: (_sort_time(row.renew_at), row.name),
-    "attempts": lambda row: (row.attempts, row.name),
-    "next": lambda row: (_sort_time(row.next_attempt_at), row.name),
-}
+#: The sorts the page offers (the database sorts: see ``autocert._store.status.SORTS``).
 SORT_LABELS = {
     "attention": "needs attention",
     "name": "name",
@@ -344,6 +395,15 @@ SORT_LABELS = {
     "next": "next attempt",
 }
 DEFAULT_SORT = "attention"
+
+
+def _link(filters: dict[str, str | None], **changes: str | None) -> str:
+    """This page's query string with ``changes`` (None drops a parameter): filters kept, the
+    default sort and empty values left out, no cursor unless one is given."""
+    merged = {**filters, **changes}
+    if merged.get("sort") == DEFAULT_SORT:
+        merged["sort"] = None
+    return "?" + urllib.parse.urlencode(sorted((key, value) for key, value in merged.items() if value))
 
 
 def _when(value: datetime | None, now: datetime) -> str:
@@ -387,9 +447,28 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     environment.filters.update(when=_when, utc=_utc, iso=_iso, days=_days)
-    environment.globals.update(states=STATES)
+    environment.globals.update(states=STATES, link=_link)
     return environment
 
 
 def render(template: str, **context: Any) -> str:
     return _environment().get_template(template).render(**context)
+
+
+#: How long rendering may hold the event loop (which also serves TLS) before giving it a turn.
+RENDER_SLICE = 0.002
+
+
+async def render_in_turns(template: str, **context: Any) -> str:
+    """:func:`render` for a page of many rows: piece by piece, letting the event loop run
+    other callbacks every :data:`RENDER_SLICE` seconds (a page of 100 names takes tens of
+    milliseconds to render on a small machine)."""
+    loop = asyncio.get_running_loop()
+    pieces: list[str] = []
+    deadline = loop.time() + RENDER_SLICE
+    for piece in _environment().get_template(template).generate(**context):
+        pieces.append(piece)
+        if loop.time() > deadline:
+            await asyncio.sleep(0)
+            deadline = loop.time() + RENDER_SLICE
+    return "".join(pieces)

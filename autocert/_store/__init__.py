@@ -5,7 +5,9 @@ This package is the only code that writes SQL. It hands out frozen dataclasses
 :class:`Store` is one class made of a part per aggregate, each over the shared base in
 :mod:`.engine` (engine, sessions, key sealer, lifecycle and migrations): :mod:`.allowlist`,
 :mod:`.accounts`, :mod:`.certificates` (with pending orders), :mod:`.attempts` (with
-backoff and leases) and :mod:`.challenges`.
+backoff and leases) and :mod:`.challenges`; :mod:`.names` keeps the status index those
+writes summarise, and :mod:`.status` answers status pages and counts from it, with
+predicates that :mod:`.rules` derives from the state rules.
 
 What follows is the store's contract: what callers may rely on, on both backends.
 
@@ -57,6 +59,16 @@ Current certificate
     ``renewals_due``, ``renewal_info_due``, ``expiry_overview``, ``next_due``) uses this one
     definition.
 
+Status index
+    One row per known name (table ``names``) holds what status queries filter, sort and count
+    on: allowed or not, the current certificate's times, issuer, serial and directory, the
+    number of attempts, the failures, last error and next attempt. Every write that changes
+    one of those updates the row in the same transaction, so a status read sees the index and
+    the tables it summarises agree; ``rebuild_names`` recomputes it from them, and runs after
+    migrating a database from before the index. Status reads (``status_page``,
+    ``status_rows``, ``status_counts``) see one snapshot of the database each (REPEATABLE READ
+    on PostgreSQL).
+
 Clocks
     Times are computed on the caller's host, never by the database: aware datetimes go in
     and aware UTC datetimes come out. Instances sharing PostgreSQL must keep their clocks in sync (they
@@ -89,6 +101,7 @@ from .allowlist import AllowlistMixin
 from .attempts import AttemptsMixin
 from .certificates import CertificatesMixin
 from .challenges import ChallengesMixin
+from .status import SORTS, NameStatus, Position, StatusBatch, StatusCounts, StatusMixin, StatusPage, StatusQuery
 from .engine import StoreBase, async_url, head_revision, migrations_path
 from .records import (
     Account,
@@ -109,6 +122,13 @@ __all__ = [
     "ChangeMarks",
     "ExpiryOverview",
     "NameState",
+    "NameStatus",
+    "Position",
+    "SORTS",
+    "StatusBatch",
+    "StatusCounts",
+    "StatusPage",
+    "StatusQuery",
     "Store",
     "StoredCertificate",
     "async_url",
@@ -117,5 +137,5 @@ __all__ = [
 ]
 
 
-class Store(AllowlistMixin, AccountsMixin, CertificatesMixin, AttemptsMixin, ChallengesMixin, StoreBase):
+class Store(AllowlistMixin, AccountsMixin, CertificatesMixin, AttemptsMixin, ChallengesMixin, StatusMixin, StoreBase):
     """Async access to autocert's database; create it with :meth:`open`, end with :meth:`close`."""

@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from .._errors import StoreError
 from .._names import is_pattern, normalize_entry, pattern_for
 from .._timefmt import utcnow
-from .engine import StoreBase, _chunks, _short_error
+from .engine import _chunks, _short_error
+from .names import NamesMixin
 from .records import AllowedEntry, ChangeMarks, _allowed, _allowlist_version, _attempts, _certificates
 
 #: See :meth:`Store.change_marks`; built once, as it runs every second.
@@ -23,7 +24,7 @@ _CHANGE_MARKS = select(
 )
 
 
-class AllowlistMixin(StoreBase):
+class AllowlistMixin(NamesMixin):
     """Which names may get certificates; every change moves the version in the same transaction."""
 
     async def allow(self, entries: Iterable[str], *, cap: int | None = None) -> list[str]:
@@ -41,12 +42,14 @@ class AllowlistMixin(StoreBase):
         now = utcnow()
         added: set[str] = set()
         async with self._writing() as session:
+            await self._lock_names(session, exclusive=True)
             for chunk in _chunks(wanted):
                 stmt = self._insert(_allowed).values([{"entry": entry, "added_at": now, "cap": cap} for entry in chunk])
                 stmt = stmt.on_conflict_do_nothing(index_elements=["entry"]).returning(_allowed.c.entry)
                 added.update((await session.execute(stmt)).scalars())
                 if cap is not None:
                     await session.execute(update(_allowed).where(_allowed.c.entry.in_(chunk)).values(cap=cap))
+            await self._allowlist_added(session, [entry for entry in wanted if entry in added])
             if added or cap is not None:
                 await self._bump_allowlist_version(session)
         return [entry for entry in wanted if entry in added]
@@ -69,9 +72,11 @@ class AllowlistMixin(StoreBase):
         wanted = list(dict.fromkeys(normalize_entry(entry) for entry in entries))
         removed: set[str] = set()
         async with self._writing() as session:
+            await self._lock_names(session, exclusive=True)
             for chunk in _chunks(wanted):
                 stmt = delete(_allowed).where(_allowed.c.entry.in_(chunk)).returning(_allowed.c.entry)
                 removed.update((await session.execute(stmt)).scalars())
+            await self._allowlist_removed(session, [entry for entry in wanted if entry in removed])
             if removed:
                 await self._bump_allowlist_version(session)
         return [entry for entry in wanted if entry in removed]

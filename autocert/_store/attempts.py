@@ -7,18 +7,18 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import func, or_, select, union, update
+from sqlalchemy import func, or_, select, update
 
 from .._errors import StoreError
 from .._timefmt import utcnow
-from .certificates import _is_current
-from .engine import StoreBase, _aware, _chunks
-from .records import Attempt, NameState, _allowed, _attempt, _attempts, _certificates, _name_state, _name_states
+from .engine import _aware, _chunks
+from .names import NamesMixin
+from .records import Attempt, NameState, _attempt, _attempts, _certificates, _is_current, _name_state, _name_states
 
 AttemptResult = Literal["running", "valid", "failed"]
 
 
-class AttemptsMixin(StoreBase):
+class AttemptsMixin(NamesMixin):
     """Attempts, backoff and leases, per name."""
 
     # -- attempts and backoff ----------------------------------------------------------------
@@ -31,7 +31,10 @@ class AttemptsMixin(StoreBase):
             .returning(_attempts.c.id)
         )
         async with self._writing() as session:
-            return int((await session.execute(stmt)).scalar_one())
+            attempt_id = int((await session.execute(stmt)).scalar_one())
+            await self._know(session, [name])
+            await self._count_attempt(session, name)
+            return attempt_id
 
     async def finish_attempt(
         self,
@@ -74,6 +77,8 @@ class AttemptsMixin(StoreBase):
                     set_={"failures": _name_states.c.failures + 1, "last_error": upsert.excluded.last_error},
                 )
             await session.execute(upsert)
+            await self._know(session, [name])
+            await self._refresh_states(session, [name])
 
     async def close_abandoned_attempts(self, now: datetime | None = None) -> int:
         """Close as ``interrupted`` the attempts still ``running`` whose name no process holds a
@@ -179,6 +184,8 @@ class AttemptsMixin(StoreBase):
         stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=changes)
         async with self._writing() as session:
             await session.execute(stmt)
+            await self._know(session, [name])
+            await self._refresh_states(session, [name])
 
     async def retries_due(self, before: datetime, limit: int = 100) -> list[NameState]:
         """Names whose last attempt failed and whose backoff ends by ``before``, soonest first."""
@@ -228,7 +235,9 @@ class AttemptsMixin(StoreBase):
             ),
         ).returning(_name_states.c.name)
         async with self._writing() as session:
-            return (await session.execute(stmt)).first() is not None
+            taken = (await session.execute(stmt)).first() is not None
+            await self._know(session, [name])  # the upsert may have made it known
+            return taken
 
     async def release_lease(self, name: str, owner: str) -> bool:
         """Give up our lease on ``name``; False if we did not hold it (it expired and moved on)."""
@@ -240,26 +249,6 @@ class AttemptsMixin(StoreBase):
         )
         async with self._writing() as session:
             return (await session.execute(stmt)).first() is not None
-
-    # -- status ------------------------------------------------------------------------------
-
-    async def status_names(self, names: Sequence[str] | None = None) -> list[str]:
-        """Every name the database knows about, sorted; or ``names`` themselves, deduplicated.
-
-        Known means: an exact allowlist entry, or any certificate, attempt or backoff state
-        for it (so disallowed names with history still show up).
-        """
-        if names is not None:
-            return list(dict.fromkeys(names))
-        known = union(
-            select(_allowed.c.entry.label("name")).where(_allowed.c.entry.not_like("*.%")),
-            select(_certificates.c.name),
-            select(_attempts.c.name),
-            select(_name_states.c.name),
-        ).subquery()
-        async with self._reading() as session:
-            found = (await session.execute(select(known.c.name))).scalars()
-            return sorted(set(found))
 
 
 def _error_text(problem_type: str | None, detail: str | None) -> str:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, text, update
+from sqlalchemy import func, select, text, update
 
 from .._timefmt import utcnow
-from .engine import _CERTIFICATE_LOCK_KEY, _CHUNK, StoreBase, _as_bytes, _aware, _chunks
+from .engine import _CERTIFICATE_LOCK_KEY, _CHUNK, _as_bytes, _aware, _chunks
+from .names import NamesMixin
 from .records import (
     CertificateTimes,
     ExpiryOverview,
@@ -18,35 +19,12 @@ from .records import (
     _allowed,
     _certificate,
     _certificates,
+    _is_current,
     _name_states,
 )
 
 
-def _is_current() -> ColumnElement[bool]:
-    """True for each name's current certificate: unrevoked, and no unrevoked one for the same
-    name lasts longer (ties go to the newer id).
-
-    Written as an anti-join rather than a window over the whole table so that the partial
-    indexes on unrevoked rows (``ix_certificates_current``, ``ix_certificates_renew_at``) serve
-    it: with 100,000 names the scheduler's and the expiry watch's queries stay near 0.1 s.
-    """
-    newer = _certificates.alias("newer")
-    better = (
-        select(newer.c.id)
-        .where(
-            newer.c.name == _certificates.c.name,
-            newer.c.revoked_at.is_(None),
-            or_(
-                newer.c.not_after > _certificates.c.not_after,
-                and_(newer.c.not_after == _certificates.c.not_after, newer.c.id > _certificates.c.id),
-            ),
-        )
-        .exists()
-    )
-    return and_(_certificates.c.revoked_at.is_(None), ~better)
-
-
-class CertificatesMixin(StoreBase):
+class CertificatesMixin(NamesMixin):
     """Issued certificates (rows only ever gain a revocation or a new renewal time) and
     pending orders."""
 
@@ -97,6 +75,8 @@ class CertificatesMixin(StoreBase):
             await session.execute(
                 update(_name_states).where(_name_states.c.name == name).values(order_url=None, order_directory=None, order_key_pem=None)
             )
+            await self._know(session, [name])
+            await self._refresh_certificates(session, [name])
         return self._unsealed(_certificate(row))
 
     async def save_pending_order(self, name: str, directory: str, order_url: str, key_pem: bytes) -> None:
@@ -106,6 +86,7 @@ class CertificatesMixin(StoreBase):
         stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=values)
         async with self._writing() as session:
             await session.execute(stmt)
+            await self._know(session, [name])
 
     async def pending_order(self, name: str, directory: str) -> PendingOrder | None:
         """The order a previous process left unfinished for ``name`` at ``directory``."""
@@ -211,9 +192,10 @@ class CertificatesMixin(StoreBase):
             .where(_certificates.c.id == cert_id)
             .values(renew_at=_aware(renew_at, "renew_at"),
                     ari_next_check_at=_aware(ari_next_check_at, "ari_next_check_at") if ari_next_check_at else None)
+            .returning(_certificates.c.name)
         )
         async with self._writing() as session:
-            await session.execute(stmt)
+            await self._refresh_certificates(session, (await session.execute(stmt)).scalars().all())
 
     async def renewal_info_due(self, before: datetime, limit: int = 100) -> list[StoredCertificate]:
         """Current certificates whose renewal information should be fetched by ``before``:
@@ -246,7 +228,9 @@ class CertificatesMixin(StoreBase):
             update(_certificates)
             .where(_certificates.c.id == cert_id, _certificates.c.revoked_at.is_(None))
             .values(revoked_at=at)
-            .returning(_certificates.c.id)
+            .returning(_certificates.c.name)
         )
         async with self._writing() as session:
-            return (await session.execute(stmt)).first() is not None
+            revoked = (await session.execute(stmt)).scalars().all()
+            await self._refresh_certificates(session, revoked)
+            return bool(revoked)

@@ -167,6 +167,11 @@ def _upgrade_to_head(connection: Connection) -> None:
     command.upgrade(_alembic_config(connection), "head")
 
 
+def _includes_revision(current: str, revision: str) -> bool:
+    """Whether the schema at ``current`` has had ``revision`` applied (it is ``current`` or older)."""
+    return any(script.revision == revision for script in _script_directory().iterate_revisions(current, "base"))
+
+
 def _known_revision(revision: str) -> bool:
     from alembic.script.revision import RevisionError
     from alembic.util import CommandError
@@ -285,6 +290,10 @@ class StoreBase:
         self._write_engine = write_engine
         self._read_sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._write_sessions = async_sessionmaker(write_engine, expire_on_commit=False)
+        # SQLite's read transactions see one state of the file throughout; PostgreSQL's
+        # default (READ COMMITTED) gives each statement its own.
+        snapshot_engine = engine.execution_options(isolation_level="REPEATABLE READ") if self.dialect == "postgresql" else engine
+        self._snapshot_sessions = async_sessionmaker(snapshot_engine, expire_on_commit=False)
         #: Kept open for :meth:`change_marks`, which every server runs once a second.
         self._poll_connection: AsyncConnection | None = None
 
@@ -367,6 +376,7 @@ class StoreBase:
                         text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
                     )
                 await connection.run_sync(_upgrade_to_head)
+                await self._after_migration(connection, current)
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot migrate database {self.url}: {_short_error(exc)}") from exc
         except Exception as exc:
@@ -374,6 +384,10 @@ class StoreBase:
                 raise StoreError(f"cannot migrate database {self.url}: {exc}") from exc
             raise
         return head
+
+    async def _after_migration(self, connection: AsyncConnection, previous: str | None) -> None:
+        """Fill what a migration from ``previous`` (None: an empty database) created empty, in
+        the migration's own transaction; the parts of the store that need to override this."""
 
     async def ping(self) -> None:
         """Round-trip to the database; raises :class:`StoreError` when it is unreachable."""
@@ -398,6 +412,10 @@ class StoreBase:
     def _reading(self) -> AbstractAsyncContextManager[AsyncSession]:
         """One read transaction."""
         return self._transaction(self._read_sessions)
+
+    def _snapshot(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """One read transaction whose statements all see the same state of the database."""
+        return self._transaction(self._snapshot_sessions)
 
     def _writing(self) -> AbstractAsyncContextManager[AsyncSession]:
         """One write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
