@@ -22,7 +22,7 @@ from aiohttp import web
 from support import ServeProcess, eventually, free_port, handshake, run_cli
 
 import autocert
-from autocert._cli import JsonLogFormatter
+from autocert._console import JsonLogFormatter
 from autocert._events import Event, EventBus, log_event
 from autocert._monitor import ExpiryMonitor
 from autocert._policy import is_expiring

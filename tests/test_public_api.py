@@ -25,7 +25,7 @@ LAYERS = {
     "_manager": 5,
     "_front": 6, "web": 6, "_http": 6, "_proxy": 6, "_passthrough": 6, "_monitor": 6, "_metrics": 6,
     "_server": 7,
-    "_cli": 8, "__main__": 9, "__init__": 9,
+    "_cli": 8, "_console": 7, "__main__": 9, "__init__": 9,
 }
 
 
