@@ -419,11 +419,7 @@ class Manager:
         now = utcnow()
         certificate = await self.store.current_certificate(name)
         if certificate is None or certificate.not_after <= now:
-            state = await self.store.name_state(name)
-            reason = hold_reason(state, now)
-            if reason is not None:
-                log.debug("%s is not ordered now: %s (next attempt at %s)", name, reason, state and state.next_attempt_at)
-                self._hold(name, state.next_attempt_at if state is not None else None, reason)
+            if await self._held_by_state(name, now):
                 return None
             if not await self._within_pattern_cap(name):
                 self._hold(name, None, "cap")
@@ -432,14 +428,22 @@ class Manager:
                 certificate = await self.worker.issue(name)
             except AutocertError:
                 # Failed, or held back by a budget: the worker stored when to try again.
-                state = await self.store.name_state(name)
-                reason = hold_reason(state, utcnow())
-                if reason is not None:
-                    self._hold(name, state.next_attempt_at if state is not None else None, reason)
+                await self._held_by_state(name, utcnow())
                 raise
             finally:
                 self._release_cap_reservation(name)
         return await self._install(certificate)
+
+    async def _held_by_state(self, name: str, now: datetime) -> bool:
+        """Whether the stored state of ``name`` holds it back now (backoff, parked); if so it
+        is remembered for :meth:`route`."""
+        state = await self.store.name_state(name)
+        reason = hold_reason(state, now)
+        if reason is None:
+            return False
+        log.debug("%s is not ordered now: %s (next attempt at %s)", name, reason, state and state.next_attempt_at)
+        self._hold(name, state.next_attempt_at if state is not None else None, reason)
+        return True
 
     def _hold(self, name: str, until: datetime | None, reason: str) -> None:
         """Remember that ``name`` may not be ordered before ``until`` (None: until its state

@@ -93,6 +93,17 @@ async def _seed(url: str, chain: Chain, directory: str) -> None:
         await store.close()
 
 
+def _allow_like_the_first(db: sqlite3.Connection, prefix: str, first: int, last: int) -> None:
+    """Allow ``{prefix}{first}`` to ``{prefix}{last}`` under the bench domain, cloned from the first name's row."""
+    db.execute(
+        f"""
+        WITH RECURSIVE seq(i) AS (SELECT {first} UNION ALL SELECT i + 1 FROM seq WHERE i < {last})
+        INSERT INTO allowed (entry, added_at, cap)
+        SELECT '{prefix}' || seq.i || '.{BENCH_DOMAIN}', a.added_at, NULL FROM seq, allowed AS a WHERE a.entry = '{name_for(0)}'
+        """
+    )
+
+
 def build_database(path: Path, count: int, chain: Chain, directory: str, *, held: int = 0) -> str:
     """An SQLite database with ``count`` allowed names, each with a valid stored certificate,
     and ``held`` allowed names in backoff (a failed order, the next attempt a day away)."""
@@ -115,13 +126,7 @@ def build_database(path: Path, count: int, chain: Chain, directory: str, *, held
             FROM seq, certificates AS c WHERE c.id = 1
             """
         )
-        db.execute(
-            f"""
-            WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < {count - 1})
-            INSERT INTO allowed (entry, added_at, cap)
-            SELECT 'n' || seq.i || '.{BENCH_DOMAIN}', a.added_at, NULL FROM seq, allowed AS a WHERE a.entry = '{name_for(0)}'
-            """
-        )
+        _allow_like_the_first(db, "n", 1, count - 1)
         # The status index: the first name's row again for every cloned certificate.
         db.execute(
             """
@@ -134,13 +139,7 @@ def build_database(path: Path, count: int, chain: Chain, directory: str, *, held
         )
         if held:
             later = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).strftime("%Y-%m-%d %H:%M:%S.%f")
-            db.execute(
-                f"""
-                WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i < {held - 1})
-                INSERT INTO allowed (entry, added_at, cap)
-                SELECT 'h' || seq.i || '.{BENCH_DOMAIN}', a.added_at, NULL FROM seq, allowed AS a WHERE a.entry = '{name_for(0)}'
-                """
-            )
+            _allow_like_the_first(db, "h", 0, held - 1)
             db.execute(
                 f"""
                 WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i < {held - 1})
