@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -22,7 +23,9 @@ from ._config import (
     LETS_ENCRYPT_DIRECTORY,
     ListenError,
     ServeOptions,
+    WORKER_ENV,
     bind_listeners,
+    bind_worker_listeners,
     check_admin_binding,
     check_ca_bundle,
     default_db_url,
@@ -36,6 +39,8 @@ from ._config import (
     parse_positive_int,
     parse_proxy_protocol,
     parse_seconds_above_zero,
+    parse_workers,
+    ready_line,
     tcp_upstream,
 )
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
@@ -131,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--alpn", default=env("AUTOCERT_ALPN"), metavar="LIST",
                        help="with a tcp:// upstream: ALPN protocols offered to clients (default http/1.1)")
     serve.add_argument("--first-contact-wait", default=env("AUTOCERT_FIRST_CONTACT_WAIT", "10"), metavar="SECONDS")
-    serve.add_argument("--cache-size", default=env("AUTOCERT_CACHE_SIZE", "10000"), metavar="N")
+    serve.add_argument("--cache-size", default=env("AUTOCERT_CACHE_SIZE", "10000"), metavar="N",
+                       help="live TLS contexts kept in memory, shared out among the workers (default 10000, ~24 KiB each)")
+    serve.add_argument("--workers", default=env("AUTOCERT_WORKERS", "auto"), metavar="N|auto",
+                       help="worker processes sharing the listeners; auto: one per CPU this process may run on (default)")
     serve.add_argument("--default-name", default=None, metavar="NAME", help="certificate for clients without SNI")
     serve.add_argument("--hsts", action="store_true", help="add Strict-Transport-Security to proxied responses")
     serve.add_argument("--header-timeout", default=env("AUTOCERT_HEADER_TIMEOUT", "30"), metavar="SECONDS",
@@ -415,7 +423,18 @@ async def challenge_listeners(manager: Manager, options: ServeOptions) -> AsyncI
             unused.close()
 
 
-async def cmd_serve(args: argparse.Namespace) -> int:
+@dataclass
+class ServeSettings:
+    """``serve``'s command line, checked: a supervisor checks it before any worker starts."""
+
+    options: ServeOptions
+    challenge_types: list[str]
+    cache_size: int
+    default_name: str | None
+    workers: int
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
     options = listener_options(args)
     options.admin_token = args.admin_token
     options.upstream = args.upstream
@@ -436,6 +455,39 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     cache_size = parse_positive_int(args.cache_size, option="--cache-size")
     default_name = normalize_name(args.default_name) if args.default_name else None
     check_ca_bundle(args.ca_bundle)
+    if args.order_limit is not None:
+        parse_order_limit(args.order_limit)
+    return ServeSettings(options, challenge_types, cache_size, default_name, parse_workers(args.workers))
+
+
+def supervise_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``serve`` with several workers: check the command line, bind every listener, then
+    start and watch the workers (:mod:`autocert._supervisor`), without an event loop."""
+    from ._supervisor import Supervisor
+
+    settings = serve_settings(args)
+    raise_open_file_limit()
+    sockets = bind_worker_listeners(settings.options, settings.workers)
+    try:
+        announce = [ready_line(label, socks[0]) for label, socks in sockets.items()]
+        supervisor = Supervisor(argv, settings.workers, sockets, announce)
+        log.info("serving with %d worker processes", settings.workers)
+        return supervisor.run(stop_requested=release_stop_signals())
+    finally:
+        for socks in sockets.values():
+            for sock in socks:
+                sock.close()
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from ._supervisor import worker_setup
+
+    worker = worker_setup()  # a worker of `serve --workers`: its listeners come bound
+    settings = serve_settings(args)
+    options = settings.options
+    cache_size = settings.cache_size
+    if worker is not None:
+        cache_size = max(1, cache_size // worker.workers)  # --cache-size is the whole server's budget
     raise_open_file_limit()
     # From here a stop signal is the loop's to handle; one that came earlier was recorded.
     stop = asyncio.Event()
@@ -446,14 +498,21 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         stop.set()
     # Bound before the server's modules load (about a second): a client that connects while
     # autocert starts or restarts waits in the kernel's queue instead of being refused.
-    sockets = bind_listeners(options)
+    sockets = bind_listeners(options) if worker is None else worker.sockets
     try:
         from ._server import serve
         from ._tls import DEFAULT_ALPN
 
-        manager = manager_from_args(args, challenge_types=challenge_types, cache_size=cache_size, default_name=default_name,
-                                    alpn=options.alpn or DEFAULT_ALPN, renew=True)
-        await serve(manager, options, sockets=sockets, stop=stop)
+        manager = manager_from_args(args, challenge_types=settings.challenge_types, cache_size=cache_size,
+                                    default_name=settings.default_name, alpn=options.alpn or DEFAULT_ALPN)
+        ready: asyncio.Event | None = None
+        if worker is not None:
+            from ._board import Board
+
+            manager.attachments[Board] = worker.board
+            ready = asyncio.Event()
+            loop.create_task(ready.wait()).add_done_callback(lambda _t: worker.say_ready())
+        await serve(manager, options, sockets=sockets, stop=stop, ready=ready, announce=worker is None)
     finally:
         for sock in sockets.values():
             sock.close()
@@ -486,6 +545,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     setup_logging(getattr(args, "log_format", "text"), logging.INFO if args.command == "serve" else logging.WARNING)
     handler = cmd_db_upgrade if args.command == "db" else COMMANDS[args.command]
     try:
+        if args.command == "serve" and WORKER_ENV not in os.environ and parse_workers(args.workers) > 1:
+            return supervise_serve(args, sys.argv[1:] if argv is None else argv)
         return run_async(handler(args), use_uvloop=args.command == "serve")
     except (InvalidName, ConfigError, UsageError) as exc:
         print(f"autocert: error: {exc}", file=sys.stderr)

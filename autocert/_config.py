@@ -280,10 +280,10 @@ class ListenError(ConfigError):
         super().__init__(f"cannot listen on {listen}: {error.strerror or error}")
 
 
-def listening_socket(listen: Listen) -> socket.socket:
+def listening_socket(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     try:
-        sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024, reuse_port=False)
+        sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024, reuse_port=reuse_port)
     except OSError as exc:
         raise ListenError(listen, exc) from None
     sock.setblocking(False)
@@ -307,3 +307,56 @@ def bind_listeners(options: ServeOptions) -> dict[str, socket.socket]:
             sock.close()
         raise
     return bound
+
+
+#: Set in the environment of the workers a ``serve --workers`` supervisor starts.
+WORKER_ENV = "AUTOCERT_WORKER"
+
+#: The most worker processes ``--workers`` accepts.
+MAX_WORKERS = 256
+
+
+def parse_workers(value: str, *, option: str = "--workers") -> int:
+    """``--workers``: a count, or ``auto`` for one per CPU this process may run on."""
+    if value.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0))
+    return parse_positive_int(value, option=option, maximum=MAX_WORKERS)
+
+
+def bind_worker_listeners(options: ServeOptions, workers: int) -> dict[str, list[socket.socket]]:
+    """The listeners of ``serve --workers``: ``workers`` sockets sharing each of the https and
+    http addresses through ``SO_REUSEPORT`` (the kernel spreads connections over them), one
+    admin socket. All or none: a port that is busy closes the others.
+
+    Each address is first bound once without ``SO_REUSEPORT``, so that a port another
+    server holds, even one that set ``SO_REUSEPORT`` itself, is refused as busy rather
+    than shared; port 0 becomes the port that first bind got.
+    """
+    bound: dict[str, list[socket.socket]] = {}
+    try:
+        for label in LISTENER_LABELS:
+            listen = getattr(options, label)
+            if listen is None:
+                continue
+            if label == "admin":
+                bound[label] = [listening_socket(listen)]
+                continue
+            with listening_socket(listen) as probe:
+                listen = Listen(listen.host, probe.getsockname()[1])
+            bound[label] = []
+            for _ in range(workers):
+                bound[label].append(listening_socket(listen, reuse_port=True))
+    except ListenError:
+        for socks in bound.values():
+            for sock in socks:
+                sock.close()
+        raise
+    return bound
+
+
+def ready_line(label: str, sock: socket.socket) -> str:
+    """The line ``serve`` prints when a listener is ready."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    scheme = {"https": "https", "http": "http", "admin": "http"}[label]
+    return f"autocert: {label} listening on {scheme}://{shown}:{port}"

@@ -26,6 +26,7 @@ __all__ = [
     "Base",
     "CertificateRow",
     "ChallengeRow",
+    "LeaseRow",
     "NameRow",
     "NameStateRow",
     "UTCDateTime",
@@ -265,3 +266,15 @@ class ChallengeRow(Base):
     name: Mapped[str] = mapped_column(String(NAME_LENGTH))
     key_authorization: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LeaseRow(Base):
+    """A lease on a job that one process at a time does for the whole database, such as the
+    renewal schedule and the expiry watch, so that several workers or instances sharing it
+    neither renew nor notify twice. Taken and renewed like the per-name order leases."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    lease_until: Mapped[datetime | None]

@@ -15,7 +15,9 @@ process serves or embeds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -54,7 +56,11 @@ class ExpiryMonitor:
         #: Set when an event may have moved the figures above; :meth:`refresh_if_stale` then rescans.
         self.stale = True
         self._reported: dict[tuple[str, str, int], datetime] = {}
+        #: Whether this process reports what it finds as events; with several processes on one
+        #: database only the holder of the duties lease does (:mod:`autocert._duties`).
+        self.reports: Callable[[], bool] = lambda: True
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self._users = 0
         self._unsubscribe = manager.events.subscribe(self._on_event)
 
@@ -81,11 +87,15 @@ class ExpiryMonitor:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    def poke(self) -> None:
+        """Scan now rather than at the end of the interval (a new holder of the duties)."""
+        self._wake.set()
+
     async def _run(self) -> None:
         while True:
             delay = self.interval
             try:
-                await self.check()
+                await (self.check() if self.reports() else self.refresh())
             except asyncio.CancelledError:
                 raise
             except AutocertError:
@@ -94,7 +104,9 @@ class ExpiryMonitor:
                 delay = min(self.interval, 1.0)
             except Exception:  # the database may be briefly unavailable; try again next round
                 log.exception("expiry check failed; will retry in %.0f s", self.interval)
-            await asyncio.sleep(delay)
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
     # -- scanning ----------------------------------------------------------------------------
 

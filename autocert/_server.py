@@ -20,7 +20,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ._config import ServeOptions, bind_listeners, check_admin_binding, tcp_upstream
+from ._board import Board
+from ._config import ServeOptions, bind_listeners, check_admin_binding, ready_line, tcp_upstream
+from ._duties import Duties
 from ._front import TlsFront
 from ._http import HttpServer
 from ._http.exchange import Handler
@@ -137,6 +139,7 @@ async def serve(
     sockets: dict[str, socket.socket] | None = None,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
+    announce: bool = True,
 ) -> None:
     """Run every listener until SIGTERM or SIGINT (or until ``stop`` is set, when the caller
     owns the signals), then shut down gracefully.
@@ -145,18 +148,22 @@ async def serve(
     (the CLI binds them before it imports the server, so connections made while it starts
     wait in the kernel's queue instead of being refused); without them every configured
     listener is bound here. Sockets a failed start did not hand on are closed.
+    Renewals and the expiry watch run while this process holds the duties lease
+    (:mod:`autocert._duties`). ``announce`` prints the ready lines (a worker leaves that to
+    its supervisor).
     """
     check_admin_binding(options)
     sockets = bind_listeners(options) if sockets is None else dict(sockets)
     try:
-        await _serve(manager, options, sockets, ready, stop)
+        await _serve(manager, options, sockets, ready, stop, announce)
     finally:
         for unused in sockets.values():  # a start that failed before handing them on
             unused.close()
 
 
 async def _serve(
-    manager: Manager, options: ServeOptions, sockets: dict[str, socket.socket], ready: asyncio.Event | None, stop: asyncio.Event | None
+    manager: Manager, options: ServeOptions, sockets: dict[str, socket.socket], ready: asyncio.Event | None, stop: asyncio.Event | None,
+    announce: bool,
 ) -> None:
     # Built before anything starts: a bad --upstream is a usage error with nothing written.
     https = None if tcp_upstream(options) is not None else https_handler(options)
@@ -166,23 +173,31 @@ async def _serve(
         stop = asyncio.Event()
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop.set)
-    Metrics.of(manager)  # before start(), so the ACME client gets its latency hook
+    metrics = Metrics.of(manager)  # before start(), so the ACME client gets its latency hook
     notifier = Notifier(webhook=options.webhook, command=options.on_event)
     if notifier.enabled:
         notifier.attach(manager.events)
     monitor = ExpiryMonitor.of(manager)
+    duties = Duties(manager, monitor)
     await manager.start()
+    board = manager.attachments.get(Board)  # a worker of `serve --workers`: share the figures
+    publisher = loop.create_task(metrics.publish(board), name="autocert-board") if board is not None else None
     try:
-        async with listeners(manager, options, sockets, https=https):
+        async with listeners(manager, options, sockets, https=https, announce=announce):
             await monitor.start()  # its first scan runs once the listeners are up
+            await duties.start()
             if ready is not None:
                 ready.set()
             await stop.wait()
             log.info("shutting down")
     finally:
+        await duties.stop()
         await monitor.stop()
         await manager.stop()
         await notifier.close(timeout=5.0)  # last events (e.g. a failure at shutdown) still go out
+        if publisher is not None:
+            publisher.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
         if owns_signals:
             for signum in STOP_SIGNALS:
                 loop.remove_signal_handler(signum)
@@ -199,7 +214,4 @@ async def _start_site(app: web.Application, sock: socket.socket, label: str, opt
 
 
 def _announce(label: str, sock: socket.socket) -> None:
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    scheme = {"https": "https", "http": "http", "admin": "http"}[label]
-    print(f"autocert: {label} listening on {scheme}://{shown}:{port}", flush=True)
+    print(ready_line(label, sock), flush=True)

@@ -6,6 +6,7 @@ Sections are owned by different parts of the test suite; add new fixtures in a n
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,11 @@ if importlib.util.find_spec("autocert") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pebble import Pebble  # noqa: E402
+
+# Every `autocert serve` the tests start (as a process, through the CLI, from an example) runs
+# as one process unless the test is about workers and says `--workers`: one process starts
+# faster and the suite starts many.
+os.environ.setdefault("AUTOCERT_WORKERS", "1")
 
 # ---------------------------------------------------------------------------------------------
 # ACME test CA: Pebble + challtestsrv on loopback (logic in tests/pebble.py)

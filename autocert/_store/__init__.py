@@ -39,7 +39,9 @@ Races between processes
       the lease only when it is free, expired or already the caller's; both databases
       serialise conflicting upserts on the row, so of two racing processes exactly one
       holds it. A lease ends when released or when ``lease_until`` passes; a holder that
-      outlives it may lose it, and ``release_lease`` then returns False.
+      outlives it may lose it, and ``release_lease`` then returns False. Jobs done once for
+      the whole database (renewals, the expiry watch) take a lease the same way
+      (``try_job_lease``, ``release_job_lease``) on a row of ``leases``, not of a name.
     - Account creation and allowlist inserts use ``ON CONFLICT``, so racing inserts do not
       fail and do not duplicate rows.
     - On PostgreSQL, migrating takes an advisory lock until commit (a second process waits,
@@ -101,6 +103,7 @@ from .allowlist import AllowlistMixin
 from .attempts import AttemptsMixin
 from .certificates import CertificatesMixin
 from .challenges import ChallengesMixin
+from .leases import LeasesMixin
 from .status import SORTS, NameStatus, Position, StatusBatch, StatusCounts, StatusMixin, StatusPage, StatusQuery
 from .engine import StoreBase, async_url, head_revision, migrations_path
 from .records import (
@@ -137,5 +140,5 @@ __all__ = [
 ]
 
 
-class Store(AllowlistMixin, AccountsMixin, CertificatesMixin, AttemptsMixin, ChallengesMixin, StatusMixin, StoreBase):
+class Store(AllowlistMixin, AccountsMixin, CertificatesMixin, AttemptsMixin, ChallengesMixin, LeasesMixin, StatusMixin, StoreBase):
     """Async access to autocert's database; create it with :meth:`open`, end with :meth:`close`."""

@@ -4,14 +4,15 @@ process at a time order a name, and the history that rate budgets and status pag
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select, update
 
 from .._errors import StoreError
 from .._timefmt import utcnow
 from .engine import _aware, _chunks
+from .leases import lease_until, lease_upsert
 from .names import NamesMixin
 from .records import Attempt, NameState, _attempt, _attempts, _certificates, _is_current, _name_state, _name_states
 
@@ -214,26 +215,11 @@ class AttemptsMixin(NamesMixin):
     async def try_lease(self, name: str, owner: str, seconds: float) -> bool:
         """Take (or extend) the lease on ordering ``name`` for ``seconds``; True if we hold it.
 
-        One statement decides: it inserts the lease, or overwrites it only when it is free,
-        expired or already ours. Both databases serialise conflicting upserts on the row, so
-        of two processes racing exactly one gets a row back.
+        One statement decides (:func:`.leases.lease_upsert`).
         """
-        if seconds <= 0:
-            raise ValueError(f"lease length must be positive, got {seconds!r}")
-        now = utcnow()
-        stmt = self._insert(_name_states).values(
-            name=name, failures=0, lease_owner=owner, lease_until=now + timedelta(seconds=seconds)
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["name"],
-            set_={"lease_owner": stmt.excluded.lease_owner, "lease_until": stmt.excluded.lease_until},
-            where=or_(
-                _name_states.c.lease_owner.is_(None),
-                _name_states.c.lease_until.is_(None),
-                _name_states.c.lease_until <= now,
-                _name_states.c.lease_owner == owner,
-            ),
-        ).returning(_name_states.c.name)
+        now, until = lease_until(seconds)
+        values = {"name": name, "failures": 0, "lease_owner": owner, "lease_until": until}
+        stmt = lease_upsert(self._insert, _name_states, "name", values, owner, now)
         async with self._writing() as session:
             taken = (await session.execute(stmt)).first() is not None
             await self._know(session, [name])  # the upsert may have made it known

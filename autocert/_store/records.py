@@ -19,6 +19,7 @@ from .._models import (
     AttemptRow,
     CertificateRow,
     ChallengeRow,
+    LeaseRow,
     NameRow,
     NameStateRow,
 )
@@ -31,6 +32,7 @@ _attempts: Table = AttemptRow.__table__  # type: ignore[assignment]
 _name_states: Table = NameStateRow.__table__  # type: ignore[assignment]
 _challenges: Table = ChallengeRow.__table__  # type: ignore[assignment]
 _names: Table = NameRow.__table__  # type: ignore[assignment]
+_leases: Table = LeaseRow.__table__  # type: ignore[assignment]
 
 
 def _is_current() -> ColumnElement[bool]:

@@ -1,0 +1,226 @@
+"""``serve --workers``: a supervisor, worker processes sharing the listeners, one admin view,
+and the duties lease, end to end with real processes, real TLS clients and Pebble."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from autocert._board import FIGURES, Board
+from autocert._duties import DUTIES_LEASE, DUTIES_LEASE_SECONDS
+from pebble import Pebble, free_port, wait_for
+from support import ServeProcess, handshake, run_cli, served_certificate
+
+NAME = "cores.example.test"
+
+
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(child) for child in (task / "children").read_text().split()}
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def rss_kib(pid: int) -> int:
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1])
+
+
+def metrics(server: ServeProcess) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/metrics", timeout=30) as response:
+        return response.read().decode()
+
+
+def value(text: str, series: str) -> float:
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{series} missing from /metrics"
+    return float(match.group(1))
+
+
+def per_worker(text: str) -> dict[int, float]:
+    """Handshakes per worker pid, from ``autocert_worker_handshakes_total``."""
+    found = re.findall(r'^autocert_worker_handshakes_total\{pid="(\d+)",worker="\d+"\} (\S+)$', text, re.MULTILINE)
+    return {int(pid): float(count) for pid, count in found}
+
+
+def duties_holder(db: str) -> int | None:
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:
+        row = connection.execute("select lease_owner from leases where name = ? and lease_owner is not null", (DUTIES_LEASE,)).fetchone()
+    return int(row[0].split(":")[1]) if row else None
+
+
+class Clients:
+    """Threads making full TLS handshakes to ``NAME`` in a loop, counting successes and failures."""
+
+    def __init__(self, port: int, cafile: str, threads: int) -> None:
+        self.port, self.cafile = port, cafile
+        self.ok = 0
+        self.failures: list[float] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                handshake(self.port, NAME, cafile=self.cafile, timeout=60)
+            except OSError:
+                with self._lock:
+                    self.failures.append(time.monotonic())
+            else:
+                with self._lock:
+                    self.ok += 1
+
+    def __enter__(self) -> Clients:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=90)
+
+
+class Workers(ServeProcess):
+    #: Pebble's root, which verifies what the server presents.
+    root_ca: str
+
+
+@pytest.fixture(scope="module")
+def workers(pebble: Pebble, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    """One `serve --workers 2` for the tests below, with a certificate for NAME already served."""
+    workdir = tmp_path_factory.mktemp("workers")
+    db = f"sqlite:///{workdir / 'workers.db'}"
+    assert run_cli("allow", NAME, db=db).returncode == 0
+    root = workdir / "pebble-root.pem"
+    root.write_bytes(pebble.root_pem())
+    server = Workers(db, pebble, workdir, extra=["--workers", "2"])
+    server.root_ca = str(root)
+    server.start(timeout=120)
+    try:
+        assert server.process is not None
+        wait_for(lambda: len(children(server.process.pid)) == 2, timeout=60, what="two workers")
+        try:
+            served_certificate(server.https_port, NAME, str(root))
+        except TimeoutError:
+            raise AssertionError(server.output()) from None
+        yield server
+    finally:
+        server.stop(timeout=60)
+
+
+def test_the_kernel_spreads_handshakes_over_the_workers_and_the_admin_listener_sums_them(workers: Workers, pebble: Pebble) -> None:
+    before = metrics(workers)
+    total_before = value(before, 'autocert_handshakes_total{outcome="served"}')
+    assert value(before, "autocert_workers") == 2
+    count = 600
+    with Clients(workers.https_port, workers.root_ca, threads=6) as clients:
+        wait_for(lambda: clients.ok >= count, timeout=180, what=f"{count} handshakes")
+    assert not clients.failures
+    done = clients.ok
+
+    def summed() -> bool:
+        text = metrics(workers)
+        return value(text, 'autocert_handshakes_total{outcome="served"}') >= total_before + done
+
+    wait_for(summed, timeout=30, what="every worker's handshakes in the admin listener's sum")
+    text = metrics(workers)
+    shares = per_worker(text)
+    assert len(shares) == 2
+    assert sum(shares.values()) == sum(value(text, f'autocert_handshakes_total{{outcome="{o}"}}')
+                                       for o in ("served", "unknown_name", "held", "pending", "challenge"))
+    print(f"handshakes per worker: {shares}")
+    assert min(shares.values()) >= 0.4 * sum(shares.values()), f"one worker did most of the handshakes: {shares}"
+
+
+def test_a_killed_worker_is_replaced_at_once_while_the_other_keeps_serving(workers: Workers, pebble: Pebble) -> None:
+    assert workers.process is not None
+    supervisor = workers.process.pid
+    before = children(supervisor)
+    threads = 4
+    with Clients(workers.https_port, workers.root_ca, threads=threads) as clients:
+        wait_for(lambda: clients.ok >= 50, timeout=60, what="clients under way")
+        victim = max(before)
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(children(supervisor) - before) == 1, timeout=30, what="a replacement worker")
+        replaced_in = time.monotonic() - killed
+        served = clients.ok
+        wait_for(lambda: clients.ok >= served + 200, timeout=120, what="handshakes after the replacement")
+    print(f"replacement started {replaced_in * 1000:.0f} ms after the kill; {len(clients.failures)} handshakes failed")
+    assert replaced_in < 1.0, f"the replacement started {replaced_in:.2f} s after the kill"
+    # Only connections the killed worker was in the middle of can fail: at most one per client thread.
+    assert len(clients.failures) <= threads, f"{len(clients.failures)} handshakes failed"
+    assert all(at - killed < 1.0 for at in clients.failures), "a handshake failed long after the kill"
+    replacement = (children(supervisor) - before).pop()
+    wait_for(lambda: replacement in per_worker(metrics(workers)), timeout=60, what="the replacement in /metrics")
+
+
+def test_another_worker_takes_the_duties_lease_when_its_holder_is_killed(workers: Workers) -> None:
+    assert workers.process is not None
+    wait_for(lambda: duties_holder(workers.db) is not None, timeout=60, what="a holder of the duties lease")
+    holder = duties_holder(workers.db)
+    assert holder in children(workers.process.pid)
+    killed = time.monotonic()
+    os.kill(holder, signal.SIGKILL)
+
+    def taken_over() -> bool:
+        now = duties_holder(workers.db)
+        return now is not None and now != holder and alive(now)
+
+    wait_for(taken_over, timeout=60, what="another worker to take the duties lease")
+    took = time.monotonic() - killed
+    print(f"duties lease taken over {took:.1f} s after the kill")
+    assert took <= DUTIES_LEASE_SECONDS, f"the duties lease was taken over after {took:.1f} s"
+    assert duties_holder(workers.db) in children(workers.process.pid)
+
+
+def test_sigterm_to_the_supervisor_drains_every_worker_and_it_stays_small(pebble: Pebble, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'drain.db'}"
+    server = ServeProcess(db, pebble, tmp_path, extra=["--workers", "2"], https_port=free_port(), http_port=free_port()).start(timeout=120)
+    assert server.process is not None
+    pids = children(server.process.pid)
+    assert len(pids) == 2
+    supervisor_kib = rss_kib(server.process.pid)
+    print(f"supervisor RSS {supervisor_kib / 1024:.1f} MiB; workers {[round(rss_kib(pid) / 1024, 1) for pid in pids]} MiB")
+    assert supervisor_kib < 40 * 1024
+    assert server.stop(timeout=60) == 0
+    assert not any(alive(pid) for pid in pids)
+    assert server.output().count("shutting down") == 2
+
+
+def test_the_board_sums_workers_and_keeps_the_counts_of_those_that_exited() -> None:
+    board = Board.create(2)
+    first = Board(board.fd, 2, slot=0)
+    board.started(0, 101)
+    board.started(1, 102)
+    first.publish([1.0] * len(FIGURES))
+    second = Board(board.fd, 2, slot=1)
+    second.publish([2.0] * len(FIGURES))
+    assert board.running() == 2
+    assert board.total()["handshakes:served"] == 3.0
+    assert board.total()["cache_size"] == 3.0
+    board.retire(1)
+    assert board.running() == 1
+    totals = board.total()
+    assert totals["handshakes:served"] == 3.0, "an exited worker's counters stay in the sum"
+    assert totals["cache_size"] == 1.0, "its gauges do not"
+    assert [slot for slot, _, _ in board.per_worker()] == [0]
+    os.close(board.fd)
