@@ -201,7 +201,7 @@ async def test_sqlite_memory_database_works() -> None:
 
 def test_migrations_are_found_in_the_source_tree() -> None:
     assert migrations_path() == REPO / "migrations"
-    assert head_revision() == "0008"
+    assert head_revision() == "0009"
     assert store_engine._script_directory().get_heads() == [head_revision()], "the light reading agrees with Alembic's"
 
 
@@ -668,6 +668,24 @@ async def test_expired_lease_can_be_taken(store: Store) -> None:
     await asyncio.sleep(0.3)
     assert await store.try_lease("a.example", "two", 30)
     assert (await store.name_state("a.example")).lease_owner == "two"
+
+
+async def test_job_leases_are_held_by_one_owner_and_leave_the_names_alone(store: Store, other_store: Store) -> None:
+    """A job done once per database (renewals, the expiry watch) is leased like a name's
+    order, on a row of its own: no name appears in the status index."""
+    assert await store.try_job_lease("duties", "one", 0.2)
+    assert await store.try_job_lease("duties", "one", 0.2)  # ours: extended
+    assert not await other_store.try_job_lease("duties", "two", 30)
+    holder = await other_store.job_lease("duties")
+    assert holder is not None and holder[0] == "one"
+    await asyncio.sleep(0.3)
+    assert await other_store.try_job_lease("duties", "two", 30), "an expired lease can be taken"
+    assert not await store.release_job_lease("duties", "one")
+    assert await other_store.release_job_lease("duties", "two")
+    assert await store.job_lease("duties") is None
+    assert (await store.status_counts([], datetime.now(UTC))).total == 0
+    with pytest.raises(ValueError):
+        await store.try_job_lease("duties", "two", 0)
 
 
 async def test_lease_keeps_backoff_state(store: Store) -> None:
