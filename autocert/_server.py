@@ -21,7 +21,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from ._board import Board
-from ._config import ServeOptions, bind_listeners, check_admin_binding, ready_line, tcp_upstream
+from ._config import (
+    ServeOptions,
+    bind_listeners,
+    check_admin_binding,
+    ready_line,
+    tcp_upstream,
+)
 from ._duties import Duties
 from ._front import TlsFront
 from ._http import HttpServer

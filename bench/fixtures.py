@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+# The drivers measure a `serve` process by its pid: every one they start runs as a single
+# process unless a driver passes `--workers` itself (bench/workers.py).
+os.environ.setdefault("AUTOCERT_WORKERS", "1")
 
 BENCH_DOMAIN = "bench.test"
 #: The ACME directory the bench servers are given: nothing listens there, so no server orders

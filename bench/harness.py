@@ -250,6 +250,21 @@ class Server:
             self.stderr_path.unlink(missing_ok=True)
 
 
+def stop_servers(servers: Sequence[Server]) -> None:
+    """SIGTERM to every server first, so they drain at the same time, then wait for each."""
+    for server in servers:
+        server.terminate()
+    for server in servers:
+        server.stop()
+
+
+def print_table(markdown: str, path: Path | None) -> None:
+    """A driver's result: printed, and written to ``path`` (``--markdown``) when given."""
+    print(markdown)
+    if path is not None:
+        path.write_text(markdown + "\n")
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt, so the drivers' ``finally`` stops every server then too."""

@@ -42,7 +42,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from fixtures import UNREACHABLE_CA, Chain, build_database, make_chain, name_for
 from harness import (CLIENT_CPUS, SERVER_CPUS, Server, descendants, free_port, nginx_binary, nginx_server, pin, probed,
-                     run_clients, terminate_as_interrupt)
+                     print_table, run_clients, stop_servers, terminate_as_interrupt)
 
 NAME = name_for(0)
 SMALL_PATH, LARGE_PATH = "/small", "/large"
@@ -420,14 +420,9 @@ def main() -> None:
                     done = f"done in {time.perf_counter() - began:.1f} s" if measured else "no server has this listener"
                     print(f"round {round_index + 1}/{args.rounds}: {row.key} {done}", file=sys.stderr)
             markdown = report(table, per_round, {peer.label: peer for peer in peers}, skipped, args)
-            print(markdown)
-            if args.markdown:
-                args.markdown.write_text(markdown + "\n")
+            print_table(markdown, args.markdown)
     finally:
-        for server in started:
-            server.terminate()
-        for server in started:
-            server.stop()
+        stop_servers(started)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -12,13 +12,14 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
+from pebble import Pebble, free_port, wait_for
+from support import ServeProcess, handshake, run_cli, served_certificate
 
 from autocert._board import FIGURES, Board
 from autocert._duties import DUTIES_LEASE, DUTIES_LEASE_SECONDS
-from pebble import Pebble, free_port, wait_for
-from support import ServeProcess, handshake, run_cli, served_certificate
 
 NAME = "cores.example.test"
 
@@ -87,7 +88,7 @@ class Clients:
                 with self._lock:
                     self.ok += 1
 
-    def __enter__(self) -> Clients:
+    def __enter__(self) -> Self:
         for thread in self._threads:
             thread.start()
         return self
@@ -190,6 +191,25 @@ def test_another_worker_takes_the_duties_lease_when_its_holder_is_killed(workers
     print(f"duties lease taken over {took:.1f} s after the kill")
     assert took <= DUTIES_LEASE_SECONDS, f"the duties lease was taken over after {took:.1f} s"
     assert duties_holder(workers.db) in children(workers.process.pid)
+
+
+def test_sighup_replaces_every_worker_while_clients_keep_being_served(workers: Workers) -> None:
+    assert workers.process is not None
+    supervisor = workers.process.pid
+    before = children(supervisor)
+    with Clients(workers.https_port, workers.root_ca, threads=4) as clients:
+        wait_for(lambda: clients.ok >= 50, timeout=60, what="clients under way")
+        os.kill(supervisor, signal.SIGHUP)
+
+        def replaced() -> bool:
+            now = children(supervisor)
+            return len(now) == 2 and not now & before
+
+        wait_for(replaced, timeout=120, what="every worker replaced")
+        served = clients.ok
+        wait_for(lambda: clients.ok >= served + 100, timeout=120, what="handshakes after the replacement")
+    assert not clients.failures, f"{len(clients.failures)} handshakes failed during the replacement"
+    assert value(metrics(workers), "autocert_workers") == 2
 
 
 def test_sigterm_to_the_supervisor_drains_every_worker_and_it_stays_small(pebble: Pebble, tmp_path: Path) -> None:
