@@ -78,12 +78,20 @@ def owner_is_dead(owner: str) -> bool:
     return False
 
 
+def tls_alpn_token(name: str) -> str:
+    """Where a name's pending tls-alpn-01 answer is kept among the http-01 tokens: with a
+    space in it, which no HTTP request line can carry, so port 80 never serves it."""
+    return f"tls-alpn-01 {name}"
+
+
 class ChallengeBook:
     """Challenge answers for the current orders, reachable by every listener.
 
     http-01 tokens go to the database so any instance sharing it (or a ``serve`` already
-    holding port 80 while the CLI orders) can answer; tls-alpn-01 certificates stay in this
-    process, which owns the TLS listener that the CA connects to.
+    holding port 80 while the CLI orders) can answer. tls-alpn-01 certificates are kept in
+    this process, and their key authorizations in the database too, so that the other
+    workers of a ``serve --workers``, which share the TLS listener the CA connects to, can
+    build the same certificate when the kernel hands the CA's connection to them.
     """
 
     def __init__(self, store: Store, challenge_types: Sequence[str]) -> None:
@@ -104,9 +112,17 @@ class ChallengeBook:
 
     async def context(self, name: str) -> ssl.SSLContext | None:
         """The tls-alpn-01 context for ``name``, served only to ``acme-tls/1`` clients while
-        its challenge is pending; built off the event loop on first use."""
+        its challenge is pending; built off the event loop on first use. A challenge another
+        process presented is built from the database for each connection, never kept: that
+        process's next order for the name would make a kept one stale."""
         context = self.cached_context(name)
         pending = self.tls_alpn.get(name)
+        if context is None and pending is None:
+            key_authorization = await self._store.get_challenge(tls_alpn_token(name))
+            if key_authorization is None:
+                return None
+            cert_pem, key_pem = await asyncio.to_thread(tls_alpn_challenge_certificate, name, key_authorization)
+            return await asyncio.to_thread(build_context, cert_pem, key_pem, (ACME_TLS_ALPN,))
         if context is not None or pending is None:
             return context
         cert_pem, key_pem = pending
@@ -119,6 +135,7 @@ class ChallengeBook:
             await self._store.put_challenge(token, name, key_authorization)
         elif challenge_type == "tls-alpn-01":
             self.tls_alpn[name] = await asyncio.to_thread(tls_alpn_challenge_certificate, name, key_authorization)
+            await self._store.put_challenge(tls_alpn_token(name), name, key_authorization)
         else:
             raise AcmeError(f"challenge type {challenge_type} is not supported")
 
@@ -128,6 +145,7 @@ class ChallengeBook:
         else:
             self.tls_alpn.pop(name, None)
             self._contexts.pop(name, None)
+            await self._store.delete_challenge(tls_alpn_token(name))
 
 
 class Worker:

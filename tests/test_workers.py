@@ -22,6 +22,9 @@ from autocert._board import FIGURES, Board
 from autocert._duties import DUTIES_LEASE, DUTIES_LEASE_SECONDS
 
 NAME = "cores.example.test"
+#: Ordered with tls-alpn-01 on first contact: the CA's validation reaches whichever worker the
+#: kernel picks, which must answer for an order another worker placed.
+FIRST_CONTACTS = [NAME, "a.cores.example.test", "b.cores.example.test", "c.cores.example.test"]
 
 
 def children(pid: int) -> set[int]:
@@ -106,20 +109,22 @@ class Workers(ServeProcess):
 
 @pytest.fixture(scope="module")
 def workers(pebble: Pebble, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
-    """One `serve --workers 2` for the tests below, with a certificate for NAME already served."""
+    """One `serve --workers 2` with no http listener for the tests below, with certificates for
+    FIRST_CONTACTS already served."""
     workdir = tmp_path_factory.mktemp("workers")
     db = f"sqlite:///{workdir / 'workers.db'}"
-    assert run_cli("allow", NAME, db=db).returncode == 0
+    assert run_cli("allow", *FIRST_CONTACTS, db=db).returncode == 0
     root = workdir / "pebble-root.pem"
     root.write_bytes(pebble.root_pem())
-    server = Workers(db, pebble, workdir, extra=["--workers", "2"])
+    server = Workers(db, pebble, workdir, extra=["--workers", "2", "--http", "none"])
     server.root_ca = str(root)
     server.start(timeout=120)
     try:
         assert server.process is not None
         wait_for(lambda: len(children(server.process.pid)) == 2, timeout=60, what="two workers")
         try:
-            served_certificate(server.https_port, NAME, str(root))
+            for name in FIRST_CONTACTS:
+                served_certificate(server.https_port, name, str(root))
         except TimeoutError:
             raise AssertionError(server.output()) from None
         yield server
