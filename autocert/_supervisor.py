@@ -22,6 +22,7 @@ the workers' ready pipes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -44,6 +45,9 @@ log = logging.getLogger("autocert.supervisor")
 #: the next start, so a worker that cannot run does not spin the CPU.
 RESTART_PAUSE = 1.0
 
+#: How often a worker checks that its supervisor still runs.
+SUPERVISOR_CHECK_INTERVAL = 1.0
+
 
 @dataclass
 class WorkerSetup:
@@ -54,6 +58,15 @@ class WorkerSetup:
     sockets: dict[str, socket.socket]
     board: Board
     ready_fd: int
+
+    async def watch_supervisor(self, stop: asyncio.Event) -> None:
+        """Stop (gracefully) when the supervisor is gone: a worker it can no longer replace or
+        stop would hold the ports against the next start."""
+        supervisor = os.getppid()
+        while os.getppid() == supervisor:
+            await asyncio.sleep(SUPERVISOR_CHECK_INTERVAL)
+        log.warning("the supervisor (pid %d) is gone; stopping", supervisor)
+        stop.set()
 
     def say_ready(self) -> None:
         with contextlib.suppress(OSError):

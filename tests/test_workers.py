@@ -217,6 +217,16 @@ def test_sighup_replaces_every_worker_while_clients_keep_being_served(workers: W
     assert value(metrics(workers), "autocert_workers") == 2
 
 
+def test_workers_stop_when_their_supervisor_is_killed(workers: Workers) -> None:
+    """Orphaned workers would hold the ports against the next start: they stop by themselves.
+    (The last test of the shared server.)"""
+    assert workers.process is not None
+    pids = children(workers.process.pid)
+    workers.process.kill()
+    workers.process.wait()
+    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=60, what="the orphaned workers to stop")
+
+
 def test_sigterm_to_the_supervisor_drains_every_worker_and_it_stays_small(pebble: Pebble, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'drain.db'}"
     server = ServeProcess(db, pebble, tmp_path, extra=["--workers", "2"], https_port=free_port(), http_port=free_port()).start(timeout=120)
