@@ -136,6 +136,7 @@ def test_the_kernel_spreads_handshakes_over_the_workers_and_the_admin_listener_s
     before = metrics(workers)
     total_before = value(before, 'autocert_handshakes_total{outcome="served"}')
     assert value(before, "autocert_workers") == 2
+    assert value(before, "autocert_context_cache_capacity") == 10000, "--cache-size is the whole server's, split among the workers"
     count = 600
     with Clients(workers.https_port, workers.root_ca, threads=6) as clients:
         wait_for(lambda: clients.ok >= count, timeout=180, what=f"{count} handshakes")
