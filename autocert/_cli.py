@@ -7,7 +7,6 @@ Bad input is always detected before anything is written.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import errno
 import logging
@@ -51,6 +50,8 @@ from ._timefmt import isoformat
 from ._console import emit_json, print_status, print_table, setup_logging
 
 if TYPE_CHECKING:  # imported where used: `serve` binds its ports before loading the server
+    import asyncio  # and its `--workers` supervisor runs without an event loop
+
     from ._manager import Manager
     from ._store import Store
 
@@ -294,6 +295,8 @@ def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str
 
 
 async def cmd_issue(args: argparse.Namespace) -> int:
+    import asyncio
+
     names = normalise_all(args.names, patterns=False)
     wait = parse_positive_float(args.wait, option="--wait") if args.wait is not None else None
     options = listener_options(args)
@@ -480,6 +483,8 @@ def supervise_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
     from ._supervisor import worker_setup
 
     worker = worker_setup()  # a worker of `serve --workers`: its listeners come bound
@@ -564,6 +569,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def run_async(coroutine: Any, *, use_uvloop: bool) -> int:
     """Run on uvloop where installed (the server's hot path is ~20% cheaper), else asyncio."""
+    import asyncio
+
     if use_uvloop and os.environ.get("AUTOCERT_EVENT_LOOP", "uvloop") == "uvloop":
         try:
             import uvloop

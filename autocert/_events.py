@@ -9,16 +9,18 @@ run inline with their errors logged, coroutine subscribers are scheduled as task
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._timefmt import isoformat, utcnow
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["EVENT_KINDS", "Event", "EventBus", "EventKind", "Subscriber", "log_event"]
 
@@ -101,6 +103,8 @@ class EventBus:
                 self._schedule(result, callback, event)
 
     def _schedule(self, awaitable: Awaitable[Any], callback: Subscriber, event: Event) -> None:
+        import asyncio  # not at the top: the `serve --workers` supervisor loads this module, and no event loop
+
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -129,6 +133,8 @@ class EventBus:
 
     async def drain(self) -> None:
         """Wait for the async subscribers already scheduled (used at shutdown and in tests)."""
+        import asyncio
+
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 

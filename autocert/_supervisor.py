@@ -22,7 +22,6 @@ the workers' ready pipes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -33,9 +32,13 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ._board import Board
 from ._config import WORKER_ENV
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["WORKER_ENV", "Supervisor", "WorkerSetup", "worker_setup"]
 
@@ -62,6 +65,8 @@ class WorkerSetup:
     async def watch_supervisor(self, stop: asyncio.Event) -> None:
         """Stop (gracefully) when the supervisor is gone: a worker it can no longer replace or
         stop would hold the ports against the next start."""
+        import asyncio  # a worker's: the supervisor itself has no event loop
+
         supervisor = os.getppid()
         while os.getppid() == supervisor:
             await asyncio.sleep(SUPERVISOR_CHECK_INTERVAL)
