@@ -45,9 +45,11 @@ _COUNTED = len(COUNTERS)
 class Board:
     """The shared figures of ``workers`` worker slots (and the retired slot after them)."""
 
-    def __init__(self, fd: int, workers: int, slot: int | None = None) -> None:
+    def __init__(self, fd: int, workers: int, slot: int | None = None, expected: int | None = None) -> None:
         self.fd = fd
         self.workers = workers
+        #: How many workers should be running (``--workers``); fewer makes ``/healthz`` fail.
+        self.expected = workers if expected is None else expected
         #: This worker's own slot; None in the supervisor.
         self.slot = slot
         self._map = mmap.mmap(fd, _SLOT.size * (workers + 1))
@@ -96,3 +98,9 @@ class Board:
     def running(self) -> int:
         """How many worker processes run now."""
         return sum(1 for slot in range(self.workers) if self._read(slot)[0])
+
+    def health(self) -> str | None:
+        """For ``/healthz``: None while every worker runs, else how many do. A dead worker is
+        replaced within milliseconds, so this fails only while one keeps dying."""
+        running = self.running()
+        return None if running >= self.expected else f"{running} of {self.expected} workers running"

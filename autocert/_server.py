@@ -109,7 +109,9 @@ async def listeners(
             if announce:
                 _announce("http", sock)
         if "admin" in sockets:
-            admin = status_app(manager, token=options.admin_token, checks=[listeners_health])
+            board = manager.attachments.get(Board)  # under `serve --workers`: are they all running?
+            checks = [listeners_health] if board is None else [listeners_health, board.health]
+            admin = status_app(manager, token=options.admin_token, checks=checks)
             runners.append(await _start_site(admin, sockets.pop("admin"), "admin", options, announce))
         if "https" in sockets:
             passthrough = tcp_upstream(options)

@@ -89,7 +89,7 @@ def worker_setup() -> WorkerSetup | None:
                                          if label in fields}
     for sock in sockets.values():
         sock.setblocking(False)
-    board = Board(int(fields["board"]), int(fields["slots"]), slot=int(fields["slot"]))
+    board = Board(int(fields["board"]), int(fields["slots"]), slot=int(fields["slot"]), expected=int(fields["workers"]))
     return WorkerSetup(int(fields["index"]), int(fields["workers"]), sockets, board, int(fields["ready"]))
 
 

@@ -136,6 +136,8 @@ def test_the_kernel_spreads_handshakes_over_the_workers_and_the_admin_listener_s
     before = metrics(workers)
     total_before = value(before, 'autocert_handshakes_total{outcome="served"}')
     assert value(before, "autocert_workers") == 2
+    with urllib.request.urlopen(f"http://127.0.0.1:{workers.admin_port}/healthz", timeout=30) as response:
+        assert response.status == 200
     assert value(before, "autocert_context_cache_capacity") == 10000, "--cache-size is the whole server's, split among the workers"
     count = 600
     with Clients(workers.https_port, workers.root_ca, threads=6) as clients:
@@ -259,4 +261,7 @@ def test_the_board_sums_workers_and_keeps_the_counts_of_those_that_exited() -> N
     assert totals["handshakes:served"] == 3.0, "an exited worker's counters stay in the sum"
     assert totals["cache_size"] == 1.0, "its gauges do not"
     assert [slot for slot, _, _ in board.per_worker()] == [0]
+    assert board.health() == "1 of 2 workers running"
+    board.started(1, 103)
+    assert board.health() is None
     os.close(board.fd)
