@@ -516,7 +516,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
             manager.attachments[Board] = worker.board
             ready = asyncio.Event()
-            loop.create_task(ready.wait()).add_done_callback(lambda _t: worker.say_ready())
+            loop.create_task(ready.wait()).add_done_callback(lambda t: None if t.cancelled() else worker.say_ready())
             loop.create_task(worker.watch_supervisor(stop))
         await serve(manager, options, sockets=sockets, stop=stop, ready=ready, announce=worker is None)
     finally:

@@ -12,9 +12,9 @@ kernel queued on its socket wait for its replacement, started at once (after a s
 that slot's previous worker died within a second of starting), instead of being refused.
 SIGTERM or SIGINT is passed to every worker, each drains as a single ``serve`` does, and the
 supervisor exits once they all have. SIGHUP starts a new worker beside each old one and
-stops the old one once the new one is ready, so no connection is refused. A worker that
-exits before it was ever ready (bad input, a wrong secret) stops them all, and the
-supervisor exits with its status.
+stops the old one once the new one is ready, so no connection is refused; a new worker that
+fails to start leaves the old one serving. A worker that exits before it was ever ready at
+start (bad input, a wrong secret) stops them all, and the supervisor exits with its status.
 
 Standard library only, and no event loop: it sleeps in ``select`` on its signal pipe and
 the workers' ready pipes.
@@ -170,6 +170,9 @@ class Supervisor:
         """SIGHUP: a new worker beside each old one; the old one stops when the new is ready."""
         if self.stopping:
             return
+        if any(worker.retiring for worker in self.running.values()):
+            log.warning("SIGHUP ignored: the previous replacement is still under way")
+            return
         old = [worker for worker in self.running.values() if not worker.retiring]
         log.info("replacing %d worker(s)", len(old))
         for worker in old:
@@ -213,6 +216,12 @@ class Supervisor:
             self.board.retire(worker.slot)
             code = os.waitstatus_to_exitcode(status)
             if self.stopping or worker.retiring:
+                continue
+            previous = [other for other in self.running.values() if other.index == worker.index and other.retiring]
+            if not worker.ready and previous:  # a replacement (SIGHUP) that failed: keep the old worker
+                log.error("the new worker %d (pid %d) exited before it was ready; the old one keeps serving", worker.index, pid)
+                for other in previous:
+                    other.retiring = False
                 continue
             if not worker.ready:
                 how = f"signal {-code}" if code < 0 else f"status {code}"

@@ -244,6 +244,17 @@ def test_sigterm_to_the_supervisor_drains_every_worker_and_it_stays_small(pebble
     assert server.output().count("shutting down") == 2
 
 
+def test_a_worker_that_cannot_start_stops_the_server_with_its_status(tmp_path: Path) -> None:
+    """A database that cannot be opened fails every worker before it is ready: the supervisor
+    stops and reports it rather than restarting them forever."""
+    (tmp_path / "data").write_text("a file where the database's directory should be")
+    result = run_cli("serve", "--workers", "2", "--https", f"127.0.0.1:{free_port()}", "--http", "none", "--admin", "none",
+                     "--directory", "https://127.0.0.1:9/dir", db=f"sqlite:///{tmp_path / 'data' / 'a.db'}", timeout=120)
+    assert result.returncode not in (0, None), result.stderr
+    assert "cannot create database file" in result.stderr
+    assert "before it was ready" in result.stderr
+
+
 def test_the_board_sums_workers_and_keeps_the_counts_of_those_that_exited() -> None:
     board = Board.create(2)
     first = Board(board.fd, 2, slot=0)
