@@ -37,6 +37,7 @@ from ._config import (
     parse_order_limit,
     parse_positive_int,
     parse_proxy_protocol,
+    parse_upstream,
     parse_seconds_above_zero,
     parse_workers,
     ready_line,
@@ -444,7 +445,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
     options.first_contact_wait = parse_positive_float(args.first_contact_wait, option="--first-contact-wait")
     options.proxy_protocol = parse_proxy_protocol(args.proxy_protocol)
     options.alpn = parse_alpn(args.alpn)
-    tcp_upstream(options)
+    if tcp_upstream(options) is None and options.upstream:
+        parse_upstream(options.upstream)
     options.hsts = args.hsts
     options.header_timeout = parse_seconds_above_zero(args.header_timeout, option="--header-timeout")
     options.idle_timeout = parse_seconds_above_zero(args.idle_timeout, option="--idle-timeout")

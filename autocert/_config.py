@@ -15,6 +15,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
+from yarl import URL
+
 from ._errors import ConfigError
 
 _Number = TypeVar("_Number", int, float)
@@ -256,6 +258,19 @@ def tcp_upstream(options: ServeOptions) -> Listen | None:
     if not url.hostname or not port or url.username is not None or url.path not in ("", "/") or url.query or url.fragment:
         raise ConfigError(expected)
     return Listen(url.hostname, port)
+
+
+def parse_upstream(upstream: str) -> URL:
+    """Check ``--upstream`` once at startup, so a typo fails the start rather than every request."""
+    try:
+        url = URL(upstream)
+    except (ValueError, TypeError):
+        raise ConfigError(f"--upstream {upstream!r}: not a URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"--upstream {upstream!r}: expected http://HOST:PORT or https://HOST:PORT")
+    if url.query_string or url.fragment or url.user or url.password:
+        raise ConfigError(f"--upstream {upstream!r}: must not contain credentials, a query or a fragment")
+    return url
 
 
 def is_loopback(host: str) -> bool:

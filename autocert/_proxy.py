@@ -20,9 +20,8 @@ import ssl
 from typing import Final
 
 import httptools
-from yarl import URL
 
-from ._errors import ConfigError
+from ._config import parse_upstream
 from ._http import Exchange, HttpConnection, Upstream, UpstreamPool, WebSocketRelay
 from ._http.heads import error_body, forwarded_headers, join_head, response_headers, status_line
 from ._http.upstream import Failure
@@ -41,19 +40,6 @@ _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 
 _UNAVAILABLE: Final = "The web application behind this server is not answering right now. Please try again in a moment."
 _TOO_SLOW: Final = "The web application behind this server took too long to answer. Please try again in a moment."
-
-
-def parse_upstream(upstream: str) -> URL:
-    """Check ``--upstream`` once at startup, so a typo fails the start rather than every request."""
-    try:
-        url = URL(upstream)
-    except (ValueError, TypeError):
-        raise ConfigError(f"--upstream {upstream!r}: not a URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ConfigError(f"--upstream {upstream!r}: expected http://HOST:PORT or https://HOST:PORT")
-    if url.query_string or url.fragment or url.user or url.password:
-        raise ConfigError(f"--upstream {upstream!r}: must not contain credentials, a query or a fragment")
-    return url
 
 
 def request_target(raw: bytes) -> bytes | None:

@@ -94,6 +94,8 @@ BAD_INPUTS = [
     (["serve", "--workers", "0"], "--workers"),
     (["serve", "--workers", "every"], "--workers"),
     (["serve", "--workers", "2", "--cache-size", "0"], "--cache-size"),
+    (["serve", "--workers", "2", "--upstream", "ftp://files.example", "--https", "127.0.0.1:0", "--http", "none", "--admin", "none"],
+     "--upstream"),
     (["serve", "--workers", "2", "--order-limit", "300/0h", "--https", "127.0.0.1:0", "--http", "none", "--admin", "none"],
      "--order-limit"),
     (["allow", "a.example.test", "--cap", "2"], "patterns only"),
