@@ -318,7 +318,8 @@ class TlsFront:
         if hello.refusal is not None:  # TLS 1.1 or older, or no suite in common: say so
             self._reject(transport, hello.refusal)
             return
-        route, name, context = self._manager.route(hello.server_name, hello.alpn)
+        local = None if hello.server_name is not None else _local_address(transport)
+        route, name, context = self._manager.route(hello.server_name, hello.alpn, local)
         if context is not None:
             self._start_tls(transport, context, data, name)
             return
@@ -436,6 +437,12 @@ class _HelloReader(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+
+def _local_address(transport: asyncio.Transport) -> str | None:
+    """The address a client connected to: for a client without SNI, the name it asks for."""
+    sockname = transport.get_extra_info("sockname")
+    return sockname[0] if isinstance(sockname, tuple) else None
 
 
 def ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.BufferedProtocol]:

@@ -21,7 +21,8 @@ from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
 from ._errors import AutocertError, InvalidName, IssuanceError, StoreError
 from ._events import Event, EventBus, log_event
 from ._names import normalize_entry, normalize_name, pattern_for
-from ._policy import MAX_CAP, RateBudget, Route, default_budget, hold_reason, is_allowed, needs_order, within_cap
+from ._policy import (MAX_CAP, RateBudget, Route, challenged_address, default_budget, hold_reason, is_allowed, needs_order,
+                      unnamed_route, within_cap)
 from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
@@ -345,17 +346,22 @@ class Manager:
         context.sni_callback = self._sni_callback
         return context
 
-    def route(self, server_name: str | None, alpn: Sequence[str] = ()) -> tuple[Route, str, ssl.SSLContext | None]:
+    def route(self, server_name: str | None, alpn: Sequence[str] = (), local_address: str | None = None,
+              ) -> tuple[Route, str, ssl.SSLContext | None]:
         """Decide a handshake from memory alone: the route, the normalised name and the context
         to serve (when there is one). Counts ``served``, ``challenge`` and ``unknown_name``;
-        a ``LOAD`` is counted by the caller once it knows how the load ended.
+        a ``LOAD`` is counted by the caller once it knows how the load ended. A client without
+        SNI is routed by ``local_address``, the address it connected to, if that is allowed.
 
         The one decision behind both SNI paths; it never waits and never touches the database.
         """
-        name = (server_name or self.default_name or "").rstrip(".").lower()
+        name = (server_name or unnamed_route(local_address, self.default_name, self._allowed)).rstrip(".").lower()
         if not name or not self._started or not is_allowed(name, self._allowed):
-            self.handshakes["unknown_name"] += 1
-            return _REFUSED
+            address = challenged_address(name, self._allowed) if self._started and ACME_TLS_ALPN in alpn else None
+            if address is None:
+                self.handshakes["unknown_name"] += 1
+                return _REFUSED
+            name = address
         if ACME_TLS_ALPN in alpn:
             self.handshakes["challenge"] += 1
             return Route.CHALLENGE, name, self._challenges.cached_context(name)  # type: ignore[union-attr]

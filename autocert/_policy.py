@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
-from ._names import pattern_for
+from ._names import address_of_reverse_name, address_of_socket, is_address, pattern_for
 
 __all__ = [
     "BUDGET_RECHECK",
@@ -35,6 +35,7 @@ __all__ = [
     "Route",
     "ari_next_check",
     "budget_with_order_limit",
+    "challenged_address",
     "default_budget",
     "exempt_from_budgets",
     "expires_soon",
@@ -50,10 +51,12 @@ __all__ = [
     "needs_order",
     "next_attempt_after_failure",
     "order_budget_hold",
+    "order_profile",
     "rate_limit_hold",
     "renewal_time",
     "retry_delay",
     "time_in_window",
+    "unnamed_route",
     "within_cap",
 ]
 
@@ -69,6 +72,23 @@ def is_allowed(name: str, allowed_entries: Collection[str]) -> bool:
         return True
     pattern = pattern_for(name)
     return pattern is not None and pattern in allowed_entries
+
+
+def unnamed_route(local_address: str | None, default_name: str | None, allowed_entries: Collection[str]) -> str:
+    """The name a client that sent no SNI is served: the address it connected to when that is
+    allowed (its IP certificate, RFC 8738), else the default name, else "" (refused). Only
+    exact entries allow addresses, so an unknown one costs a cached parse and a set look-up."""
+    address = address_of_socket(local_address) if local_address else None
+    if address is not None and address in allowed_entries:
+        return address
+    return default_name or ""
+
+
+def challenged_address(server_name: str, allowed_entries: Collection[str]) -> str | None:
+    """The allowed address a tls-alpn-01 validation is for, when ``server_name`` is its
+    reverse-DNS name (RFC 8738 section 6: SNI cannot carry an address), else None."""
+    address = address_of_reverse_name(server_name)
+    return address if address is not None and address in allowed_entries else None
 
 
 #: The largest cap a pattern may have: the database stores it as a 32-bit integer.
@@ -184,6 +204,22 @@ def hold_reason(state: Backoff | None, now: datetime) -> HoldReason | None:
 #: (the process was killed): a CA validates within minutes of being asked, and an order's
 #: lease lasts five. Such answers are swept.
 STALE_CHALLENGE_AGE = timedelta(hours=1)
+
+
+#: The profile an IP address certificate is ordered under, when the CA offers it and the user
+#: chose none: Let's Encrypt issues certificates for addresses only with it (160 hours).
+ADDRESS_PROFILE = "shortlived"
+
+
+def order_profile(configured: str | None, names: Collection[str], offered: Collection[str]) -> str | None:
+    """The ACME profile to order ``names`` under: the user's (or the one the certificate
+    being renewed had), else :data:`ADDRESS_PROFILE` for an address where the CA offers it,
+    else None (the CA's default)."""
+    if configured is not None:
+        return configured
+    if ADDRESS_PROFILE in offered and any(is_address(name) for name in names):
+        return ADDRESS_PROFILE
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -329,7 +329,7 @@ class Worker:
             renew_at=renewal_time(info.not_before, info.not_after),
             directory=self.directory,
             order_url=issued.order_url,
-            profile=profile,
+            profile=issued.profile,
         )
         await self._store.finish_attempt(attempt_id, "valid")
         elapsed = asyncio.get_running_loop().time() - started

@@ -19,6 +19,7 @@ from autocert._policy import (
     account_budget_hold,
     ari_next_check,
     budget_with_order_limit,
+    challenged_address,
     default_budget,
     exempt_from_budgets,
     failure_budget_hold,
@@ -28,8 +29,10 @@ from autocert._policy import (
     name_status,
     next_attempt_after_failure,
     order_budget_hold,
+    order_profile,
     rate_limit_hold,
     renewal_time,
+    unnamed_route,
     within_cap,
 )
 
@@ -231,3 +234,32 @@ def test_where_renewals_count_they_go_before_new_names() -> None:
     assert expired == 0
     assert renewals > 3_000 * 3
     assert issued_new > 0
+
+
+def test_addresses_are_ordered_short_lived_where_the_ca_offers_it() -> None:
+    """Let's Encrypt issues IP address certificates only under ``shortlived``; a profile the
+    user chose (or the renewed certificate had) always wins."""
+    offered = {"classic": "90 days", "shortlived": "160 hours"}
+    assert order_profile(None, ["203.0.113.7"], offered) == "shortlived"
+    assert order_profile(None, ["2001:db8::1"], offered) == "shortlived"
+    assert order_profile("classic", ["203.0.113.7"], offered) == "classic"
+    assert order_profile(None, ["shop.example.com"], offered) is None
+    assert order_profile(None, ["203.0.113.7"], {"classic": "90 days"}) is None
+    assert order_profile(None, ["203.0.113.7"], {}) is None
+
+
+def test_a_client_without_sni_is_served_the_address_it_connected_to() -> None:
+    allowed = {"203.0.113.7", "2001:db8::1", "shop.example.com"}
+    assert unnamed_route("203.0.113.7", None, allowed) == "203.0.113.7"
+    assert unnamed_route("::ffff:203.0.113.7", None, allowed) == "203.0.113.7"
+    assert unnamed_route("2001:db8::1", "shop.example.com", allowed) == "2001:db8::1"
+    assert unnamed_route("198.51.100.1", "shop.example.com", allowed) == "shop.example.com"
+    assert unnamed_route("198.51.100.1", None, allowed) == ""
+    assert unnamed_route(None, None, allowed) == ""
+
+
+def test_tls_alpn_01_for_an_address_arrives_under_its_reverse_name() -> None:
+    allowed = {"203.0.113.7", "*.example.com"}
+    assert challenged_address("7.113.0.203.in-addr.arpa", allowed) == "203.0.113.7"
+    assert challenged_address("8.113.0.203.in-addr.arpa", allowed) is None, "not allowed"
+    assert challenged_address("shop.example.com", allowed) is None

@@ -22,6 +22,8 @@ from acme import messages
 
 from autocert._crypto import CertificateInfo, leaf_certificate_der, make_csr, parse_certificate_chain
 from autocert._errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REPLACED, AcmeError
+from autocert._names import is_address
+from autocert._policy import order_profile
 
 from .transport import AcmeTransport, decode_json, problem_error
 
@@ -58,6 +60,8 @@ class IssuedCertificate:
     chain_pem: bytes
     order_url: str
     info: CertificateInfo
+    profile: str | None = None
+    """The profile the order asked for (None: the CA's default)."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,7 @@ class AcmeClient:
             raise ValueError("an order needs at least one name")
         directory = await self.directory()
         url = await self._transport.resource("newOrder")
-        payload: dict[str, Any] = {"identifiers": [{"type": "dns", "value": n} for n in unique]}
+        payload: dict[str, Any] = {"identifiers": [_identifier_json(n) for n in unique]}
         if profile is not None:
             offered = directory.meta.profiles or {}
             if profile not in offered:
@@ -340,6 +344,7 @@ class AcmeClient:
         """
         started = time.monotonic()
         csr = make_csr(key_pem, names)
+        profile = order_profile(profile, names, (await self.directory()).meta.profiles or {})
         resumed = await self._resumable_order(resume_url) if resume_url else None
         if resumed is not None:
             order_url, order = resume_url, resumed  # type: ignore[assignment]
@@ -365,7 +370,7 @@ class AcmeClient:
         except ValueError as exc:
             raise AcmeError(f"the CA returned an unreadable certificate: {exc}") from exc
         log.debug("issued %s for %s in %.3fs", info.serial, ", ".join(names), time.monotonic() - started)
-        return IssuedCertificate(chain_pem=chain, order_url=order_url, info=info)
+        return IssuedCertificate(chain_pem=chain, order_url=order_url, info=info, profile=profile)
 
     async def _resumable_order(self, order_url: str) -> messages.Order | None:
         try:
@@ -392,6 +397,12 @@ class AcmeClient:
 
 def _status(order: messages.Order) -> str | None:
     return order.status.name if order.status is not None else None
+
+
+def _identifier_json(name: str) -> dict[str, str]:
+    """An order's identifier for a normalised name: ``ip`` for an address (RFC 8738)."""
+    kind = messages.IDENTIFIER_IP if is_address(name) else messages.IDENTIFIER_FQDN
+    return {"type": kind.name, "value": name}
 
 
 def _identifier(authz: Mapping[str, Any]) -> str:
