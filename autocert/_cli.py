@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     db_commands.add_parser("upgrade", help="create or migrate the schema to the newest revision", parents=[common])
 
-    allow = commands.add_parser("allow", help="allow names or *.patterns", parents=[common])
+    allow = commands.add_parser("allow", help="allow names, IP addresses or *.patterns", parents=[common])
     allow.add_argument("names", nargs="+", metavar="NAME")
     allow.add_argument("--cap", metavar="N", help="for *.patterns: at most N distinct names under it are ever ordered")
     disallow = commands.add_parser("disallow", help="remove names or patterns", parents=[common])
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with a tcp:// upstream: ALPN protocols offered to clients (default http/1.1)")
     serve.add_argument("--first-contact-wait", default=env("AUTOCERT_FIRST_CONTACT_WAIT", "10"), metavar="SECONDS")
     serve.add_argument("--cache-size", default=env("AUTOCERT_CACHE_SIZE", "10000"), metavar="N")
-    serve.add_argument("--default-name", default=None, metavar="NAME", help="certificate for clients without SNI")
+    serve.add_argument("--default-name", default=None, metavar="NAME", help="certificate (a name or an address) for clients without SNI that connected to no allowed address")
     serve.add_argument("--hsts", action="store_true", help="add Strict-Transport-Security to proxied responses")
     serve.add_argument("--header-timeout", default=env("AUTOCERT_HEADER_TIMEOUT", "30"), metavar="SECONDS",
                        help="a client must send each request head within SECONDS (the first one from the handshake)")

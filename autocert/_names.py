@@ -143,17 +143,14 @@ def normalize_address(raw: str) -> str:
     text = raw.strip()
     bracketed = text.startswith("[") and text.endswith("]")
     candidate = text[1:-1] if bracketed else text
-    family = "IPv6" if bracketed or ":" in candidate else "IPv4"
     if "%" in candidate:
         raise InvalidName(raw, "an IPv6 zone index (%...) names a local interface; no certificate can carry it")
+    if text.startswith("[") and ":" not in candidate:
+        raise InvalidName(raw, "brackets are only valid around an IPv6 address")
     try:
         address = ipaddress.ip_address(candidate)
-        if bracketed and address.version == 4:
-            raise ValueError
     except ValueError:
-        if bracketed:
-            raise InvalidName(raw, "brackets are only valid around an IPv6 address") from None
-        if family == "IPv6":
+        if ":" in candidate:
             raise InvalidName(raw, "malformed IPv6 address (and ':' is not allowed in a host name: a port?)") from None
         raise InvalidName(raw, "malformed IPv4 address (a DNS name cannot end in a numeric label)") from None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
