@@ -44,8 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("autocert.worker")
 
-#: How long an order may hold its lease before another process may take the name over.
-LEASE_SECONDS = 300.0
+#: How long an order may hold its lease before another process may take the name over: how
+#: long a name waits when the process ordering it dies on another host (one on the same host
+#: is noticed at once). ``AUTOCERT_LEASE_SECONDS`` changes it; it must outlast the slowest order.
+LEASE_SECONDS = float(os.environ.get("AUTOCERT_LEASE_SECONDS") or 300.0)
 
 
 def new_owner_id() -> str:
@@ -519,6 +521,8 @@ class Worker:
             state = await self._store.name_state(name)
             if state is None or not lease_held(state.lease_owner, state.lease_until, utcnow()):
                 break
+            if state.lease_owner is not None and owner_is_dead(state.lease_owner):
+                return None  # killed mid-order on this host: the caller takes the lease over
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
         certificate = await self._store.current_certificate(name)

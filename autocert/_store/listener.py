@@ -55,7 +55,7 @@ class ChangeListener:
             try:
                 connection = await asyncio.wait_for(asyncpg.connect(self._dsn), timeout=KEEPALIVE)
                 lost = asyncio.Event()
-                connection.add_termination_listener(lambda _connection: lost.set())
+                connection.add_termination_listener(lambda _connection, lost=lost: lost.set())
                 await connection.add_listener(CHANNEL, self._notified)
                 self.listening = True
                 delay = RECONNECT_FIRST
