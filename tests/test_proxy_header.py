@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from support import ServeProcess, client_context, free_port, served_certificate, wait_for
+from support import ServeProcess, client_context, free_port, run_cli, served_certificate, wait_for
 
 from autocert._proxy_protocol import NotProxyHeader, parse_proxy_header, proxy_header
 
@@ -24,7 +24,7 @@ NAME = "proxied.autocert.test"
 
 
 class _Echo(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+    def do_GET(self) -> None:
         body = json.dumps({key.lower(): value for key, value in self.headers.items()}).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -47,8 +47,6 @@ def upstream() -> Iterator[str]:
 
 @pytest.fixture
 def server(pebble, db: str, tmp_path: Path, upstream: str, root_ca: str) -> Iterator[ServeProcess]:
-    from support import run_cli
-
     assert run_cli("allow", NAME, db=db).returncode == 0
     with ServeProcess(db, pebble, tmp_path, extra=["--upstream", upstream, "--trusted-proxies", f"{BALANCER}/32,10.0.0.0/8"]) as serve:
         served_certificate(serve.https_port, NAME, root_ca)  # from an ordinary peer, no header: issued as usual
