@@ -36,6 +36,7 @@ from ._config import (
     parse_positive_int,
     parse_proxy_protocol,
     parse_seconds_above_zero,
+    parse_trusted_proxies,
     tcp_upstream,
 )
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reverse-proxy TLS requests to this http(s):// URL, or pass decrypted bytes to tcp://HOST:PORT")
     serve.add_argument("--proxy-protocol", default=env("AUTOCERT_PROXY_PROTOCOL"), metavar="v1|v2",
                        help="with a tcp:// upstream: start each upstream connection with a PROXY protocol header")
+    serve.add_argument("--trusted-proxies", default=env("AUTOCERT_TRUSTED_PROXIES"), metavar="CIDR,...",
+                       help="balancers whose connections start with a PROXY protocol v1/v2 header carrying the client's address "
+                            "(required from them, refused from anyone else)")
     serve.add_argument("--alpn", default=env("AUTOCERT_ALPN"), metavar="LIST",
                        help="with a tcp:// upstream: ALPN protocols offered to clients (default http/1.1)")
     serve.add_argument("--first-contact-wait", default=env("AUTOCERT_FIRST_CONTACT_WAIT", "10"), metavar="SECONDS")
@@ -422,6 +426,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     options.first_contact_wait = parse_positive_float(args.first_contact_wait, option="--first-contact-wait")
     options.proxy_protocol = parse_proxy_protocol(args.proxy_protocol)
     options.alpn = parse_alpn(args.alpn)
+    options.trusted_proxies = parse_trusted_proxies(args.trusted_proxies)
     tcp_upstream(options)
     options.hsts = args.hsts
     options.header_timeout = parse_seconds_above_zero(args.header_timeout, option="--header-timeout")

@@ -197,6 +197,11 @@ class ServeOptions:
     #: CLI hands this to ``Manager(alpn=...)``, and an embedder must do the same. A protocol
     #: the upstream does not speak (``h2`` to an HTTP/1.1 app) breaks every client that picks it.
     alpn: tuple[str, ...] | None = None
+    #: Balancers whose connections start with a PROXY protocol header (v1 or v2) carrying the
+    #: client's address, on the https and http listeners. Default none. From these addresses
+    #: the header is required; from any other a header is refused, so that clients cannot
+    #: claim another address. A balancer left out gets its connections dropped.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     #: Shell command run with each notified event's JSON on stdin. Default None. It runs
     #: with the server's privileges: it must be trusted.
     on_event: str | None = None
@@ -220,6 +225,19 @@ def parse_proxy_protocol(value: str | None) -> int | None:
     if text in ("v1", "v2"):
         return int(text[1])
     raise ConfigError(f"--proxy-protocol {value!r}: expected v1 or v2")
+
+
+def parse_trusted_proxies(value: str | None) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``--trusted-proxies``: addresses or networks separated by commas, e.g. ``10.0.0.0/8,::1``."""
+    networks = []
+    for part in (value or "").split(","):
+        if not part.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"--trusted-proxies {value!r}: {part.strip()!r} is not an IP address or CIDR network") from None
+    return tuple(networks)
 
 
 def parse_alpn(value: str | None) -> tuple[str, ...] | None:

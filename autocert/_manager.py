@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import ssl
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
 from ._errors import AutocertError, InvalidName, IssuanceError, StoreError
 from ._events import Event, EventBus, log_event
 from ._names import normalize_entry, normalize_name, pattern_for
-from ._policy import MAX_CAP, RateBudget, Route, default_budget, hold_reason, is_allowed, needs_order, within_cap
+from ._policy import MAX_CAP, RateBudget, Route, default_budget, hold_reason, is_allowed, needs_order
 from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
@@ -153,9 +154,6 @@ class Manager:
         self._challenges: ChallengeBook | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lookups: dict[str, asyncio.Task[ssl.SSLContext | None]] = {}
-        #: Names admitted under a capped pattern whose order has not finished yet: they count
-        #: against the cap before their attempt is in the database.
-        self._cap_reservations: dict[str, set[str]] = {}
         #: Allowed names that may not be ordered now: (loop time the hold ends, why). Read by
         #: :meth:`route`, so retries of a held name cost what an unknown name costs. Dropped
         #: when the name gets a certificate and whenever the allowlist changes.
@@ -164,6 +162,9 @@ class Manager:
         #: one-line-a-minute report of names refused over its cap.
         self._over_cap_log: dict[str, tuple[float, int]] = {}
         self._watcher: asyncio.Task[None] | None = None
+        #: Set by the database's change notifications (PostgreSQL): the watch refreshes at once.
+        self._changed = asyncio.Event()
+        self._listener_task: asyncio.Task[None] | None = None
         self.schedules_renewals = renew
         self._scheduler: Scheduler | None = None
         self._scheduler_task: asyncio.Task[None] | None = None
@@ -213,6 +214,9 @@ class Manager:
         if self.default_name:
             await self.context_for(self.default_name, wait=0)
         self._watcher = self._loop.create_task(self._watch(), name="autocert-watch")
+        listener = self._store.change_listener(self._changed.set)
+        if listener is not None:
+            self._listener_task = self._loop.create_task(listener.run(), name="autocert-listen")
         self._revocations_checked = utcnow()
         if self.schedules_renewals:
             self._scheduler = Scheduler(self._store, self._worker, is_allowed=self.is_allowed)
@@ -222,7 +226,7 @@ class Manager:
         if not self._started:
             return
         self._started = False
-        tasks = [t for t in [self._watcher, self._scheduler_task, *self._lookups.values()] if t is not None]
+        tasks = [t for t in [self._watcher, self._listener_task, self._scheduler_task, *self._lookups.values()] if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -430,8 +434,6 @@ class Manager:
                 # Failed, or held back by a budget: the worker stored when to try again.
                 await self._held_by_state(name, utcnow())
                 raise
-            finally:
-                self._release_cap_reservation(name)
         return await self._install(certificate)
 
     async def _held_by_state(self, name: str, now: datetime) -> bool:
@@ -458,22 +460,16 @@ class Manager:
     async def _within_pattern_cap(self, name: str) -> bool:
         """A name allowed only through a capped pattern may be ordered while the pattern has
         room (names already ordered under it keep their place). Checked off the handshake
-        path. Names admitted here are reserved until their order ends, so concurrent first
-        contacts in one process cannot overshoot; several processes on one database still can,
-        by the few names that start ordering in the same instant."""
+        path, and the place is taken in the same database transaction that checks it, so
+        first contacts racing in one process or in several sharing the database never pass
+        the cap."""
         pattern = pattern_for(name)
         if name in self._allowed or pattern is None:
             return True
+        if await self.store.claim_under_cap(name, pattern):
+            return True
         cap = await self.store.pattern_cap(pattern)
-        if cap is None:
-            return True
-        used = await self.store.names_under(pattern)
-        # No await from here on: the check and the reservation happen as one step.
-        reserved = self._cap_reservations.setdefault(pattern, set())
-        if within_cap(name, cap, used, reserved):
-            reserved.add(name)
-            return True
-        self._log_over_cap(name, pattern, cap)
+        self._log_over_cap(name, pattern, cap or 0)
         return False
 
     def _log_over_cap(self, name: str, pattern: str, cap: int) -> None:
@@ -491,14 +487,6 @@ class Manager:
             self._over_cap_log[pattern] = (now, 0)
         else:
             self._over_cap_log[pattern] = (logged[0], logged[1] + 1)
-
-    def _release_cap_reservation(self, name: str) -> None:
-        pattern = pattern_for(name)
-        reserved = self._cap_reservations.get(pattern) if pattern is not None else None
-        if reserved is not None:
-            reserved.discard(name)
-            if not reserved:
-                del self._cap_reservations[pattern]  # type: ignore[arg-type]
 
     async def _install(self, certificate: StoredCertificate) -> ssl.SSLContext | None:
         """Hot-insert a certificate: the next handshake for its name gets it."""
@@ -553,7 +541,10 @@ class Manager:
         """
         failing_since: float | None = None
         while True:
-            await asyncio.sleep(self.poll_interval)
+            # A notification (PostgreSQL) cuts the wait short; without one, this is the poll.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self.poll_interval)
+            self._changed.clear()
             try:
                 marks = await self.store.change_marks()  # one small query a second when nothing changes
                 await self._refresh_allowlist(marks.allowlist_version)

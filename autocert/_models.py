@@ -24,6 +24,7 @@ __all__ = [
     "AllowedRow",
     "AttemptRow",
     "Base",
+    "CapClaimRow",
     "CertificateRow",
     "ChallengeRow",
     "NameRow",
@@ -257,11 +258,24 @@ class NameRow(Base):
 
 
 class ChallengeRow(Base):
-    """A pending http-01 answer, shared so that any instance behind the name can serve it."""
+    """A pending challenge answer (http-01 by token, tls-alpn-01 by name), shared so that any
+    instance the CA reaches can serve it."""
 
     __tablename__ = "challenges"
 
     token: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
-    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
     key_authorization: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    challenge_type: Mapped[str] = mapped_column(String(16), default="http-01", server_default="http-01")
+
+
+class CapClaimRow(Base):
+    """A place under a capped pattern, taken by a name in the same transaction that checked
+    the cap: servers racing for the last place cannot both get it."""
+
+    __tablename__ = "cap_claims"
+
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    pattern: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
+    claimed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -5,7 +5,8 @@ This package is the only code that writes SQL. It hands out frozen dataclasses
 :class:`Store` is one class made of a part per aggregate, each over the shared base in
 :mod:`.engine` (engine, sessions, key sealer, lifecycle and migrations): :mod:`.allowlist`,
 :mod:`.accounts`, :mod:`.certificates` (with pending orders), :mod:`.attempts` (with
-backoff and leases) and :mod:`.challenges`; :mod:`.names` keeps the status index those
+backoff and leases) and :mod:`.challenges`; :mod:`.listener` hears PostgreSQL's change
+notifications; :mod:`.names` keeps the status index those
 writes summarise, and :mod:`.status` answers status pages and counts from it, with
 predicates that :mod:`.rules` derives from the state rules.
 
@@ -17,6 +18,13 @@ Writes
 
     - ``allow`` and ``disallow`` change the entries and move the allowlist version, so a
       server that sees the new version (``change_marks``) sees the whole change.
+    - On PostgreSQL, ``allow``, ``disallow``, ``save_certificate`` and ``mark_revoked`` send
+      ``NOTIFY autocert_changes`` in their transaction: listeners (``change_listener``) hear
+      of a change only once it is committed, and never of one rolled back.
+    - ``claim_under_cap`` checks a pattern's cap and takes the name's place under it, and
+      ``start_attempt_within`` counts the account's orders and starts the attempt, each in
+      one transaction serialised with its kind (a row lock on the pattern, an advisory lock
+      on PostgreSQL; the write lock on SQLite): instances racing never pass a cap or budget.
     - ``finish_attempt`` closes the attempt and updates the name's failure count and last
       error (a success also clears the backoff); finishing an attempt twice raises
       :class:`StoreError` instead of counting a failure twice. The time of the next try is

@@ -11,10 +11,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from .._errors import StoreError
 from .._names import is_pattern, normalize_entry, pattern_for
+from .._policy import within_cap
 from .._timefmt import utcnow
 from .engine import _chunks, _short_error
 from .names import NamesMixin
-from .records import AllowedEntry, ChangeMarks, _allowed, _allowlist_version, _attempts, _certificates
+from .records import AllowedEntry, ChangeMarks, _allowed, _allowlist_version, _attempts, _cap_claims, _certificates
 
 #: See :meth:`Store.change_marks`; built once, as it runs every second.
 _CHANGE_MARKS = select(
@@ -59,13 +60,40 @@ class AllowlistMixin(NamesMixin):
             return (await session.execute(select(_allowed.c.cap).where(_allowed.c.entry == pattern))).scalar_one_or_none()
 
     async def names_under(self, pattern: str) -> set[str]:
-        """Distinct names one label under ``pattern`` that were ever ordered (its cap's usage)."""
+        """Distinct names one label under ``pattern`` that were ever ordered or hold a place
+        under its cap (its cap's usage)."""
+        async with self._reading() as session:
+            return await self._names_under(session, pattern)
+
+    async def _names_under(self, session: AsyncSession, pattern: str) -> set[str]:
         base = pattern.removeprefix("*.")
         like = "%." + base.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        stmt = select(_attempts.c.name).where(_attempts.c.name.like(like, escape="\\")).distinct()
-        async with self._reading() as session:
-            found = (await session.execute(stmt)).scalars()
-            return {name for name in found if pattern_for(name) == pattern}
+        ordered = select(_attempts.c.name).where(_attempts.c.name.like(like, escape="\\"))
+        claimed = select(_cap_claims.c.name).where(_cap_claims.c.pattern == pattern)
+        found = (await session.execute(ordered.union(claimed))).scalars()
+        return {name for name in found if pattern_for(name) == pattern}
+
+    async def claim_under_cap(self, name: str, pattern: str) -> bool:
+        """Take a place for ``name`` under ``pattern``'s cap if one is free (or it has one);
+        False when the cap is reached. True too when the pattern has no cap.
+
+        Checking the cap and taking the place are one transaction, serialised with every other
+        claim under the pattern (a lock on its row on PostgreSQL; SQLite's write lock), so
+        servers sharing the database never pass the cap between them, however many first
+        contacts race for the last place.
+        """
+        cap_of = select(_allowed.c.cap).where(_allowed.c.entry == pattern)
+        if self.dialect == "postgresql":
+            cap_of = cap_of.with_for_update()
+        async with self._writing() as session:
+            cap = (await session.execute(cap_of)).scalar_one_or_none()
+            if cap is None:
+                return True
+            if not within_cap(name, cap, await self._names_under(session, pattern), ()):
+                return False
+            claim = self._insert(_cap_claims).values(name=name, pattern=pattern, claimed_at=utcnow())
+            await session.execute(claim.on_conflict_do_nothing(index_elements=["name"]))
+            return True
 
     async def disallow(self, entries: Iterable[str]) -> list[str]:
         """Remove entries; returns those that were present, in the order given."""
@@ -85,6 +113,7 @@ class AllowlistMixin(NamesMixin):
         bumped = await session.execute(update(_allowlist_version).where(_allowlist_version.c.id == 1).values(version=_allowlist_version.c.version + 1))
         if bumped.rowcount == 0:  # a database created from the models rather than the migrations
             await session.execute(self._insert(_allowlist_version).values(id=1, version=1).on_conflict_do_nothing(index_elements=["id"]))
+        await self._announce_change(session)
 
     async def allowed(self) -> list[AllowedEntry]:
         """The whole allowlist, sorted by entry (in Python: database collations differ)."""

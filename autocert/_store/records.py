@@ -17,6 +17,7 @@ from .._models import (
     AllowedRow,
     AllowlistVersionRow,
     AttemptRow,
+    CapClaimRow,
     CertificateRow,
     ChallengeRow,
     NameRow,
@@ -31,6 +32,7 @@ _attempts: Table = AttemptRow.__table__  # type: ignore[assignment]
 _name_states: Table = NameStateRow.__table__  # type: ignore[assignment]
 _challenges: Table = ChallengeRow.__table__  # type: ignore[assignment]
 _names: Table = NameRow.__table__  # type: ignore[assignment]
+_cap_claims: Table = CapClaimRow.__table__  # type: ignore[assignment]
 
 
 def _is_current() -> ColumnElement[bool]:
