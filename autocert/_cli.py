@@ -32,6 +32,7 @@ from ._config import (
     parse_listen,
     parse_on_off,
     parse_positive_float,
+    parse_external_account,
     parse_order_limit,
     parse_positive_int,
     parse_proxy_protocol,
@@ -87,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     acme.add_argument("--profile", default=env("AUTOCERT_PROFILE"), help="ACME certificate profile")
     acme.add_argument("--order-limit", default=env("AUTOCERT_ORDER_LIMIT"), metavar="N/DURATION",
                       help="new orders per account kept under, e.g. 300/3h, or none (default: Let's Encrypt's limits for its directories, else none)")
+    acme.add_argument("--eab-kid", default=env("AUTOCERT_EAB_KID"), metavar="KID",
+                      help="External Account Binding key id, for CAs that require it (with --eab-hmac-key)")
+    acme.add_argument("--eab-hmac-key", default=env("AUTOCERT_EAB_HMAC_KEY"), metavar="KEY",
+                      help="External Account Binding MAC key, base64url as the CA gave it (with --eab-kid)")
+    acme.add_argument("--ask", default=env("AUTOCERT_ASK"), metavar="URL",
+                      help="for names not on the allowlist, GET URL?domain=NAME: a 2xx allows the name (Caddy's on-demand ask)")
+    acme.add_argument("--ask-timeout", default=env("AUTOCERT_ASK_TIMEOUT", "2"), metavar="SECONDS",
+                      help="an ask that takes longer refuses the name (default 2)")
     acme.add_argument("--http", default=env("AUTOCERT_HTTP", "0.0.0.0:80"), help="plain listener HOST:PORT or none")
     acme.add_argument("--https", default=env("AUTOCERT_HTTPS", "0.0.0.0:443"), help="TLS listener HOST:PORT or none")
 
@@ -273,8 +282,12 @@ def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str
     extra.setdefault("renew", False)  # one-shot commands do only what they were asked
     if args.order_limit is not None:
         extra["budget"] = budget_with_order_limit(args.directory, parse_order_limit(args.order_limit))
+    eab = parse_external_account(args.eab_kid, args.eab_hmac_key)
     return Manager(
         db=db_url(args),
+        eab=(eab.kid, eab.hmac_key) if eab else None,
+        ask=args.ask or None,
+        ask_timeout=parse_seconds_above_zero(args.ask_timeout, option="--ask-timeout"),
         directory=args.directory,
         email=args.email,
         agree_tos=args.agree_tos,
@@ -291,7 +304,7 @@ async def cmd_issue(args: argparse.Namespace) -> int:
     options = listener_options(args)
     manager = manager_from_args(args, challenge_types=challenge_types_for(options))
     async with manager:
-        not_allowed = [name for name in names if not manager.is_allowed(name)]
+        not_allowed = [name for name in names if not await manager.may_serve(name)]
         if not_allowed:
             raise UsageError(f"{not_allowed[0]}: not allowed; run `autocert allow {not_allowed[0]}` first")
         async with challenge_listeners(manager, options):

@@ -322,7 +322,7 @@ class TlsFront:
         if context is not None:
             self._start_tls(transport, context, data, name)
             return
-        if route is not Route.LOAD and route is not Route.CHALLENGE:
+        if route is Route.REFUSE or route is Route.HELD:
             self._reject(transport)
             return
         transport.pause_reading()
@@ -336,6 +336,9 @@ class TlsFront:
         try:
             if route is Route.CHALLENGE:
                 context = await self._manager.challenges.context(name)
+            elif route is Route.ASK and not await self._manager.may_serve(name):
+                self._manager.handshakes["unknown_name"] += 1
+                context = None
             else:
                 context = await self._manager.context_for(name, wait=self._options.first_contact_wait)
                 self._manager.handshakes["served" if context is not None else "pending"] += 1
