@@ -337,8 +337,7 @@ class TlsFront:
             if route is Route.CHALLENGE:
                 context = await self._manager.challenges.context(name)
             elif route is Route.ASK and not await self._manager.may_serve(name):
-                self._manager.handshakes["unknown_name"] += 1
-                context = None
+                context = None  # counted as asked
             else:
                 context = await self._manager.context_for(name, wait=self._options.first_contact_wait)
                 self._manager.handshakes["served" if context is not None else "pending"] += 1

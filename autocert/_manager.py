@@ -370,8 +370,8 @@ class Manager:
 
     def route(self, server_name: str | None, alpn: Sequence[str] = ()) -> tuple[Route, str, ssl.SSLContext | None]:
         """Decide a handshake from memory alone: the route, the normalised name and the context
-        to serve (when there is one). Counts ``served``, ``challenge`` and ``unknown_name``;
-        a ``LOAD`` is counted by the caller once it knows how the load ended.
+        to serve (when there is one). Counts ``served``, ``challenge``, ``unknown_name`` and
+        ``asked``; a ``LOAD`` is counted by the caller once it knows how the load ended.
 
         The one decision behind both SNI paths; it never waits and never touches the database.
         """
@@ -379,6 +379,7 @@ class Manager:
         if not name or not self._started or not is_allowed(name, self._allowed):
             answer = self.ask.answer(name) if self.ask is not None and name and self._started else False
             if answer is None:
+                self.handshakes["asked"] += 1
                 return Route.ASK, name, None
             if not answer:
                 self.handshakes["unknown_name"] += 1
@@ -408,7 +409,6 @@ class Manager:
             self.handshakes["pending"] += 1
             self._lookup(name)
         elif route is Route.ASK:  # likewise: the next handshake gets the answer
-            self.handshakes["asked"] += 1
             self.ask.ask_soon(name)  # type: ignore[union-attr]
         return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
 
