@@ -171,7 +171,7 @@ class AskGate:
         try:
             async with self._session.get(self.url.update_query(domain=name), allow_redirects=False) as response:
                 return response.status, response.headers.get("Cache-Control")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("%s: the ask endpoint did not answer within %.1f s; refused", name, self.timeout)
         except aiohttp.ClientError as exc:
             log.warning("%s: could not ask the ask endpoint (%s); refused", name, exc)

@@ -39,6 +39,7 @@ from ._config import (
     parse_seconds_above_zero,
     tcp_upstream,
 )
+from ._config_file import apply_config_file, load_config_file
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._names import is_pattern, normalize_entry, normalize_name
 from ._policy import MAX_CAP, STATES, budget_with_order_limit
@@ -59,8 +60,19 @@ class UsageError(AutocertError):
     """Bad input from the user: reported in one line with exit code 2."""
 
 
+#: The environment variables options are read from, recorded as the parser is built (plus
+#: the one read later): a config file's value for the same option gives way to them.
+ENV_NAMES: set[str] = {"AUTOCERT_DB"}
+
+
 def env(name: str, default: str | None = None) -> str | None:
+    ENV_NAMES.add(name)
     return os.environ.get(name) or default
+
+
+def env_flag(name: str) -> bool:
+    ENV_NAMES.add(name)
+    return parse_bool_env(name)
 
 
 #: RFC 5280 CRLReason codes accepted by ACME revocation.
@@ -79,12 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, help="database URL (env AUTOCERT_DB)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="TOML file of options (first_contact_wait = 10, [[issuer]] tables); environment and command line override it"
+                             " (env AUTOCERT_CONFIG)")
 
     acme = argparse.ArgumentParser(add_help=False)
     acme.add_argument("--directory", default=env("AUTOCERT_DIRECTORY", LETS_ENCRYPT_DIRECTORY), help="ACME directory URL")
     acme.add_argument("--ca-bundle", default=env("AUTOCERT_CA_BUNDLE"), help="PEM trusted for the ACME server")
     acme.add_argument("--email", default=env("AUTOCERT_EMAIL"), help="ACME account contact")
-    acme.add_argument("--agree-tos", action="store_true", default=parse_bool_env("AUTOCERT_AGREE_TOS"), help="accept the CA's terms")
+    acme.add_argument("--agree-tos", action="store_true", default=env_flag("AUTOCERT_AGREE_TOS"), help="accept the CA's terms")
     acme.add_argument("--profile", default=env("AUTOCERT_PROFILE"), help="ACME certificate profile")
     acme.add_argument("--order-limit", default=env("AUTOCERT_ORDER_LIMIT"), metavar="N/DURATION",
                       help="new orders per account kept under, e.g. 300/3h, or none (default: Let's Encrypt's limits for its directories, else none)")
@@ -252,7 +267,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
             raise UsageError(f"--state {state}: unknown state; use one of {', '.join(STATES)}")
     limit = parse_positive_int(args.limit, option="--limit") if args.limit is not None else None
     names = normalise_all(args.names, patterns=False) if args.names else None
-    directory = env("AUTOCERT_DIRECTORY", LETS_ENCRYPT_DIRECTORY) or LETS_ENCRYPT_DIRECTORY
+    config = args.config_file
+    from_file = config and ((config.issuers[:1] or [{}])[0].get("directory") or config.options.get("directory"))
+    directory = env("AUTOCERT_DIRECTORY") or from_file or LETS_ENCRYPT_DIRECTORY
     from ._status import parse_query, status_chunks, status_report
 
     async with open_store(args) as store:
@@ -487,10 +504,38 @@ COMMANDS = {
 }
 
 
+def config_path(argv: Sequence[str]) -> str | None:
+    """``--config FILE`` wherever it is on the command line, else ``$AUTOCERT_CONFIG``: read
+    before the real parse, because the file sets the defaults that parse starts from."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    return known.config or env("AUTOCERT_CONFIG")
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, over the environment, over the config file, over the defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    path = config_path(argv)
+    config = load_config_file(path) if path else None
+    if config is not None:
+        apply_config_file(parser, config, ENV_NAMES)
+        if len(config.issuers) > 1:
+            log.warning("%s: %d [[issuer]] tables; only the first is used", path, len(config.issuers))
+    args = parser.parse_args(argv)
+    args.config_file = config
+    return args
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     expect_stop_signals()
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_arguments(argv)
+    except ConfigError as exc:
+        release_stop_signals()
+        print(f"autocert: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BaseException:  # --help, --version, a usage error: exit as usual
         release_stop_signals()
         raise

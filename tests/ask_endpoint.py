@@ -15,7 +15,6 @@ import threading
 from dataclasses import dataclass, field
 
 from aiohttp import web
-
 from pebble import free_port
 
 

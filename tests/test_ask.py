@@ -12,12 +12,12 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-
 from ask_endpoint import AskEndpoint
-from autocert._ask import AskGate
 from pebble import Pebble, wait_for
 from support import ServeProcess, handshake, openssl_s_client, served_certificate
 from test_cli import snapshot
+
+from autocert._ask import AskGate
 
 
 @pytest.fixture(scope="module")

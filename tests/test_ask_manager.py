@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from ask_endpoint import AskEndpoint
 from pebble import Pebble, wait_for
 from support import served_certificate

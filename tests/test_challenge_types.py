@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_renewal import running_manager
 
 from autocert._acme.client import _choose_challenge
 from autocert._errors import AcmeError
-from test_renewal import running_manager
 
 UNKNOWN = [
     {"type": "dns-persist-01", "url": "https://ca.example/chall/1", "status": "pending", "issuer-domain-names": ["ca.example"]},

@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 import secrets
 from pathlib import Path
-import pytest
 
-from autocert._cli import run
+import pytest
 from pebble import Pebble
 from support import acme_args, run_cli
+
+from autocert._cli import run
 
 KID = "kid-autocert-test"
 
