@@ -13,6 +13,7 @@ import asyncio
 import collections
 import threading
 from dataclasses import dataclass, field
+from typing import Self
 
 from aiohttp import web
 from pebble import free_port
@@ -41,7 +42,7 @@ class AskEndpoint:
     def total(self) -> int:
         return sum(self.calls.values())
 
-    def __enter__(self) -> AskEndpoint:
+    def __enter__(self) -> Self:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
         return self

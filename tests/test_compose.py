@@ -10,7 +10,6 @@ listener certificate script works, and Debian's Pebble accepts the compose Pebbl
 from __future__ import annotations
 
 import argparse
-
 import json
 import re
 import shlex

@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
+from pebble import Pebble
+from support import run_cli
 
 from autocert._cli import build_parser, parse_arguments, run
 from autocert._config_file import ISSUER_KEYS, option_actions
-from pebble import Pebble
-from support import run_cli
 
 
 def write(tmp_path: Path, text: str) -> str:
