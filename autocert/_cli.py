@@ -32,6 +32,7 @@ from ._config import (
     parse_listen,
     parse_on_off,
     parse_positive_float,
+    parse_external_account,
     parse_order_limit,
     parse_positive_int,
     parse_proxy_protocol,
@@ -39,6 +40,7 @@ from ._config import (
     parse_trusted_proxies,
     tcp_upstream,
 )
+from ._config_file import apply_config_file, load_config_file
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._names import is_pattern, normalize_entry, normalize_name
 from ._policy import MAX_CAP, STATES, budget_with_order_limit
@@ -59,8 +61,19 @@ class UsageError(AutocertError):
     """Bad input from the user: reported in one line with exit code 2."""
 
 
+#: The environment variables options are read from, recorded as the parser is built (plus
+#: the one read later): a config file's value for the same option gives way to them.
+ENV_NAMES: set[str] = {"AUTOCERT_DB"}
+
+
 def env(name: str, default: str | None = None) -> str | None:
+    ENV_NAMES.add(name)
     return os.environ.get(name) or default
+
+
+def env_flag(name: str) -> bool:
+    ENV_NAMES.add(name)
+    return parse_bool_env(name)
 
 
 #: RFC 5280 CRLReason codes accepted by ACME revocation.
@@ -79,15 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, help="database URL (env AUTOCERT_DB)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="TOML file of options (first_contact_wait = 10, [[issuer]] tables); environment and command line override it"
+                             " (env AUTOCERT_CONFIG)")
 
     acme = argparse.ArgumentParser(add_help=False)
     acme.add_argument("--directory", default=env("AUTOCERT_DIRECTORY", LETS_ENCRYPT_DIRECTORY), help="ACME directory URL")
     acme.add_argument("--ca-bundle", default=env("AUTOCERT_CA_BUNDLE"), help="PEM trusted for the ACME server")
     acme.add_argument("--email", default=env("AUTOCERT_EMAIL"), help="ACME account contact")
-    acme.add_argument("--agree-tos", action="store_true", default=parse_bool_env("AUTOCERT_AGREE_TOS"), help="accept the CA's terms")
+    acme.add_argument("--agree-tos", action="store_true", default=env_flag("AUTOCERT_AGREE_TOS"), help="accept the CA's terms")
     acme.add_argument("--profile", default=env("AUTOCERT_PROFILE"), help="ACME certificate profile")
     acme.add_argument("--order-limit", default=env("AUTOCERT_ORDER_LIMIT"), metavar="N/DURATION",
                       help="new orders per account kept under, e.g. 300/3h, or none (default: Let's Encrypt's limits for its directories, else none)")
+    acme.add_argument("--eab-kid", default=env("AUTOCERT_EAB_KID"), metavar="KID",
+                      help="External Account Binding key id, for CAs that require it (with --eab-hmac-key)")
+    acme.add_argument("--eab-hmac-key", default=env("AUTOCERT_EAB_HMAC_KEY"), metavar="KEY",
+                      help="External Account Binding MAC key, base64url as the CA gave it (with --eab-kid)")
+    acme.add_argument("--ask", default=env("AUTOCERT_ASK"), metavar="URL",
+                      help="for names not on the allowlist, GET URL?domain=NAME: a 2xx allows the name (Caddy's on-demand ask)")
+    acme.add_argument("--ask-timeout", default=env("AUTOCERT_ASK_TIMEOUT", "2"), metavar="SECONDS",
+                      help="an ask that takes longer refuses the name (default 2)")
     acme.add_argument("--http", default=env("AUTOCERT_HTTP", "0.0.0.0:80"), help="plain listener HOST:PORT or none")
     acme.add_argument("--https", default=env("AUTOCERT_HTTPS", "0.0.0.0:443"), help="TLS listener HOST:PORT or none")
 
@@ -247,7 +271,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
             raise UsageError(f"--state {state}: unknown state; use one of {', '.join(STATES)}")
     limit = parse_positive_int(args.limit, option="--limit") if args.limit is not None else None
     names = normalise_all(args.names, patterns=False) if args.names else None
-    directory = env("AUTOCERT_DIRECTORY", LETS_ENCRYPT_DIRECTORY) or LETS_ENCRYPT_DIRECTORY
+    config = args.config_file
+    from_file = config and ((config.issuers[:1] or [{}])[0].get("directory") or config.options.get("directory"))
+    directory = env("AUTOCERT_DIRECTORY") or from_file or LETS_ENCRYPT_DIRECTORY
     from ._status import parse_query, status_chunks, status_report
 
     async with open_store(args) as store:
@@ -277,8 +303,12 @@ def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str
     extra.setdefault("renew", False)  # one-shot commands do only what they were asked
     if args.order_limit is not None:
         extra["budget"] = budget_with_order_limit(args.directory, parse_order_limit(args.order_limit))
+    eab = parse_external_account(args.eab_kid, args.eab_hmac_key)
     return Manager(
         db=db_url(args),
+        eab=(eab.kid, eab.hmac_key) if eab else None,
+        ask=args.ask or None,
+        ask_timeout=parse_seconds_above_zero(args.ask_timeout, option="--ask-timeout"),
         directory=args.directory,
         email=args.email,
         agree_tos=args.agree_tos,
@@ -295,7 +325,7 @@ async def cmd_issue(args: argparse.Namespace) -> int:
     options = listener_options(args)
     manager = manager_from_args(args, challenge_types=challenge_types_for(options))
     async with manager:
-        not_allowed = [name for name in names if not manager.is_allowed(name)]
+        not_allowed = [name for name in names if not await manager.may_serve(name)]
         if not_allowed:
             raise UsageError(f"{not_allowed[0]}: not allowed; run `autocert allow {not_allowed[0]}` first")
         async with challenge_listeners(manager, options):
@@ -479,10 +509,38 @@ COMMANDS = {
 }
 
 
+def config_path(argv: Sequence[str]) -> str | None:
+    """``--config FILE`` wherever it is on the command line, else ``$AUTOCERT_CONFIG``: read
+    before the real parse, because the file sets the defaults that parse starts from."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    return known.config or env("AUTOCERT_CONFIG")
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, over the environment, over the config file, over the defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    path = config_path(argv)
+    config = load_config_file(path) if path else None
+    if config is not None:
+        apply_config_file(parser, config, ENV_NAMES)
+        if len(config.issuers) > 1:
+            log.warning("%s: %d [[issuer]] tables; only the first is used", path, len(config.issuers))
+    args = parser.parse_args(argv)
+    args.config_file = config
+    return args
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     expect_stop_signals()
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_arguments(argv)
+    except ConfigError as exc:
+        release_stop_signals()
+        print(f"autocert: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BaseException:  # --help, --version, a usage error: exit as usual
         release_stop_signals()
         raise

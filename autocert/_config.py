@@ -6,6 +6,8 @@ its text is checked, so that ``serve``, ``issue`` and the ``Manager`` never disa
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import socket
@@ -135,6 +137,35 @@ def check_ca_bundle(path: str | None) -> str | None:
     if not Path(path).is_file():
         raise ConfigError(f"--ca-bundle {path!r}: no such file")
     return path
+
+
+@dataclass(frozen=True)
+class ExternalAccount:
+    """External Account Binding: the key id and MAC key (base64url, as CAs hand it out) a CA
+    that requires it gave for binding our ACME account to a customer account."""
+
+    kid: str
+    hmac_key: str
+
+    def __repr__(self) -> str:
+        return f"ExternalAccount(kid={self.kid!r}, hmac_key=...)"  # the key never reaches a log
+
+
+def parse_external_account(kid: str | None, hmac_key: str | None) -> ExternalAccount | None:
+    """``--eab-kid`` and ``--eab-hmac-key``: both or neither; the key must be base64url."""
+    if not kid and not hmac_key:
+        return None
+    if not kid or not hmac_key:
+        given, missing = ("--eab-kid", "--eab-hmac-key") if kid else ("--eab-hmac-key", "--eab-kid")
+        raise ConfigError(f"{given} needs {missing} as well: External Account Binding takes both the key id and the MAC key")
+    text = hmac_key.strip()
+    try:
+        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, binascii.Error):
+        decoded = b""
+    if not decoded or not all(c.isalnum() or c in "-_=" for c in text):
+        raise ConfigError("--eab-hmac-key: not a base64url key (use the MAC key exactly as the CA gave it)")
+    return ExternalAccount(kid.strip(), text.rstrip("="))
 
 
 @dataclass

@@ -326,7 +326,7 @@ class TlsFront:
         if context is not None:
             self._start_tls(transport, context, data, name, reader.source)
             return
-        if route is not Route.LOAD and route is not Route.CHALLENGE:
+        if route is Route.REFUSE or route is Route.HELD:
             self._reject(transport)
             return
         transport.pause_reading()
@@ -340,6 +340,8 @@ class TlsFront:
         try:
             if route is Route.CHALLENGE:
                 context = await self._manager.challenges.context(name)
+            elif route is Route.ASK and not await self._manager.may_serve(name):
+                context = None  # counted as asked
             else:
                 context = await self._manager.context_for(name, wait=self._options.first_contact_wait)
                 self._manager.handshakes["served" if context is not None else "pending"] += 1

@@ -18,11 +18,13 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
-from ._errors import AutocertError, InvalidName, IssuanceError, StoreError
+from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url, parse_external_account
+from ._errors import AutocertError, IssuanceError, StoreError
 from ._events import Event, EventBus, log_event
-from ._names import normalize_entry, normalize_name, pattern_for
+from ._names import is_host_name, normalize_entry, normalize_name
 from ._policy import MAX_CAP, RateBudget, Route, default_budget, hold_reason, is_allowed, needs_order
+from ._ask import ASK_TIMEOUT, AskGate
+from ._caps import PatternCaps
 from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
@@ -40,9 +42,6 @@ _REFUSED: tuple[Route, str, None] = (Route.REFUSE, "", None)
 #: At most this many held-back names are remembered; beyond it the oldest are forgotten (they
 #: are then looked up once more, and remembered again).
 HELD_NAMES_MAX = 100_000
-
-#: Refusals under a capped pattern after the first are logged as one count per this many seconds.
-OVER_CAP_LOG_INTERVAL = 60.0
 
 
 class Manager:
@@ -102,6 +101,18 @@ class Manager:
         other CAs, whose own ``rateLimited`` answers (and ``Retry-After``) are honoured per
         name and per account either way. Renewals the CA exempts (ARI ``replaces``) are never
         counted or held. Raising it past the CA's own gets the account rate-limited.
+    eab:
+        (key id, MAC key) for External Account Binding, the MAC key base64url as the CA gave
+        it. Default None. A CA that requires it refuses to register an account without it.
+    ask:
+        URL asked ``GET URL?domain=NAME`` about names not on the allowlist (Caddy's on-demand
+        ``ask``): a 2xx allows the name. Default None. The ``sni_callback`` cannot wait for the
+        answer: it refuses a name not yet asked and asks in the background, and the next
+        handshake gets the answer (``serve`` waits for it). Answers are cached, asks merged
+        and bounded (:class:`autocert._ask.AskGate`); allowed names are asked again before
+        each renewal. A slow endpoint slows first contacts; a down one refuses new names.
+    ask_timeout:
+        Seconds an ask may take before the name is refused. Default 2.
     """
 
     def __init__(
@@ -121,6 +132,9 @@ class Manager:
         concurrency: int = 4,
         renew: bool = True,
         budget: RateBudget | Literal["auto"] | None = "auto",
+        eab: tuple[str, str] | None = None,
+        ask: str | None = None,
+        ask_timeout: float = ASK_TIMEOUT,
     ) -> None:
         self.db_url = db or default_db_url()
         self.directory = directory
@@ -134,7 +148,10 @@ class Manager:
         self.poll_interval = poll_interval
         self.concurrency = concurrency
         self.budget = default_budget(directory) if budget == "auto" else budget
+        self.eab = parse_external_account(*eab) if eab is not None else None
         self.cache = ContextCache(cache_size)
+        #: The ask endpoint's gate, when there is one; a name it stops allowing stops being served.
+        self.ask = AskGate(ask, timeout=ask_timeout, on_refused=self.cache.discard) if ask else None
         #: What happened to which name (issued, failed, ...), for logs, notifications, status page.
         self.events = EventBus()
         self.events.subscribe(log_event)
@@ -154,13 +171,11 @@ class Manager:
         self._challenges: ChallengeBook | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lookups: dict[str, asyncio.Task[ssl.SSLContext | None]] = {}
+        self._caps = PatternCaps(lambda: self._loop.time())  # type: ignore[union-attr]
         #: Allowed names that may not be ordered now: (loop time the hold ends, why). Read by
         #: :meth:`route`, so retries of a held name cost what an unknown name costs. Dropped
         #: when the name gets a certificate and whenever the allowlist changes.
         self._held: dict[str, tuple[float, str]] = {}
-        #: Per capped pattern: (loop time of the last log line, refusals since) for the
-        #: one-line-a-minute report of names refused over its cap.
-        self._over_cap_log: dict[str, tuple[float, int]] = {}
         self._watcher: asyncio.Task[None] | None = None
         #: Set by the database's change notifications (PostgreSQL): the watch refreshes at once.
         self._changed = asyncio.Event()
@@ -196,6 +211,7 @@ class Manager:
             agree_tos=self.agree_tos,
             ca_bundle=self.ca_bundle,
             profile=self.profile,
+            eab=self.eab,
             concurrency=self.concurrency,
             budget=self.budget,
             on_issued=self._install,
@@ -219,7 +235,8 @@ class Manager:
             self._listener_task = self._loop.create_task(listener.run(), name="autocert-listen")
         self._revocations_checked = utcnow()
         if self.schedules_renewals:
-            self._scheduler = Scheduler(self._store, self._worker, is_allowed=self.is_allowed)
+            self._scheduler = Scheduler(self._store, self._worker, is_allowed=self.is_allowed,
+                                        recheck=None if self.ask is None else lambda name: self.may_serve(name, fresh=True))
             self._scheduler_task = self._loop.create_task(self._scheduler.run(), name="autocert-scheduler")
 
     async def stop(self) -> None:
@@ -232,6 +249,8 @@ class Manager:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._worker is not None:
             await self._worker.close()
+        if self.ask is not None:
+            await self.ask.close()
         if self._store is not None:
             await self._store.close()
         self._store = self._worker = None
@@ -265,7 +284,14 @@ class Manager:
 
     def is_allowed(self, name: str) -> bool:
         """Whether ``name`` (already normalised) may get a certificate, from memory."""
-        return is_allowed(name, self._allowed)
+        return is_allowed(name, self._allowed) or (self.ask is not None and self.ask.allows(name))
+
+    async def may_serve(self, name: str, *, fresh: bool = False) -> bool:
+        """Whether ``name`` (already normalised) is allowed, asking the ask endpoint about a
+        name off the allowlist (``fresh``: whatever it said before, as before a renewal)."""
+        if is_allowed(name, self._allowed):
+            return True
+        return self.ask is not None and await self.ask.ask(name, fresh=fresh)
 
     async def allow(self, *entries: str, cap: int | None = None) -> list[str]:
         """Allow names or ``*.patterns``; ``cap`` limits how many names a pattern may order."""
@@ -290,7 +316,7 @@ class Manager:
         command twice (or again after an interruption) never orders twice.
         """
         name = normalize_name(name)
-        if not self.is_allowed(name):
+        if not await self.may_serve(name):
             raise IssuanceError(name, "not allowed: add it with `autocert allow` first")
         if not force:
             current = await self.store.current_certificate(name)
@@ -316,7 +342,7 @@ class Manager:
         due = [c.name for c in candidates if force or c.renew_at <= now]
         results: dict[str, StoredCertificate | BaseException] = {}
         for name in due:
-            if not self.is_allowed(name):
+            if not await self.may_serve(name, fresh=True):
                 results[name] = IssuanceError(name, "no longer allowed; not renewed")
         pending = [name for name in due if name not in results]
         outcomes = await asyncio.gather(*(self.worker.issue(name) for name in pending), return_exceptions=True)
@@ -351,15 +377,20 @@ class Manager:
 
     def route(self, server_name: str | None, alpn: Sequence[str] = ()) -> tuple[Route, str, ssl.SSLContext | None]:
         """Decide a handshake from memory alone: the route, the normalised name and the context
-        to serve (when there is one). Counts ``served``, ``challenge`` and ``unknown_name``;
-        a ``LOAD`` is counted by the caller once it knows how the load ended.
+        to serve (when there is one). Counts ``served``, ``challenge``, ``unknown_name`` and
+        ``asked``; a ``LOAD`` is counted by the caller once it knows how the load ended.
 
         The one decision behind both SNI paths; it never waits and never touches the database.
         """
         name = (server_name or self.default_name or "").rstrip(".").lower()
         if not name or not self._started or not is_allowed(name, self._allowed):
-            self.handshakes["unknown_name"] += 1
-            return _REFUSED
+            answer = self.ask.answer(name) if self.ask is not None and name and self._started else False
+            if answer is None:
+                self.handshakes["asked"] += 1
+                return Route.ASK, name, None
+            if not answer:
+                self.handshakes["unknown_name"] += 1
+                return _REFUSED
         if ACME_TLS_ALPN in alpn:
             self.handshakes["challenge"] += 1
             return Route.CHALLENGE, name, self._challenges.cached_context(name)  # type: ignore[union-attr]
@@ -384,6 +415,8 @@ class Manager:
             # Embedded mode cannot hold a handshake open: refuse this one, the next is served.
             self.handshakes["pending"] += 1
             self._lookup(name)
+        elif route is Route.ASK:  # likewise: the next handshake gets the answer
+            self.ask.ask_soon(name)  # type: ignore[union-attr]
         return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
 
     async def context_for(self, name: str, *, wait: float = 0.0) -> ssl.SSLContext | None:
@@ -418,14 +451,14 @@ class Manager:
             log.warning("could not get a certificate for %s: %s", name, task.exception())
 
     async def _load_or_issue(self, name: str) -> ssl.SSLContext | None:
-        if not _is_host_name(name):
+        if not is_host_name(name):
             return None  # e.g. a literal "*.example.com" SNI, or a bad label under a pattern
         now = utcnow()
         certificate = await self.store.current_certificate(name)
         if certificate is None or certificate.not_after <= now:
             if await self._held_by_state(name, now):
                 return None
-            if not await self._within_pattern_cap(name):
+            if not await self._caps.admit(name, self._allowed, self.store):
                 self._hold(name, None, "cap")
                 return None
             try:
@@ -457,37 +490,6 @@ class Manager:
         while len(self._held) > HELD_NAMES_MAX:
             del self._held[next(iter(self._held))]
 
-    async def _within_pattern_cap(self, name: str) -> bool:
-        """A name allowed only through a capped pattern may be ordered while the pattern has
-        room (names already ordered under it keep their place). Checked off the handshake
-        path, and the place is taken in the same database transaction that checks it, so
-        first contacts racing in one process or in several sharing the database never pass
-        the cap."""
-        pattern = pattern_for(name)
-        if name in self._allowed or pattern is None:
-            return True
-        if await self.store.claim_under_cap(name, pattern):
-            return True
-        cap = await self.store.pattern_cap(pattern)
-        self._log_over_cap(name, pattern, cap or 0)
-        return False
-
-    def _log_over_cap(self, name: str, pattern: str, cap: int) -> None:
-        """The first name refused under a pattern is logged; after it, one count a minute, so
-        a flood of made-up labels cannot fill the log."""
-        assert self._loop is not None
-        now = self._loop.time()
-        logged = self._over_cap_log.get(pattern)
-        if logged is None:
-            log.warning("%s: the pattern %s has reached its cap of %d names; not ordering", name, pattern, cap)
-            self._over_cap_log[pattern] = (now, 0)
-        elif now - logged[0] >= OVER_CAP_LOG_INTERVAL:
-            log.warning("%d more names refused under %s in the last %.0f s: it has reached its cap of %d names",
-                        logged[1] + 1, pattern, now - logged[0], cap)
-            self._over_cap_log[pattern] = (now, 0)
-        else:
-            self._over_cap_log[pattern] = (logged[0], logged[1] + 1)
-
     async def _install(self, certificate: StoredCertificate) -> ssl.SSLContext | None:
         """Hot-insert a certificate: the next handshake for its name gets it."""
         if certificate.revoked_at is not None or not self.is_allowed(certificate.name):
@@ -510,7 +512,7 @@ class Manager:
         allowed = await self.store.allowed_entries()
         # A cap may have been raised or a name removed: let held names be looked at again.
         self._held.clear()
-        self._over_cap_log.clear()
+        self._caps.allowlist_changed()
         if allowed != self._allowed:
             added, removed = sorted(allowed - self._allowed), sorted(self._allowed - allowed)
             self._allowed = allowed
@@ -571,10 +573,3 @@ class Manager:
                 log.warning("the database is reachable again after %.0f s", asyncio.get_running_loop().time() - failing_since)
                 failing_since = None
 
-
-def _is_host_name(name: str) -> bool:
-    """Whether an SNI name is a name we could ever order: only its normal form qualifies."""
-    try:
-        return normalize_name(name) == name
-    except InvalidName:
-        return False

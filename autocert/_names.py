@@ -15,7 +15,7 @@ import idna
 
 from autocert._errors import InvalidName
 
-__all__ = ["is_pattern", "normalize_entry", "normalize_name", "pattern_for"]
+__all__ = ["is_host_name", "is_pattern", "normalize_entry", "normalize_name", "pattern_for"]
 
 PATTERN_PREFIX = "*."
 MAX_NAME_OCTETS = 253
@@ -95,6 +95,14 @@ def normalize_entry(raw: str) -> str:
     if len(entry) > MAX_NAME_OCTETS:
         raise InvalidName(raw, f"pattern is {len(entry)} octets, over the {MAX_NAME_OCTETS}-octet limit")
     return entry
+
+
+def is_host_name(name: str) -> bool:
+    """Whether an SNI name is a name we could ever order: only its normal form qualifies."""
+    try:
+        return normalize_name(name) == name
+    except InvalidName:
+        return False
 
 
 def is_pattern(entry: str) -> bool:

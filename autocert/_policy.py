@@ -22,6 +22,7 @@ from ._names import pattern_for
 __all__ = [
     "BUDGET_RECHECK",
     "account_budget_hold",
+    "ask_answer",
     "EXPIRING_SOON",
     "MAX_CAP",
     "Backoff",
@@ -101,6 +102,34 @@ class Route(enum.Enum):
     #: Allowed, but held back (backoff, parked, over its pattern's cap or a budget) and known
     #: to be so from memory: alert ``unrecognized_name`` without touching the database.
     HELD = "held"
+    #: Not on the allowlist, and the ask endpoint has no answer for it in memory: ask it
+    #: (off the handshake's synchronous path), then refuse or go on as ``LOAD``.
+    ASK = "asked"
+
+
+#: How long an ask endpoint's answer stands when it sends no ``Cache-Control: max-age``: an
+#: allowed name is asked again after an hour (and before each renewal), a refused one after
+#: five minutes, and a failed ask (timeout, connection error) after ten seconds, so that an
+#: endpoint's hiccup neither refuses a name for long nor lets a flood hammer it.
+ASK_ALLOWED_TTL = 3600.0
+ASK_REFUSED_TTL = 300.0
+ASK_FAILED_TTL = 10.0
+
+
+def ask_answer(status: int | None, cache_control: str | None) -> tuple[bool, float]:
+    """An ask endpoint's answer as (allowed, seconds it stands). Any 2xx allows (Caddy's
+    rule); every other status, and no answer at all (``status`` None), refuses. The answer's
+    own ``max-age`` wins over the defaults; ``no-store``/``no-cache`` mean ask every time."""
+    allowed = status is not None and 200 <= status < 300
+    if status is None:
+        return False, ASK_FAILED_TTL
+    for directive in (cache_control or "").lower().split(","):
+        key, _, value = directive.strip().partition("=")
+        if key in ("no-store", "no-cache"):
+            return allowed, 0.0
+        if key == "max-age" and value.strip().strip('"').isdigit():
+            return allowed, float(value.strip().strip('"'))
+    return allowed, ASK_ALLOWED_TTL if allowed else ASK_REFUSED_TTL
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, cast
 
 import aiohttp
 
+from ._config import ExternalAccount
 from ._crypto import ari_certificate_id, generate_private_key, tls_alpn_challenge_certificate
 from ._errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REVOKED, PROBLEM_RATE_LIMITED, AcmeError, AutocertError, IssuanceError
 from ._events import Event, EventBus
@@ -188,6 +189,7 @@ class Worker:
         events: EventBus | None = None,
         trace_configs: Sequence[aiohttp.TraceConfig] = (),
         budget: RateBudget | None = None,
+        eab: ExternalAccount | None = None,
     ) -> None:
         self._store = store
         #: The limits kept below the CA's (None: none of our own; the CA's answers decide).
@@ -198,6 +200,7 @@ class Worker:
         self._agree_tos = agree_tos
         self._ca_bundle = ca_bundle
         self._profile = profile
+        self._eab = eab
         self._limit = asyncio.Semaphore(concurrency)
         self._on_issued = on_issued
         self._events = events or EventBus()
@@ -295,7 +298,7 @@ class Worker:
                                 trace_configs=self._trace_configs)
             try:
                 if account_url is None:
-                    url = await client.register(self._email, self._agree_tos)
+                    url = await client.register(self._email, self._agree_tos, self._eab)
                     await self._store.save_account(self.directory, account.key_pem, url, self._email)
             except BaseException:
                 await client.close()

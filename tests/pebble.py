@@ -73,8 +73,12 @@ def wait_for(condition: Callable[[], bool], *, timeout: float, what: str, interv
 class Pebble:
     """One Pebble + challtestsrv pair; use as a context manager or call start()/stop()."""
 
-    def __init__(self, env: Mapping[str, str] | None = None, *, workdir: Path | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, *, workdir: Path | None = None,
+                 config: Mapping[str, Any] | None = None) -> None:
         self.extra_env: dict[str, str] = dict(env or {})
+        #: Extra keys for the ``pebble`` section of its config file, e.g.
+        #: ``{"externalAccountBindingRequired": True, "externalAccountMACKeys": {KID: KEY}}``.
+        self.extra_config: dict[str, Any] = dict(config or {})
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="pebble-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +224,7 @@ class Pebble:
                 "tlsPort": self.tlsalpn01_port,
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": False,
+                **self.extra_config,
             }
         }
         path = self.workdir / "pebble-config.json"
