@@ -15,19 +15,22 @@ import logging
 import ssl
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
-from ._errors import AutocertError, InvalidName, IssuanceError, StoreError
+from ._errors import AutocertError, ConfigError, IssuanceError, StoreError
 from ._events import Event, EventBus, log_event
-from ._names import normalize_entry, normalize_name, pattern_for
-from ._policy import MAX_CAP, RateBudget, Route, default_budget, hold_reason, is_allowed, needs_order, within_cap
+from ._names import is_host_name, is_pattern, normalize_entry, normalize_name, pattern_for
+from ._policy import MAX_CAP, RateBudget, Route, certificate_name, default_budget, hold_reason, needs_order, within_cap
 from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
 from ._timefmt import utcnow
 from ._tls import ACME_TLS_ALPN, DEFAULT_ALPN, ContextCache, build_context, install_alert_flush_fix, new_server_context
-from ._worker import ChallengeBook, Worker
+from ._worker import ChallengeBook, Worker, answerable_types
+
+if TYPE_CHECKING:
+    from ._dns import DnsSettings
 
 log = logging.getLogger("autocert.manager")
 
@@ -101,6 +104,10 @@ class Manager:
         other CAs, whose own ``rateLimited`` answers (and ``Retry-After``) are honoured per
         name and per account either way. Renewals the CA exempts (ARI ``replaces``) are never
         counted or held. Raising it past the CA's own gets the account rate-limited.
+    dns:
+        How dns-01 is answered (:class:`autocert._dns.DnsSettings`: the provider publishing
+        TXT records, where to check them, how long to wait). Default None: no dns-01, and
+        wildcard patterns refuse to start. With it, dns-01 is added last to ``challenge_types``.
     """
 
     def __init__(
@@ -120,6 +127,7 @@ class Manager:
         concurrency: int = 4,
         renew: bool = True,
         budget: RateBudget | Literal["auto"] | None = "auto",
+        dns: DnsSettings | None = None,
     ) -> None:
         self.db_url = db or default_db_url()
         self.directory = directory
@@ -129,7 +137,8 @@ class Manager:
         self.profile = profile
         self.default_name = normalize_name(default_name) if default_name else None
         self.alpn = tuple(alpn)
-        self.challenge_types = tuple(challenge_types)
+        self.dns = dns
+        self.challenge_types = answerable_types(challenge_types, dns)
         self.poll_interval = poll_interval
         self.concurrency = concurrency
         self.budget = default_budget(directory) if budget == "auto" else budget
@@ -147,6 +156,8 @@ class Manager:
         #: themselves here so every user (the server, the status pages) shares one.
         self.attachments: dict[type, Any] = {}
         self._allowed: frozenset[str] = frozenset()
+        #: The allowed patterns served from one wildcard certificate each.
+        self._wildcards: frozenset[str] = frozenset()
         self._allowlist_version: int | None = None
         self._store: Store | None = None
         self._worker: Worker | None = None
@@ -186,7 +197,7 @@ class Manager:
             await store.close()
             raise
         self._store = store
-        self._challenges = ChallengeBook(self._store, self.challenge_types)
+        self._challenges = ChallengeBook(self._store, self.challenge_types, self.dns)
         self._worker = Worker(
             self._store,
             directory=self.directory,
@@ -205,7 +216,11 @@ class Manager:
         if closed:
             log.info("closed %d attempt(s) left running by a process that was stopped mid-order", closed)
         marks = await self._store.change_marks()
-        self._allowed = await self._store.allowed_entries()
+        self._allowed, self._wildcards = await self._store.allowed_entries(), await self._store.wildcard_patterns()
+        if self._wildcards and self.dns is None:
+            await self._store.close()
+            raise ConfigError(f"{min(self._wildcards)} is a --wildcard pattern: its certificate needs dns-01; set --dns")
+        await self._challenges.clear_dns_leftovers()
         self._allowlist_version = marks.allowlist_version
         self._last_certificate_id = marks.latest_certificate_id
         self._revocations_seen = marks.revocations
@@ -260,15 +275,16 @@ class Manager:
     # -- allowlist and issuance ------------------------------------------------------------
 
     def is_allowed(self, name: str) -> bool:
-        """Whether ``name`` (already normalised) may get a certificate, from memory."""
-        return is_allowed(name, self._allowed)
+        """Whether ``name`` (normalised) may get a certificate, from memory (a wildcard pattern may)."""
+        return certificate_name(name, self._allowed, self._wildcards) is not None
 
-    async def allow(self, *entries: str, cap: int | None = None) -> list[str]:
-        """Allow names or ``*.patterns``; ``cap`` limits how many names a pattern may order."""
+    async def allow(self, *entries: str, cap: int | None = None, wildcard: bool = False) -> list[str]:
+        """Allow names or ``*.patterns``; ``cap`` limits how many names a pattern may order;
+        ``wildcard`` serves patterns from one wildcard certificate each (needs ``dns``)."""
         if cap is not None and not 1 <= cap <= MAX_CAP:
             raise ValueError(f"cap {cap}: must be between 1 and {MAX_CAP}")
         normalised = [normalize_entry(entry) for entry in entries]
-        added = await self.store.allow(normalised, cap=cap)
+        added = await self.store.allow(normalised, cap=cap, wildcard=wildcard)
         await self._refresh_allowlist()
         return added
 
@@ -285,9 +301,9 @@ class Manager:
         certificate is returned and nothing is ordered, unless ``force``. So running the same
         command twice (or again after an interruption) never orders twice.
         """
-        name = normalize_name(name)
+        name = certificate_name(entry := normalize_entry(name), self._allowed, self._wildcards) or entry
         if not self.is_allowed(name):
-            raise IssuanceError(name, "not allowed: add it with `autocert allow` first")
+            raise IssuanceError(name, "not allowed: add it with `autocert allow` first" + (" --wildcard" if is_pattern(name) else ""))
         if not force:
             current = await self.store.current_certificate(name)
             if current is not None and not needs_order(current.not_after, current.renew_at, utcnow()):
@@ -304,7 +320,7 @@ class Manager:
         if names is None:
             candidates = await self.store.current_certificates() if force else await self.store.renewals_due(now, limit=1_000_000)
         else:
-            wanted = [normalize_name(name) for name in names]
+            wanted = [normalize_entry(name) for name in names]
             candidates = await self.store.current_certificates(wanted)
             missing = set(wanted) - {c.name for c in candidates}
             if missing:
@@ -321,7 +337,7 @@ class Manager:
 
     async def revoke(self, name: str, reason: int = 0) -> StoredCertificate:
         """Revoke the current certificate of ``name`` at the CA; every server stops serving it."""
-        name = normalize_name(name)
+        name = normalize_entry(name)
         certificate = await self.store.current_certificate(name)
         if certificate is None:
             raise IssuanceError(name, "has no certificate to revoke")
@@ -353,20 +369,21 @@ class Manager:
         The one decision behind both SNI paths; it never waits and never touches the database.
         """
         name = (server_name or self.default_name or "").rstrip(".").lower()
-        if not name or not self._started or not is_allowed(name, self._allowed):
+        served_as = certificate_name(name, self._allowed, self._wildcards) if name and self._started else None
+        if served_as is None:
             self.handshakes["unknown_name"] += 1
             return _REFUSED
         if ACME_TLS_ALPN in alpn:
             self.handshakes["challenge"] += 1
             return Route.CHALLENGE, name, self._challenges.cached_context(name)  # type: ignore[union-attr]
-        context = self.cache.get(name)
+        context = self.cache.get(served_as)
         if context is None:
-            held = self._held.get(name)
+            held = self._held.get(served_as)
             if held is not None:
                 if held[0] > self._loop.time():  # type: ignore[union-attr]
                     self.handshakes["held"] += 1
                     return Route.HELD, name, None
-                del self._held[name]
+                del self._held[served_as]
             return Route.LOAD, name, None
         self.handshakes["served"] += 1
         return Route.SERVE, name, context
@@ -387,7 +404,8 @@ class Manager:
 
         Waits at most ``wait`` seconds for a first issuance; issuance goes on after that.
         """
-        if not self.is_allowed(name):
+        name = certificate_name(name, self._allowed, self._wildcards)  # type: ignore[assignment]
+        if name is None:
             return None
         context = self.cache.get(name)
         if context is not None:
@@ -414,8 +432,8 @@ class Manager:
             log.warning("could not get a certificate for %s: %s", name, task.exception())
 
     async def _load_or_issue(self, name: str) -> ssl.SSLContext | None:
-        if not _is_host_name(name):
-            return None  # e.g. a literal "*.example.com" SNI, or a bad label under a pattern
+        if not is_host_name(name) and name not in self._wildcards:
+            return None  # e.g. a bad label under a pattern
         now = utcnow()
         certificate = await self.store.current_certificate(name)
         if certificate is None or certificate.not_after <= now:
@@ -519,7 +537,7 @@ class Manager:
         if version == self._allowlist_version:
             return
         self._allowlist_version = version
-        allowed = await self.store.allowed_entries()
+        allowed, self._wildcards = await self.store.allowed_entries(), await self.store.wildcard_patterns()
         # A cap may have been raised or a name removed: let held names be looked at again.
         self._held.clear()
         self._over_cap_log.clear()
@@ -580,10 +598,3 @@ class Manager:
                 log.warning("the database is reachable again after %.0f s", asyncio.get_running_loop().time() - failing_since)
                 failing_since = None
 
-
-def _is_host_name(name: str) -> bool:
-    """Whether an SNI name is a name we could ever order: only its normal form qualifies."""
-    try:
-        return normalize_name(name) == name
-    except InvalidName:
-        return False

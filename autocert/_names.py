@@ -15,7 +15,7 @@ import idna
 
 from autocert._errors import InvalidName
 
-__all__ = ["is_pattern", "normalize_entry", "normalize_name", "pattern_for"]
+__all__ = ["is_host_name", "is_pattern", "normalize_entry", "normalize_name", "pattern_for"]
 
 PATTERN_PREFIX = "*."
 MAX_NAME_OCTETS = 253
@@ -100,6 +100,14 @@ def normalize_entry(raw: str) -> str:
 def is_pattern(entry: str) -> bool:
     """True for a normalised ``*.base`` allowlist entry."""
     return entry.startswith(PATTERN_PREFIX)
+
+
+def is_host_name(name: str) -> bool:
+    """Whether an SNI name is a name we could ever order: only its normal form qualifies."""
+    try:
+        return normalize_name(name) == name
+    except InvalidName:
+        return False
 
 
 def pattern_for(name: str) -> str | None:
