@@ -396,7 +396,7 @@ class Manager:
         if route is Route.LOAD:
             # Embedded mode cannot hold a handshake open: refuse this one, the next is served.
             self.handshakes["pending"] += 1
-            self._lookup(name)
+            self._lookup(certificate_name(name, self._allowed, self._wildcards) or name)
         return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
 
     async def context_for(self, name: str, *, wait: float = 0.0) -> ssl.SSLContext | None:

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -38,12 +39,26 @@ from support import (
 from autocert._dns import DnsError, DnsLookup, parse_provider
 from autocert._dns.command import CommandProvider
 from autocert._errors import ConfigError
+from autocert._store import Store
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def sans(certificate: x509.Certificate) -> list[str]:
     return certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value.get_values_for_type(x509.DNSName)
+
+
+def allow(db: str, name: str) -> None:
+    """Allow in-process: one CLI start less per test (the CLI's allow is tested elsewhere)."""
+
+    async def run() -> None:
+        store = await Store.open(db)
+        try:
+            await store.allow([name])
+        finally:
+            await store.close()
+
+    asyncio.run(run())
 
 
 def dns_records(db: str) -> list[tuple[str, str]]:
@@ -128,7 +143,7 @@ def publisher(pebble: Pebble, tmp_path: Path) -> tuple[list[str], Path]:
 
 def test_plain_name_via_dns01_then_record_cleared(pebble: Pebble, db: str, publisher: tuple[list[str], Path]) -> None:
     options, log = publisher
-    assert run_cli("allow", "plain.dns.test", db=db).returncode == 0
+    allow(db, "plain.dns.test")
     result = run_cli("issue", "plain.dns.test", *acme_args(pebble), "--http", "none", "--https", "none", *options, db=db)
     assert result.returncode == 0, result.stderr
     assert calls(log) == ["set", "clear"]
@@ -165,7 +180,7 @@ def test_failed_validation_and_failing_command_clear_their_records(pebble: Pebbl
     the validation fails at the CA, and the record is cleared all the same. A command that
     fails fails the order with its stderr's last line."""
     log = tmp_path / "dns-calls.log"
-    assert run_cli("allow", "invalid.dns.test", db=db).returncode == 0
+    allow(db, "invalid.dns.test")
     with ChalltestsrvDns(tmp_path) as side:
         options = ["--dns", write_publisher(tmp_path / "publish", side.url, log), "--dns-resolver", f"127.0.0.1:{side.dns_port}"]
         argv = ["issue", "invalid.dns.test", *acme_args(pebble), "--http", "none", "--https", "none", *options]
@@ -185,7 +200,7 @@ def test_failed_validation_and_failing_command_clear_their_records(pebble: Pebbl
 def test_a_record_left_by_a_killed_process_is_cleared_at_restart(pebble: Pebble, db: str, tmp_path: Path,
                                                                   publisher: tuple[list[str], Path]) -> None:
     options, log = publisher
-    assert run_cli("allow", "crash.dns.test", db=db).returncode == 0
+    allow(db, "crash.dns.test")
     silent = f"127.0.0.1:{free_port()}"  # nothing answers there: the wait for the record never ends
     argv = [sys.executable, "-m", "autocert", "--db", db, "issue", "crash.dns.test", *acme_args(pebble), "--http", "none",
             "--https", "none", options[0], options[1], "--dns-resolver", silent, "--dns-timeout", "300"]
@@ -345,3 +360,47 @@ def test_rfc2136_updates_knot_and_pebble_validates_through_it(knot: tuple[int, s
     assert (item["name"], item["state"]) == ("*.knot.test", "valid")
     assert asyncio.run(DnsLookup().txt_at("_acme-challenge.knot.test.", ("127.0.0.1", port))) == set()
     assert dns_records(db) == []
+
+
+# -- embedded: the sni_callback path ------------------------------------------------------------
+
+
+async def test_embedded_sni_callback_orders_the_wildcard_not_the_name(pebble: Pebble, root_ca: str, db: str,
+                                                                       publisher: tuple[list[str], Path]) -> None:
+    from autocert import Manager
+    from autocert._dns import DnsSettings, parse_resolvers
+
+    options, log = publisher
+    lookup = DnsLookup(parse_resolvers([options[3]]))
+    manager = Manager(db, pebble.directory_url, ca_bundle=pebble.ca_bundle, agree_tos=True,
+                      dns=DnsSettings(parse_provider(options[1], lookup), lookup))
+    async with manager:
+        await manager.allow("*.embed.test", wildcard=True)
+
+        async def close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server = await asyncio.start_server(close, "127.0.0.1", 0, ssl=manager.ssl_context())
+        port = server.sockets[0].getsockname()[1]
+        client = ssl.create_default_context(cafile=root_ca)
+
+        async def served(name: str) -> x509.Certificate | None:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname=name)
+            except (ssl.SSLError, ConnectionError):
+                return None  # embedded mode refuses the first handshake while it issues
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            writer.close()
+            return x509.load_der_x509_certificate(der)
+
+        try:
+            deadline = time.monotonic() + 60
+            while (certificate := await served("one.embed.test")) is None:
+                assert time.monotonic() < deadline, "never served"
+                await asyncio.sleep(0.1)
+            other = await served("two.embed.test")
+        finally:
+            server.close()
+        assert other is not None and sans(certificate) == sans(other) == ["*.embed.test"]
+        assert [item["name"] for item in await manager.status()] == ["*.embed.test"]
+    assert calls(log) == ["set", "clear"]
