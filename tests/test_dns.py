@@ -45,7 +45,9 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def sans(certificate: x509.Certificate) -> list[str]:
-    return certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value.get_values_for_type(x509.DNSName)
+    return certificate.extensions.get_extension_for_oid(
+        ExtensionOID.SUBJECT_ALTERNATIVE_NAME
+    ).value.get_values_for_type(x509.DNSName)
 
 
 def allow(db: str, name: str) -> None:
@@ -79,10 +81,30 @@ class ChalltestsrvDns:
     def __enter__(self) -> Self:
         with self._log.open("wb") as out:
             self._process = subprocess.Popen(
-                ["pebble-challtestsrv", "-defaultIPv6", "", "-dns01", f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "",
-                 "-tlsalpn01", "", "-management", f"127.0.0.1:{self.management_port}"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_for(lambda: _answers_soa(self.dns_port, "x.test."), timeout=30, what="challtestsrv DNS to answer")
+                [
+                    "pebble-challtestsrv",
+                    "-defaultIPv6",
+                    "",
+                    "-dns01",
+                    f"127.0.0.1:{self.dns_port}",
+                    "-http01",
+                    "",
+                    "-https01",
+                    "",
+                    "-tlsalpn01",
+                    "",
+                    "-management",
+                    f"127.0.0.1:{self.management_port}",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        wait_for(
+            lambda: _answers_soa(self.dns_port, "x.test."),
+            timeout=30,
+            what="challtestsrv DNS to answer",
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -97,7 +119,9 @@ def _answers_soa(port: int, zone: str) -> bool:
     import dns.query
 
     try:
-        dns.query.udp(dns.message.make_query(zone, "SOA"), "127.0.0.1", port=port, timeout=1)
+        dns.query.udp(
+            dns.message.make_query(zone, "SOA"), "127.0.0.1", port=port, timeout=1
+        )
     except (OSError, dns.exception.DNSException):
         return False
     return True
@@ -106,7 +130,8 @@ def _answers_soa(port: int, zone: str) -> bool:
 def write_publisher(path: Path, challtestsrv_url: str, log: Path) -> str:
     """An ``exec:`` command that publishes into challtestsrv through its management API, and
     notes each call in ``log``; a file ``FAIL`` beside it makes ``set`` fail."""
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         #!{sys.executable}
         import json, pathlib, sys, urllib.request
         action, fqdn, value = sys.argv[1:4]
@@ -121,13 +146,18 @@ def write_publisher(path: Path, challtestsrv_url: str, log: Path) -> str:
         request = urllib.request.Request({challtestsrv_url!r} + ("/set-txt" if action == "set" else "/clear-txt"),
                                          data=json.dumps(body).encode(), method="POST")
         urllib.request.build_opener(urllib.request.ProxyHandler({{}})).open(request, timeout=10).read()
-        """))
+        """)
+    )
     path.chmod(0o755)
     return f"exec:{path}"
 
 
 def calls(log: Path) -> list[str]:
-    return [line.split()[0] for line in log.read_text().splitlines()] if log.exists() else []
+    return (
+        [line.split()[0] for line in log.read_text().splitlines()]
+        if log.exists()
+        else []
+    )
 
 
 @pytest.fixture
@@ -141,22 +171,48 @@ def publisher(pebble: Pebble, tmp_path: Path) -> tuple[list[str], Path]:
 # -- the exec provider, with the session Pebble ------------------------------------------------
 
 
-def test_plain_name_via_dns01_then_record_cleared(pebble: Pebble, db: str, publisher: tuple[list[str], Path]) -> None:
+def test_plain_name_via_dns01_then_record_cleared(
+    pebble: Pebble, db: str, publisher: tuple[list[str], Path]
+) -> None:
     options, log = publisher
     allow(db, "plain.dns.test")
-    result = run_cli("issue", "plain.dns.test", *acme_args(pebble), "--http", "none", "--https", "none", *options, db=db)
+    result = run_cli(
+        "issue",
+        "plain.dns.test",
+        *acme_args(pebble),
+        "--http",
+        "none",
+        "--https",
+        "none",
+        *options,
+        db=db,
+    )
     assert result.returncode == 0, result.stderr
     assert calls(log) == ["set", "clear"]
-    assert log.read_text().split()[1] == "_acme-challenge.plain.dns.test."  # with the trailing dot
+    assert (
+        log.read_text().split()[1] == "_acme-challenge.plain.dns.test."
+    )  # with the trailing dot
     assert pebble.txt_records("_acme-challenge.plain.dns.test.") == []
     assert dns_records(db) == []
 
 
-def test_wildcard_certificate_serves_every_name_under_it(pebble: Pebble, root_ca: str, db: str, tmp_path: Path,
-                                                          publisher: tuple[list[str], Path]) -> None:
+def test_wildcard_certificate_serves_every_name_under_it(
+    pebble: Pebble,
+    root_ca: str,
+    db: str,
+    tmp_path: Path,
+    publisher: tuple[list[str], Path],
+) -> None:
     options, log = publisher
-    assert run_cli("allow", "*.wild.test", "--wildcard", db=db).returncode == 2  # no --dns: refused, nothing written
-    assert run_cli("allow", "*.wild.test", "--wildcard", "--dns", options[1], db=db).returncode == 0
+    assert (
+        run_cli("allow", "*.wild.test", "--wildcard", db=db).returncode == 2
+    )  # no --dns: refused, nothing written
+    assert (
+        run_cli(
+            "allow", "*.wild.test", "--wildcard", "--dns", options[1], db=db
+        ).returncode
+        == 0
+    )
     with ServeProcess(db, pebble, tmp_path, extra=options) as server:
         first = served_certificate(server.https_port, "a.wild.test", root_ca)
         second = served_certificate(server.https_port, "b.wild.test", root_ca)
@@ -164,57 +220,136 @@ def test_wildcard_certificate_serves_every_name_under_it(pebble: Pebble, root_ca
     assert first.serial_number == second.serial_number
     assert calls(log) == ["set", "clear"], "one order, one record"
     report = cli_json("status", db=db)["certificates"]
-    assert [(item["name"], item["state"], item["attempts"]) for item in report] == [("*.wild.test", "valid", 1)]
+    assert [(item["name"], item["state"], item["attempts"]) for item in report] == [
+        ("*.wild.test", "valid", 1)
+    ]
     assert dns_records(db) == []
     # Without --dns the server refuses to start, naming the pattern.
-    refused = run_cli("serve", "--http", "none", "--https", f"127.0.0.1:{free_port()}", "--admin", "none", *acme_args(pebble), db=db)
-    assert refused.returncode == 2 and "*.wild.test" in refused.stderr and "--dns" in refused.stderr
+    refused = run_cli(
+        "serve",
+        "--http",
+        "none",
+        "--https",
+        f"127.0.0.1:{free_port()}",
+        "--admin",
+        "none",
+        *acme_args(pebble),
+        db=db,
+    )
+    assert (
+        refused.returncode == 2
+        and "*.wild.test" in refused.stderr
+        and "--dns" in refused.stderr
+    )
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
 # -- failures and leftovers ---------------------------------------------------------------------
 
 
-def test_failed_validation_and_failing_command_clear_their_records(pebble: Pebble, db: str, tmp_path: Path) -> None:
+def test_failed_validation_and_failing_command_clear_their_records(
+    pebble: Pebble, db: str, tmp_path: Path
+) -> None:
     """autocert checks one DNS server and the CA asks another, which never has the record:
     the validation fails at the CA, and the record is cleared all the same. A command that
     fails fails the order with its stderr's last line."""
     log = tmp_path / "dns-calls.log"
     allow(db, "invalid.dns.test")
     with ChalltestsrvDns(tmp_path) as side:
-        options = ["--dns", write_publisher(tmp_path / "publish", side.url, log), "--dns-resolver", f"127.0.0.1:{side.dns_port}"]
-        argv = ["issue", "invalid.dns.test", *acme_args(pebble), "--http", "none", "--https", "none", *options]
+        options = [
+            "--dns",
+            write_publisher(tmp_path / "publish", side.url, log),
+            "--dns-resolver",
+            f"127.0.0.1:{side.dns_port}",
+        ]
+        argv = [
+            "issue",
+            "invalid.dns.test",
+            *acme_args(pebble),
+            "--http",
+            "none",
+            "--https",
+            "none",
+            *options,
+        ]
         result = run_cli(*argv, db=db)
         assert result.returncode == 1
-        assert "invalid.dns.test" in result.stderr and "dns-01" in result.stderr, result.stderr
+        assert "invalid.dns.test" in result.stderr and "dns-01" in result.stderr, (
+            result.stderr
+        )
         assert calls(log) == ["set", "clear"]
         assert dns_records(db) == []
         (tmp_path / "FAIL").touch()
         result = run_cli(*argv, "--force", db=db)
     assert result.returncode == 1
-    assert "exited with status 3: zone example.test is locked by another update" in result.stderr, result.stderr
+    assert (
+        "exited with status 3: zone example.test is locked by another update"
+        in result.stderr
+    ), result.stderr
     assert calls(log)[2:] == ["set", "clear"]
     assert dns_records(db) == []
 
 
-def test_a_record_left_by_a_killed_process_is_cleared_at_restart(pebble: Pebble, db: str, tmp_path: Path,
-                                                                  publisher: tuple[list[str], Path]) -> None:
+def test_a_record_left_by_a_killed_process_is_cleared_at_restart(
+    pebble: Pebble, db: str, tmp_path: Path, publisher: tuple[list[str], Path]
+) -> None:
     options, log = publisher
     allow(db, "crash.dns.test")
     silent = f"127.0.0.1:{free_port()}"  # nothing answers there: the wait for the record never ends
-    argv = [sys.executable, "-m", "autocert", "--db", db, "issue", "crash.dns.test", *acme_args(pebble), "--http", "none",
-            "--https", "none", options[0], options[1], "--dns-resolver", silent, "--dns-timeout", "300"]
-    process = subprocess.Popen(argv, env=cli_env(), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    argv = [
+        sys.executable,
+        "-m",
+        "autocert",
+        "--db",
+        db,
+        "issue",
+        "crash.dns.test",
+        *acme_args(pebble),
+        "--http",
+        "none",
+        "--https",
+        "none",
+        options[0],
+        options[1],
+        "--dns-resolver",
+        silent,
+        "--dns-timeout",
+        "300",
+    ]
+    process = subprocess.Popen(
+        argv,
+        env=cli_env(),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
-        wait_for(lambda: calls(log) == ["set"] and len(dns_records(db)) == 1, timeout=60, what="the record to be published")
+        wait_for(
+            lambda: calls(log) == ["set"] and len(dns_records(db)) == 1,
+            timeout=60,
+            what="the record to be published",
+        )
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     fqdn, value = dns_records(db)[0]
     assert value in pebble.txt_records(fqdn)
-    result = run_cli("issue", "crash.dns.test", *acme_args(pebble), "--http", "none", "--https", "none", *options, db=db)
+    result = run_cli(
+        "issue",
+        "crash.dns.test",
+        *acme_args(pebble),
+        "--http",
+        "none",
+        "--https",
+        "none",
+        *options,
+        db=db,
+    )
     assert result.returncode == 0, result.stderr
-    assert calls(log) == ["set", "clear", "set", "clear"], "cleared at start, then the order resumed"
+    assert calls(log) == ["set", "clear", "set", "clear"], (
+        "cleared at start, then the order resumed"
+    )
     assert pebble.txt_records(fqdn) == []
     assert dns_records(db) == []
 
@@ -232,25 +367,37 @@ class CountingLookup(DnsLookup):
         return await super().txt_at(fqdn, server)
 
 
-async def test_a_late_record_is_waited_for_and_a_missing_one_fails_in_time(pebble: Pebble) -> None:
+async def test_a_late_record_is_waited_for_and_a_missing_one_fails_in_time(
+    pebble: Pebble,
+) -> None:
     lookup = CountingLookup([("127.0.0.1", pebble.dns_port)])
     fqdn, value = "_acme-challenge.late.dns.test.", secrets.token_urlsafe(16)
-    waiting = asyncio.ensure_future(lookup.wait_visible(fqdn, value, timeout=60, interval=0.1))
+    waiting = asyncio.ensure_future(
+        lookup.wait_visible(fqdn, value, timeout=60, interval=0.1)
+    )
     try:
         while lookup.looks < 2:  # looked, found nothing, looked again
             assert not waiting.done()
             await asyncio.sleep(0.02)
-        await asyncio.to_thread(pebble._challtestsrv_post, "/set-txt", {"host": fqdn, "value": value})
+        await asyncio.to_thread(
+            pebble._challtestsrv_post, "/set-txt", {"host": fqdn, "value": value}
+        )
         await asyncio.wait_for(waiting, 30)
     finally:
         waiting.cancel()
         await asyncio.to_thread(pebble._challtestsrv_post, "/clear-txt", {"host": fqdn})
     started = time.monotonic()
     with pytest.raises(DnsError) as failure:
-        await lookup.wait_visible("_acme-challenge.never.dns.test.", value, timeout=1, interval=0.2)
+        await lookup.wait_visible(
+            "_acme-challenge.never.dns.test.", value, timeout=1, interval=0.2
+        )
     assert time.monotonic() - started < 10
     message = str(failure.value)
-    assert "\n" not in message and "_acme-challenge.never.dns.test." in message and "within 1 s" in message
+    assert (
+        "\n" not in message
+        and "_acme-challenge.never.dns.test." in message
+        and "within 1 s" in message
+    )
 
 
 async def test_command_failures_and_timeouts_are_one_line(tmp_path: Path) -> None:
@@ -259,20 +406,38 @@ async def test_command_failures_and_timeouts_are_one_line(tmp_path: Path) -> Non
     script.chmod(0o755)
     started = time.monotonic()
     with pytest.raises(DnsError, match=r"did not finish within 1 s; killed"):
-        await CommandProvider(str(script), timeout=1).set("_acme-challenge.x.test.", "v")
+        await CommandProvider(str(script), timeout=1).set(
+            "_acme-challenge.x.test.", "v"
+        )
     assert time.monotonic() - started < 10
     with pytest.raises(DnsError, match=r"could not start"):
-        await CommandProvider(str(tmp_path / "missing")).clear("_acme-challenge.x.test.", "v")
+        await CommandProvider(str(tmp_path / "missing")).clear(
+            "_acme-challenge.x.test.", "v"
+        )
 
 
 # -- lexicon: only what needs no hosted API -----------------------------------------------------
 
 
 def test_lexicon_provider_is_checked_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    result = run_cli("issue", "x.test", "--dns", "lexicon:no-such-dns-host", "--http", "none", "--https", "none")
+    result = run_cli(
+        "issue",
+        "x.test",
+        "--dns",
+        "lexicon:no-such-dns-host",
+        "--http",
+        "none",
+        "--https",
+        "none",
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == "autocert: error: --dns lexicon:no-such-dns-host: lexicon has no provider 'no-such-dns-host' (see `lexicon --help`)"
-    monkeypatch.setitem(sys.modules, "lexicon._private.discovery", None)  # as without the extra installed
+    assert (
+        result.stderr.strip()
+        == "autocert: error: --dns lexicon:no-such-dns-host: lexicon has no provider 'no-such-dns-host' (see `lexicon --help`)"
+    )
+    monkeypatch.setitem(
+        sys.modules, "lexicon._private.discovery", None
+    )  # as without the extra installed
     with pytest.raises(ConfigError, match=r"pip install 'autocert\[lexicon\]'"):
         parse_provider("lexicon:cloudflare", DnsLookup())
 
@@ -282,10 +447,24 @@ def test_lexicon_gets_the_zone_found_by_soa_and_the_record_to_change() -> None:
     from lexicon.config import ConfigResolver
 
     provider = parse_provider("lexicon:cloudflare", DnsLookup())
-    config = provider.config("create", "sub.example.co.uk.", "_acme-challenge.www.sub.example.co.uk.", "VALUE")  # type: ignore[attr-defined]
+    config = provider.config(
+        "create",
+        "sub.example.co.uk.",
+        "_acme-challenge.www.sub.example.co.uk.",
+        "VALUE",
+    )  # type: ignore[attr-defined]
     resolved = ConfigResolver().with_dict(config)
-    assert [resolved.resolve(f"lexicon:{key}") for key in ("provider_name", "action", "type", "name", "content", "delegated")] == [
-        "cloudflare", "create", "TXT", "_acme-challenge.www.sub.example.co.uk", "VALUE", "sub.example.co.uk"]
+    assert [
+        resolved.resolve(f"lexicon:{key}")
+        for key in ("provider_name", "action", "type", "name", "content", "delegated")
+    ] == [
+        "cloudflare",
+        "create",
+        "TXT",
+        "_acme-challenge.www.sub.example.co.uk",
+        "VALUE",
+        "sub.example.co.uk",
+    ]
     assert callable(Client.__enter__), "the context-manager API (lexicon >= 3.12)"
 
 
@@ -301,21 +480,24 @@ def knot(tmp_path: Path) -> Iterator[tuple[int, str]]:
     root = tmp_path / "knot"
     (root / "db").mkdir(parents=True)
     port, secret = free_port(), base64.b64encode(secrets.token_bytes(32)).decode()
-    (root / "knot.test.zone").write_text(textwrap.dedent("""\
+    (root / "knot.test.zone").write_text(
+        textwrap.dedent("""\
         $ORIGIN knot.test.
         $TTL 60
         @   SOA ns.knot.test. hostmaster.knot.test. 1 3600 600 86400 60
         @   NS  ns.knot.test.
         ns  A   127.0.0.1
-        """))
-    (root / "knot.conf").write_text(textwrap.dedent(f"""\
+        """)
+    )
+    (root / "knot.conf").write_text(
+        textwrap.dedent(f"""\
         server:
             rundir: "{root}"
             listen: 127.0.0.1@{port}
         database:
-            storage: "{root / 'db'}"
+            storage: "{root / "db"}"
         control:
-            listen: "{root / 'knot.sock'}"
+            listen: "{root / "knot.sock"}"
         log:
           - target: stderr
             any: info
@@ -332,12 +514,22 @@ def knot(tmp_path: Path) -> Iterator[tuple[int, str]]:
             storage: "{root}"
             file: "knot.test.zone"
             acl: update
-        """))
+        """)
+    )
     log = root / "knotd.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(["knotd", "-c", str(root / "knot.conf")], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            ["knotd", "-c", str(root / "knot.conf")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
-        wait_for(lambda: process.poll() is None and _answers_soa(port, "knot.test."), timeout=30, what="knotd to answer")
+        wait_for(
+            lambda: process.poll() is None and _answers_soa(port, "knot.test."),
+            timeout=30,
+            what="knotd to answer",
+        )
         yield port, secret
     finally:
         process.terminate()
@@ -348,45 +540,82 @@ def knot(tmp_path: Path) -> Iterator[tuple[int, str]]:
             process.wait()
 
 
-def test_rfc2136_updates_knot_and_pebble_validates_through_it(knot: tuple[int, str], pebble_factory, db: str) -> None:
+def test_rfc2136_updates_knot_and_pebble_validates_through_it(
+    knot: tuple[int, str], pebble_factory, db: str
+) -> None:
     port, secret = knot
     ca = pebble_factory(dns_server=f"127.0.0.1:{port}")
-    assert run_cli("allow", "*.knot.test", "--wildcard", "--dns", "exec:unused", db=db).returncode == 0
+    assert (
+        run_cli(
+            "allow", "*.knot.test", "--wildcard", "--dns", "exec:unused", db=db
+        ).returncode
+        == 0
+    )
     spec = f"rfc2136://autocert.:{secret.replace('/', '%2F')}@127.0.0.1:{port}?algorithm=hmac-sha256"
-    result = run_cli("issue", "*.knot.test", *acme_args(ca), "--http", "none", "--https", "none", "--dns", spec,
-                     "--dns-resolver", f"127.0.0.1:{port}", "--json", db=db)
+    result = run_cli(
+        "issue",
+        "*.knot.test",
+        *acme_args(ca),
+        "--http",
+        "none",
+        "--https",
+        "none",
+        "--dns",
+        spec,
+        "--dns-resolver",
+        f"127.0.0.1:{port}",
+        "--json",
+        db=db,
+    )
     assert result.returncode == 0, result.stderr
     [item] = json.loads(result.stdout)["certificates"]
     assert (item["name"], item["state"]) == ("*.knot.test", "valid")
-    assert asyncio.run(DnsLookup().txt_at("_acme-challenge.knot.test.", ("127.0.0.1", port))) == set()
+    assert (
+        asyncio.run(
+            DnsLookup().txt_at("_acme-challenge.knot.test.", ("127.0.0.1", port))
+        )
+        == set()
+    )
     assert dns_records(db) == []
 
 
 # -- embedded: the sni_callback path ------------------------------------------------------------
 
 
-async def test_embedded_sni_callback_orders_the_wildcard_not_the_name(pebble: Pebble, root_ca: str, db: str,
-                                                                       publisher: tuple[list[str], Path]) -> None:
+async def test_embedded_sni_callback_orders_the_wildcard_not_the_name(
+    pebble: Pebble, root_ca: str, db: str, publisher: tuple[list[str], Path]
+) -> None:
     from autocert import Manager
     from autocert._dns import DnsSettings, parse_resolvers
 
     options, log = publisher
     lookup = DnsLookup(parse_resolvers([options[3]]))
-    manager = Manager(db, pebble.directory_url, ca_bundle=pebble.ca_bundle, agree_tos=True,
-                      dns=DnsSettings(parse_provider(options[1], lookup), lookup))
+    manager = Manager(
+        db,
+        pebble.directory_url,
+        ca_bundle=pebble.ca_bundle,
+        agree_tos=True,
+        dns=DnsSettings(parse_provider(options[1], lookup), lookup),
+    )
     async with manager:
         await manager.allow("*.embed.test", wildcard=True)
 
-        async def close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def close(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
             writer.close()
 
-        server = await asyncio.start_server(close, "127.0.0.1", 0, ssl=manager.ssl_context())
+        server = await asyncio.start_server(
+            close, "127.0.0.1", 0, ssl=manager.ssl_context()
+        )
         port = server.sockets[0].getsockname()[1]
         client = ssl.create_default_context(cafile=root_ca)
 
         async def served(name: str) -> x509.Certificate | None:
             try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname=name)
+                _, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=client, server_hostname=name
+                )
             except (ssl.SSLError, ConnectionError):
                 return None  # embedded mode refuses the first handshake while it issues
             der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
@@ -401,6 +630,8 @@ async def test_embedded_sni_callback_orders_the_wildcard_not_the_name(pebble: Pe
             other = await served("two.embed.test")
         finally:
             server.close()
-        assert other is not None and sans(certificate) == sans(other) == ["*.embed.test"]
+        assert other is not None and sans(certificate) == sans(other) == [
+            "*.embed.test"
+        ]
         assert [item["name"] for item in await manager.status()] == ["*.embed.test"]
     assert calls(log) == ["set", "clear"]

@@ -13,4 +13,13 @@ from .challenge import Dns01, DnsSettings, txt_value
 from .lookup import DnsLookup, parse_resolvers
 from .providers import DnsError, DnsProvider, parse_provider
 
-__all__ = ["Dns01", "DnsError", "DnsLookup", "DnsProvider", "DnsSettings", "parse_provider", "parse_resolvers", "txt_value"]
+__all__ = [
+    "Dns01",
+    "DnsError",
+    "DnsLookup",
+    "DnsProvider",
+    "DnsSettings",
+    "parse_provider",
+    "parse_resolvers",
+    "txt_value",
+]

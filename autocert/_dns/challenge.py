@@ -63,7 +63,9 @@ class Dns01:
         record_id = await self._store.add_dns_record(fqdn, value, self._owner)
         self._published[token] = (record_id, fqdn, value)
         await self.settings.provider.set(fqdn, value)
-        await lookup.wait_visible(fqdn, value, timeout=self.settings.timeout, interval=self.settings.interval)
+        await lookup.wait_visible(
+            fqdn, value, timeout=self.settings.timeout, interval=self.settings.interval
+        )
         log.debug("dns-01 record %s is visible for %s", fqdn, name)
 
     async def cleanup(self, token: str) -> None:
@@ -77,11 +79,17 @@ class Dns01:
         cleared = 0
         for record in await self._store.dns_records():
             if is_leftover(record):
-                log.info("clearing the dns-01 record %s left by %s", record.fqdn, record.owner)
+                log.info(
+                    "clearing the dns-01 record %s left by %s",
+                    record.fqdn,
+                    record.owner,
+                )
                 try:
                     await self._clear(record.id, record.fqdn, record.value)
                 except (AutocertError, OSError) as exc:
-                    log.warning("could not clear the dns-01 record %s: %s", record.fqdn, exc)
+                    log.warning(
+                        "could not clear the dns-01 record %s: %s", record.fqdn, exc
+                    )
                     continue
                 cleared += 1
         return cleared

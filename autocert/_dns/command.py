@@ -37,21 +37,34 @@ class CommandProvider:
         shown = f"`{self.command} {action} {fqdn}`"
         try:
             process = await asyncio.create_subprocess_exec(
-                *self.argv, action, fqdn, value,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                *self.argv,
+                action,
+                fqdn,
+                value,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:
             raise DnsError(f"{shown} could not start: {exc.strerror or exc}") from None
         try:
             _, stderr = await asyncio.wait_for(process.communicate(), self.timeout)
-        except BaseException as exc:  # the timeout, or the order being cancelled: leave no child behind
+        except (
+            BaseException
+        ) as exc:  # the timeout, or the order being cancelled: leave no child behind
             if process.returncode is None:
                 process.kill()
                 await asyncio.shield(process.wait())
             if isinstance(exc, asyncio.TimeoutError):
-                raise DnsError(f"{shown} did not finish within {self.timeout:.0f} s; killed") from None
+                raise DnsError(
+                    f"{shown} did not finish within {self.timeout:.0f} s; killed"
+                ) from None
             raise
         if process.returncode != 0:
-            lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+            lines = [
+                line.strip()
+                for line in stderr.decode(errors="replace").splitlines()
+                if line.strip()
+            ]
             tail = lines[-1][-_STDERR_TAIL:] if lines else "no output on stderr"
             raise DnsError(f"{shown} exited with status {process.returncode}: {tail}")

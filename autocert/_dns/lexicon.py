@@ -19,7 +19,9 @@ def lexicon_providers() -> list[str]:
     try:
         from lexicon._private.discovery import find_providers
     except ImportError:
-        raise ConfigError("--dns lexicon:...: dns-lexicon is not installed; install it with: pip install 'autocert[lexicon]'") from None
+        raise ConfigError(
+            "--dns lexicon:...: dns-lexicon is not installed; install it with: pip install 'autocert[lexicon]'"
+        ) from None
     return sorted(find_providers())
 
 
@@ -29,15 +31,25 @@ class LexiconProvider:
 
     def __init__(self, provider: str, lookup: DnsLookup) -> None:
         if provider not in lexicon_providers():
-            raise ConfigError(f"--dns lexicon:{provider}: lexicon has no provider {provider!r} (see `lexicon --help`)")
+            raise ConfigError(
+                f"--dns lexicon:{provider}: lexicon has no provider {provider!r} (see `lexicon --help`)"
+            )
         self.provider = provider
         self._lookup = lookup
 
     def config(self, action: str, zone: str, fqdn: str, value: str) -> dict[str, Any]:
         """lexicon's settings for one change; the provider's own options come from the environment."""
         domain = zone.rstrip(".")
-        return {"provider_name": self.provider, "action": action, "domain": domain, "delegated": domain,
-                "type": "TXT", "name": fqdn.rstrip("."), "content": value, "ttl": 60}
+        return {
+            "provider_name": self.provider,
+            "action": action,
+            "domain": domain,
+            "delegated": domain,
+            "type": "TXT",
+            "name": fqdn.rstrip("."),
+            "content": value,
+            "ttl": 60,
+        }
 
     async def set(self, fqdn: str, value: str) -> None:
         await self._change("create", fqdn, value)
@@ -51,7 +63,9 @@ class LexiconProvider:
             await asyncio.to_thread(_execute, config)
         except Exception as exc:  # noqa: BLE001 -- lexicon and its providers raise anything (requests, boto, their own)
             detail = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise DnsError(f"lexicon {self.provider}: {action} the TXT record {fqdn} failed: {detail}") from None
+            raise DnsError(
+                f"lexicon {self.provider}: {action} the TXT record {fqdn} failed: {detail}"
+            ) from None
 
 
 def _execute(config: dict[str, Any]) -> None:

@@ -52,7 +52,9 @@ def parse_resolvers(values: Sequence[str]) -> tuple[Server, ...]:
             else:  # IPv4 alone, or IPv6 alone
                 host, port = text, "53"
             if not port.isdigit() or not 0 < int(port) < 65536 or not _is_address(host):
-                raise ConfigError(f"--dns-resolver {value!r}: expected IP:PORT (or [IPv6]:PORT), comma-separated")
+                raise ConfigError(
+                    f"--dns-resolver {value!r}: expected IP:PORT (or [IPv6]:PORT), comma-separated"
+                )
             servers.append((host, int(port)))
     return tuple(servers)
 
@@ -75,16 +77,22 @@ class DnsLookup:
         if not self.resolvers:
             return dns.asyncresolver.Resolver()
         resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in self.resolvers]
+        resolver.nameservers = [
+            dns.nameserver.Do53Nameserver(host, port) for host, port in self.resolvers
+        ]
         resolver.lifetime = QUERY_TIMEOUT * 2
         return resolver
 
     async def zone_for(self, fqdn: str) -> str:
         """The zone ``fqdn`` belongs to (the closest SOA), with its trailing dot."""
         try:
-            zone = await dns.asyncresolver.zone_for_name(fqdn, resolver=self._resolver())
+            zone = await dns.asyncresolver.zone_for_name(
+                fqdn, resolver=self._resolver()
+            )
         except dns.exception.DNSException as exc:
-            raise DnsError(f"no zone found for {fqdn} (SOA lookup): {_short(exc)}") from None
+            raise DnsError(
+                f"no zone found for {fqdn} (SOA lookup): {_short(exc)}"
+            ) from None
         return str(zone.to_text())
 
     async def target(self, fqdn: str) -> str:
@@ -119,11 +127,15 @@ class DnsLookup:
         for ns in names:
             for rdtype in ("A", "AAAA"):
                 try:
-                    servers.extend((str(a.address), 53) for a in await resolver.resolve(ns, rdtype))
+                    servers.extend(
+                        (str(a.address), 53) for a in await resolver.resolve(ns, rdtype)
+                    )
                 except dns.exception.DNSException:
                     continue
         if not servers:
-            raise DnsError(f"no address found for the name servers of {zone} ({', '.join(names)})")
+            raise DnsError(
+                f"no address found for the name servers of {zone} ({', '.join(names)})"
+            )
         return servers
 
     async def txt_at(self, fqdn: str, server: Server) -> set[str]:
@@ -131,32 +143,48 @@ class DnsLookup:
         query = dns.message.make_query(fqdn, dns.rdatatype.TXT)
         host, port = server
         try:
-            response = await dns.asyncquery.udp(query, host, port=port, timeout=QUERY_TIMEOUT)
+            response = await dns.asyncquery.udp(
+                query, host, port=port, timeout=QUERY_TIMEOUT
+            )
             if response.flags & dns.flags.TC:
-                response = await dns.asyncquery.tcp(query, host, port=port, timeout=QUERY_TIMEOUT)
+                response = await dns.asyncquery.tcp(
+                    query, host, port=port, timeout=QUERY_TIMEOUT
+                )
         except (dns.exception.DNSException, OSError):
             return set()
         return {
             b"".join(rdata.strings).decode(errors="replace")
-            for rrset in response.answer if rrset.rdtype == dns.rdatatype.TXT and rrset.name == query.question[0].name
+            for rrset in response.answer
+            if rrset.rdtype == dns.rdatatype.TXT
+            and rrset.name == query.question[0].name
             for rdata in rrset
         }
 
-    async def wait_visible(self, fqdn: str, value: str, *, timeout: float, interval: float = 2.0) -> None:
+    async def wait_visible(
+        self, fqdn: str, value: str, *, timeout: float, interval: float = 2.0
+    ) -> None:
         """Return once every authoritative server answers ``value`` for ``fqdn``; DnsError
         (naming the record and a server that lacks it) when ``timeout`` passes first."""
         deadline = time.monotonic() + timeout
         servers = await self.authoritative(fqdn)
         while True:
-            answers = await asyncio.gather(*(self.txt_at(fqdn, server) for server in servers))
-            missing = [server for server, values in zip(servers, answers) if value not in values]
+            answers = await asyncio.gather(
+                *(self.txt_at(fqdn, server) for server in servers)
+            )
+            missing = [
+                server
+                for server, values in zip(servers, answers)
+                if value not in values
+            ]
             if not missing:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
                 host, port = missing[0]
-                raise DnsError(f"the TXT record {fqdn} was not visible at {host}:{port} "
-                               f"({len(missing)} of {len(servers)} servers lack it) within {timeout:g} s")
+                raise DnsError(
+                    f"the TXT record {fqdn} was not visible at {host}:{port} "
+                    f"({len(missing)} of {len(servers)} servers lack it) within {timeout:g} s"
+                )
             await asyncio.sleep(min(interval, left))
 
 

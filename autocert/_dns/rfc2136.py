@@ -38,11 +38,21 @@ _ALGORITHMS = {
 class Rfc2136Provider:
     """Adds and deletes the one TXT value in the zone, over TCP (updates are not retried over UDP)."""
 
-    def __init__(self, host: str, port: int, keyname: str, secret: bytes, algorithm: str, zone: str | None,
-                 lookup: DnsLookup) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        keyname: str,
+        secret: bytes,
+        algorithm: str,
+        zone: str | None,
+        lookup: DnsLookup,
+    ) -> None:
         self.server = (host, port)
         self.keyname = dns.name.from_text(keyname)
-        self.keyring = {self.keyname: dns.tsig.Key(self.keyname, secret, _ALGORITHMS[algorithm])}
+        self.keyring = {
+            self.keyname: dns.tsig.Key(self.keyname, secret, _ALGORITHMS[algorithm])
+        }
         self.algorithm = _ALGORITHMS[algorithm]
         self.zone = zone
         self._lookup = lookup
@@ -50,10 +60,14 @@ class Rfc2136Provider:
     @classmethod
     def from_url(cls, url: str, lookup: DnsLookup) -> Rfc2136Provider:
         """The provider a ``--dns rfc2136://`` URL describes (``/`` in the secret as ``%2F``)."""
-        shown = "rfc2136://" + url.partition("@")[2] if "@" in url else url  # the secret stays out of errors
+        shown = (
+            "rfc2136://" + url.partition("@")[2] if "@" in url else url
+        )  # the secret stays out of errors
 
         def bad(why: str) -> ConfigError:
-            return ConfigError(f"--dns {shown!r}: {why}; expected rfc2136://KEYNAME:SECRET@HOST:PORT?algorithm=hmac-sha256[&zone=ZONE]")
+            return ConfigError(
+                f"--dns {shown!r}: {why}; expected rfc2136://KEYNAME:SECRET@HOST:PORT?algorithm=hmac-sha256[&zone=ZONE]"
+            )
 
         try:
             parts = urllib.parse.urlsplit(url)
@@ -68,15 +82,27 @@ class Rfc2136Provider:
             raise bad(f"unknown parameter {min(unknown)!r}")
         algorithm = query.get("algorithm", ["hmac-sha256"])[-1].lower()
         if algorithm not in _ALGORITHMS:
-            raise bad(f"unknown algorithm {algorithm!r} (use one of {', '.join(_ALGORITHMS)})")
+            raise bad(
+                f"unknown algorithm {algorithm!r} (use one of {', '.join(_ALGORITHMS)})"
+            )
         try:
-            secret = base64.b64decode(urllib.parse.unquote(parts.password), validate=True)
+            secret = base64.b64decode(
+                urllib.parse.unquote(parts.password), validate=True
+            )
         except (binascii.Error, ValueError):
             raise bad("the secret is not base64") from None
         zone = query.get("zone", [None])[-1]
         if zone is not None:
             zone = zone.rstrip(".") + "."
-        return cls(parts.hostname, port, urllib.parse.unquote(parts.username), secret, algorithm, zone, lookup)
+        return cls(
+            parts.hostname,
+            port,
+            urllib.parse.unquote(parts.username),
+            secret,
+            algorithm,
+            zone,
+            lookup,
+        )
 
     async def set(self, fqdn: str, value: str) -> None:
         update = await self._update(fqdn)
@@ -90,16 +116,29 @@ class Rfc2136Provider:
 
     async def _update(self, fqdn: str) -> dns.update.UpdateMessage:
         zone = self.zone or await self._lookup.zone_for(fqdn)
-        return dns.update.UpdateMessage(zone, keyring=self.keyring, keyname=self.keyname, keyalgorithm=self.algorithm)
+        return dns.update.UpdateMessage(
+            zone,
+            keyring=self.keyring,
+            keyname=self.keyname,
+            keyalgorithm=self.algorithm,
+        )
 
-    async def _send(self, update: dns.update.UpdateMessage, doing: str, fqdn: str) -> None:
+    async def _send(
+        self, update: dns.update.UpdateMessage, doing: str, fqdn: str
+    ) -> None:
         host, port = self.server
         try:
-            response = await dns.asyncquery.tcp(update, host, port=port, timeout=UPDATE_TIMEOUT)
+            response = await dns.asyncquery.tcp(
+                update, host, port=port, timeout=UPDATE_TIMEOUT
+            )
         except (dns.exception.DNSException, OSError) as exc:
-            raise DnsError(f"{doing} the TXT record {fqdn} at {host}:{port} failed: {exc or type(exc).__name__}") from None
+            raise DnsError(
+                f"{doing} the TXT record {fqdn} at {host}:{port} failed: {exc or type(exc).__name__}"
+            ) from None
         if response.rcode() != dns.rcode.NOERROR:
-            raise DnsError(f"{host}:{port} refused {doing} the TXT record {fqdn}: {dns.rcode.to_text(response.rcode())}")
+            raise DnsError(
+                f"{host}:{port} refused {doing} the TXT record {fqdn}: {dns.rcode.to_text(response.rcode())}"
+            )
 
 
 def _quoted(value: str) -> str:

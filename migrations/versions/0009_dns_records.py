@@ -20,7 +20,12 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column("allowed", sa.Column("wildcard", sa.Boolean(), nullable=False, server_default=sa.text("false")))
+    op.add_column(
+        "allowed",
+        sa.Column(
+            "wildcard", sa.Boolean(), nullable=False, server_default=sa.text("false")
+        ),
+    )
     op.create_table(
         "dns_records",
         sa.Column("id", sa.Integer(), nullable=False),
