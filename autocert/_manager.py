@@ -16,13 +16,13 @@ import logging
 import ssl
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url, parse_external_account
-from ._errors import AutocertError, IssuanceError, StoreError
+from ._errors import AutocertError, ConfigError, IssuanceError, StoreError
 from ._events import Event, EventBus, log_event
-from ._names import is_host_name, normalize_entry, normalize_name
-from ._policy import MAX_CAP, RateBudget, Route, default_budget, hold_reason, is_allowed, needs_order
+from ._names import is_host_name, is_pattern, normalize_entry, normalize_name
+from ._policy import MAX_CAP, RateBudget, Route, certificate_name, default_budget, hold_reason, needs_order
 from ._ask import ASK_TIMEOUT, AskGate
 from ._caps import PatternCaps
 from ._scheduler import Scheduler
@@ -30,7 +30,10 @@ from ._status import status_report
 from ._store import Store, StoredCertificate
 from ._timefmt import utcnow
 from ._tls import ACME_TLS_ALPN, DEFAULT_ALPN, ContextCache, build_context, install_alert_flush_fix, new_server_context
-from ._worker import ChallengeBook, Worker
+from ._worker import ChallengeBook, Worker, answerable_types
+
+if TYPE_CHECKING:
+    from ._dns import DnsSettings
 
 log = logging.getLogger("autocert.manager")
 
@@ -113,6 +116,10 @@ class Manager:
         each renewal. A slow endpoint slows first contacts; a down one refuses new names.
     ask_timeout:
         Seconds an ask may take before the name is refused. Default 2.
+    dns:
+        How dns-01 is answered (:class:`autocert._dns.DnsSettings`: the provider publishing
+        TXT records, where to check them, how long to wait). Default None: no dns-01, and
+        wildcard patterns refuse to start. With it, dns-01 is added last to ``challenge_types``.
     """
 
     def __init__(
@@ -135,6 +142,7 @@ class Manager:
         eab: tuple[str, str] | None = None,
         ask: str | None = None,
         ask_timeout: float = ASK_TIMEOUT,
+        dns: DnsSettings | None = None,
     ) -> None:
         self.db_url = db or default_db_url()
         self.directory = directory
@@ -144,7 +152,8 @@ class Manager:
         self.profile = profile
         self.default_name = normalize_name(default_name) if default_name else None
         self.alpn = tuple(alpn)
-        self.challenge_types = tuple(challenge_types)
+        self.dns = dns
+        self.challenge_types = answerable_types(challenge_types, dns)
         self.poll_interval = poll_interval
         self.concurrency = concurrency
         self.budget = default_budget(directory) if budget == "auto" else budget
@@ -165,6 +174,8 @@ class Manager:
         #: themselves here so every user (the server, the status pages) shares one.
         self.attachments: dict[type, Any] = {}
         self._allowed: frozenset[str] = frozenset()
+        #: The allowed patterns served from one wildcard certificate each.
+        self._wildcards: frozenset[str] = frozenset()
         self._allowlist_version: int | None = None
         self._store: Store | None = None
         self._worker: Worker | None = None
@@ -202,7 +213,7 @@ class Manager:
             await store.close()
             raise
         self._store = store
-        self._challenges = ChallengeBook(self._store, self.challenge_types)
+        self._challenges = ChallengeBook(self._store, self.challenge_types, self.dns)
         self._worker = Worker(
             self._store,
             directory=self.directory,
@@ -222,7 +233,11 @@ class Manager:
         if closed:
             log.info("closed %d attempt(s) left running by a process that was stopped mid-order", closed)
         marks = await self._store.change_marks()
-        self._allowed = await self._store.allowed_entries()
+        self._allowed, self._wildcards = await self._store.allowed_entries(), await self._store.wildcard_patterns()
+        if self._wildcards and self.dns is None:
+            await self._store.close()
+            raise ConfigError(f"{min(self._wildcards)} is a --wildcard pattern: its certificate needs dns-01; set --dns")
+        await self._challenges.clear_dns_leftovers()
         self._allowlist_version = marks.allowlist_version
         self._last_certificate_id = marks.latest_certificate_id
         self._revocations_seen = marks.revocations
@@ -283,22 +298,24 @@ class Manager:
     # -- allowlist and issuance ------------------------------------------------------------
 
     def is_allowed(self, name: str) -> bool:
-        """Whether ``name`` (already normalised) may get a certificate, from memory."""
-        return is_allowed(name, self._allowed) or (self.ask is not None and self.ask.allows(name))
+        """Whether ``name`` (normalised) may get a certificate, from memory (a wildcard pattern
+        may; so may a name the ask endpoint allowed)."""
+        return certificate_name(name, self._allowed, self._wildcards) is not None or (self.ask is not None and self.ask.allows(name))
 
     async def may_serve(self, name: str, *, fresh: bool = False) -> bool:
         """Whether ``name`` (already normalised) is allowed, asking the ask endpoint about a
-        name off the allowlist (``fresh``: whatever it said before, as before a renewal)."""
-        if is_allowed(name, self._allowed):
+        host name off the allowlist (``fresh``: whatever it said before, as before a renewal)."""
+        if certificate_name(name, self._allowed, self._wildcards) is not None:
             return True
-        return self.ask is not None and await self.ask.ask(name, fresh=fresh)
+        return self.ask is not None and is_host_name(name) and await self.ask.ask(name, fresh=fresh)
 
-    async def allow(self, *entries: str, cap: int | None = None) -> list[str]:
-        """Allow names or ``*.patterns``; ``cap`` limits how many names a pattern may order."""
+    async def allow(self, *entries: str, cap: int | None = None, wildcard: bool = False) -> list[str]:
+        """Allow names or ``*.patterns``; ``cap`` limits how many names a pattern may order;
+        ``wildcard`` serves patterns from one wildcard certificate each (needs ``dns``)."""
         if cap is not None and not 1 <= cap <= MAX_CAP:
             raise ValueError(f"cap {cap}: must be between 1 and {MAX_CAP}")
         normalised = [normalize_entry(entry) for entry in entries]
-        added = await self.store.allow(normalised, cap=cap)
+        added = await self.store.allow(normalised, cap=cap, wildcard=wildcard)
         await self._refresh_allowlist()
         return added
 
@@ -315,9 +332,9 @@ class Manager:
         certificate is returned and nothing is ordered, unless ``force``. So running the same
         command twice (or again after an interruption) never orders twice.
         """
-        name = normalize_name(name)
+        name = certificate_name(entry := normalize_entry(name), self._allowed, self._wildcards) or entry
         if not await self.may_serve(name):
-            raise IssuanceError(name, "not allowed: add it with `autocert allow` first")
+            raise IssuanceError(name, "not allowed: add it with `autocert allow` first" + (" --wildcard" if is_pattern(name) else ""))
         if not force:
             current = await self.store.current_certificate(name)
             if current is not None and not needs_order(current.not_after, current.renew_at, utcnow()):
@@ -334,7 +351,7 @@ class Manager:
         if names is None:
             candidates = await self.store.current_certificates() if force else await self.store.renewals_due(now, limit=1_000_000)
         else:
-            wanted = [normalize_name(name) for name in names]
+            wanted = [normalize_entry(name) for name in names]
             candidates = await self.store.current_certificates(wanted)
             missing = set(wanted) - {c.name for c in candidates}
             if missing:
@@ -351,7 +368,7 @@ class Manager:
 
     async def revoke(self, name: str, reason: int = 0) -> StoredCertificate:
         """Revoke the current certificate of ``name`` at the CA; every server stops serving it."""
-        name = normalize_name(name)
+        name = normalize_entry(name)
         certificate = await self.store.current_certificate(name)
         if certificate is None:
             raise IssuanceError(name, "has no certificate to revoke")
@@ -383,7 +400,8 @@ class Manager:
         The one decision behind both SNI paths; it never waits and never touches the database.
         """
         name = (server_name or self.default_name or "").rstrip(".").lower()
-        if not name or not self._started or not is_allowed(name, self._allowed):
+        served_as = certificate_name(name, self._allowed, self._wildcards) if name and self._started else None
+        if served_as is None:
             answer = self.ask.answer(name) if self.ask is not None and name and self._started else False
             if answer is None:
                 self.handshakes["asked"] += 1
@@ -391,17 +409,18 @@ class Manager:
             if not answer:
                 self.handshakes["unknown_name"] += 1
                 return _REFUSED
+            served_as = name
         if ACME_TLS_ALPN in alpn:
             self.handshakes["challenge"] += 1
             return Route.CHALLENGE, name, self._challenges.cached_context(name)  # type: ignore[union-attr]
-        context = self.cache.get(name)
+        context = self.cache.get(served_as)
         if context is None:
-            held = self._held.get(name)
+            held = self._held.get(served_as)
             if held is not None:
                 if held[0] > self._loop.time():  # type: ignore[union-attr]
                     self.handshakes["held"] += 1
                     return Route.HELD, name, None
-                del self._held[name]
+                del self._held[served_as]
             return Route.LOAD, name, None
         self.handshakes["served"] += 1
         return Route.SERVE, name, context
@@ -414,7 +433,7 @@ class Manager:
         if route is Route.LOAD:
             # Embedded mode cannot hold a handshake open: refuse this one, the next is served.
             self.handshakes["pending"] += 1
-            self._lookup(name)
+            self._lookup(certificate_name(name, self._allowed, self._wildcards) or name)
         elif route is Route.ASK:  # likewise: the next handshake gets the answer
             self.ask.ask_soon(name)  # type: ignore[union-attr]
         return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
@@ -424,8 +443,12 @@ class Manager:
 
         Waits at most ``wait`` seconds for a first issuance; issuance goes on after that.
         """
-        if not self.is_allowed(name):
-            return None
+        served_as = certificate_name(name, self._allowed, self._wildcards)
+        if served_as is None:
+            if self.ask is None or not self.ask.allows(name):
+                return None
+            served_as = name
+        name = served_as
         context = self.cache.get(name)
         if context is not None:
             return context
@@ -451,8 +474,8 @@ class Manager:
             log.warning("could not get a certificate for %s: %s", name, task.exception())
 
     async def _load_or_issue(self, name: str) -> ssl.SSLContext | None:
-        if not is_host_name(name):
-            return None  # e.g. a literal "*.example.com" SNI, or a bad label under a pattern
+        if not is_host_name(name) and name not in self._wildcards:
+            return None  # e.g. a bad label under a pattern
         now = utcnow()
         certificate = await self.store.current_certificate(name)
         if certificate is None or certificate.not_after <= now:
@@ -509,7 +532,7 @@ class Manager:
         if version == self._allowlist_version:
             return
         self._allowlist_version = version
-        allowed = await self.store.allowed_entries()
+        allowed, self._wildcards = await self.store.allowed_entries(), await self.store.wildcard_patterns()
         # A cap may have been raised or a name removed: let held names be looked at again.
         self._held.clear()
         self._caps.allowlist_changed()

@@ -27,6 +27,7 @@ __all__ = [
     "CapClaimRow",
     "CertificateRow",
     "ChallengeRow",
+    "DnsRecordRow",
     "NameRow",
     "NameStateRow",
     "UTCDateTime",
@@ -108,6 +109,8 @@ class AllowedRow(Base):
     added_at: Mapped[datetime] = mapped_column(default=utcnow)
     # For a pattern: how many distinct names under it may be ordered (None: no limit).
     cap: Mapped[int | None] = mapped_column(Integer)
+    # For a pattern: served from one wildcard certificate (dns-01) instead of one per name.
+    wildcard: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class AllowlistVersionRow(Base):
@@ -279,3 +282,17 @@ class CapClaimRow(Base):
     name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     pattern: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
     claimed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DnsRecordRow(Base):
+    """A dns-01 TXT record published and not yet cleared, so that a process killed mid-order
+    leaves no record behind: the next start clears what its dead owner published."""
+
+    __tablename__ = "dns_records"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fqdn: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    value: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    owner: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -36,6 +36,7 @@ __all__ = [
     "Route",
     "ari_next_check",
     "budget_with_order_limit",
+    "certificate_name",
     "default_budget",
     "exempt_from_budgets",
     "expires_soon",
@@ -65,11 +66,23 @@ __all__ = [
 
 def is_allowed(name: str, allowed_entries: Collection[str]) -> bool:
     """Whether the normalised ``name`` is on the allowlist, exactly or by the one pattern
-    (``*.base``, one label) that can cover it: two set look-ups, whatever the list's size."""
+    (``*.base``, one label) that can cover it: two set look-ups, whatever the list's size.
+    (:func:`certificate_name` with every pattern counted as a wildcard says the same.)"""
+    return certificate_name(name, allowed_entries, allowed_entries) is not None
+
+
+def certificate_name(name: str, allowed_entries: Collection[str], wildcards: Collection[str]) -> str | None:
+    """The name of the certificate that serves ``name``: its own, the wildcard certificate
+    of the pattern covering it when that pattern is in ``wildcards``, or None when ``name``
+    is not allowed. An exact entry keeps its own certificate even under a wildcard pattern;
+    a pattern names a certificate only when it is a wildcard entry. At most three set
+    look-ups, and no allocation beyond :func:`pattern_for`'s, as it runs on every handshake."""
     if name in allowed_entries:
-        return True
+        return name if not name.startswith("*.") or name in wildcards else None
     pattern = pattern_for(name)
-    return pattern is not None and pattern in allowed_entries
+    if pattern is None or pattern not in allowed_entries:
+        return None
+    return pattern if pattern in wildcards else name
 
 
 #: The largest cap a pattern may have: the database stores it as a 32-bit integer.

@@ -16,7 +16,7 @@ import socket
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, cast
 
 import aiohttp
@@ -42,6 +42,7 @@ from ._tls import ACME_TLS_ALPN, build_context
 
 if TYPE_CHECKING:
     from ._acme import AcmeClient, RenewalInfo
+    from ._dns import Dns01, DnsSettings
 
 log = logging.getLogger("autocert.worker")
 
@@ -81,6 +82,15 @@ def owner_is_dead(owner: str) -> bool:
     return False
 
 
+def answerable_types(challenge_types: Sequence[str], dns: DnsSettings | None) -> tuple[str, ...]:
+    """The challenge types to answer, in order: those asked for, and dns-01 last whenever a
+    DNS provider is configured (wildcard names have no other, and the CA offers plain names
+    http-01 or tls-alpn-01 first). dns-01 asked for without a provider is refused."""
+    if "dns-01" in challenge_types and dns is None:
+        raise ValueError("dns-01 needs a DNS provider (--dns) to publish the TXT records with")
+    return tuple(challenge_types) + (("dns-01",) if dns is not None and "dns-01" not in challenge_types else ())
+
+
 class _AccountBudget:
     """The account's order budget for one order, decided from the orders the database counts
     in the transaction that starts the attempt (:meth:`Store.start_attempt_within`)."""
@@ -115,9 +125,15 @@ class ChallengeBook:
     #: At most this many tls-alpn-01 contexts are kept; beyond it the oldest are dropped.
     MAX_CONTEXTS = 1024
 
-    def __init__(self, store: Store, challenge_types: Sequence[str]) -> None:
+    def __init__(self, store: Store, challenge_types: Sequence[str], dns: DnsSettings | None = None) -> None:
         self._store = store
         self.challenge_types: Sequence[str] = tuple(challenge_types)
+        #: dns-01 answers, published through the configured provider (None: dns-01 not offered).
+        self.dns: Dns01 | None = None
+        if dns is not None:
+            from ._dns import Dns01  # dnspython is loaded only when dns-01 is configured
+
+            self.dns = Dns01(dns, store, new_owner_id())
         #: Key authorizations of the tls-alpn-01 challenges this process presented, by name.
         self._own: dict[str, str] = {}
         #: The tls-alpn-01 context built for each name, with the key authorization it carries.
@@ -152,6 +168,9 @@ class ChallengeBook:
         return context
 
     async def present(self, name: str, challenge_type: str, token: str, key_authorization: str) -> None:
+        if challenge_type == "dns-01" and self.dns is not None:
+            await self.dns.present(name, token, key_authorization)
+            return
         if challenge_type not in ("http-01", "tls-alpn-01"):
             raise AcmeError(f"challenge type {challenge_type} is not supported")
         await self._store.put_challenge(token, name, key_authorization, challenge_type)
@@ -160,10 +179,24 @@ class ChallengeBook:
             await self.context(name)  # ready before the CA connects
 
     async def cleanup(self, name: str, challenge_type: str, token: str) -> None:
+        if challenge_type == "dns-01":
+            if self.dns is not None:
+                await self.dns.cleanup(token)
+            return
         if challenge_type == "tls-alpn-01":
             self._own.pop(name, None)
             self._contexts.pop(name, None)
         await self._store.delete_challenge(token)
+
+    async def clear_dns_leftovers(self) -> None:
+        """Clear dns-01 records a process that died mid-order left published: its owner is
+        gone from this host, or it is older than any order may run (a lease's length twice)."""
+        if self.dns is None:
+            return
+        stale = utcnow() - timedelta(seconds=2 * LEASE_SECONDS)
+        cleared = await self.dns.clear_leftovers(lambda record: owner_is_dead(record.owner) or record.created_at < stale)
+        if cleared:
+            log.info("cleared %d dns-01 record(s) left by a process stopped mid-order", cleared)
 
 
 def _tls_alpn_context(name: str, key_authorization: str) -> ssl.SSLContext:

@@ -20,7 +20,7 @@ LAYERS = {
     "_proxy_protocol": 0,
     "_policy": 1, "_notify": 1, "_tls": 1,
     "_store": 2,
-    "_acme": 3, "_status": 3, "_ask": 3, "_caps": 3,
+    "_acme": 3, "_status": 3, "_ask": 3, "_caps": 3, "_dns": 3,
     "_worker": 4, "_scheduler": 4,
     "_manager": 5,
     "_front": 6, "web": 6, "_http": 6, "_proxy": 6, "_passthrough": 6, "_monitor": 6, "_metrics": 6,

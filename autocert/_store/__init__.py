@@ -5,8 +5,8 @@ This package is the only code that writes SQL. It hands out frozen dataclasses
 :class:`Store` is one class made of a part per aggregate, each over the shared base in
 :mod:`.engine` (engine, sessions, key sealer, lifecycle and migrations): :mod:`.allowlist`,
 :mod:`.accounts`, :mod:`.certificates` (with pending orders), :mod:`.attempts` (with
-backoff and leases) and :mod:`.challenges`; :mod:`.listener` hears PostgreSQL's change
-notifications; :mod:`.names` keeps the status index those
+backoff and leases), :mod:`.challenges` and :mod:`.dns_records`; :mod:`.listener` hears
+PostgreSQL's change notifications; :mod:`.names` keeps the status index those
 writes summarise, and :mod:`.status` answers status pages and counts from it, with
 predicates that :mod:`.rules` derives from the state rules.
 
@@ -109,6 +109,7 @@ from .allowlist import AllowlistMixin
 from .attempts import AttemptsMixin
 from .certificates import CertificatesMixin
 from .challenges import ChallengesMixin
+from .dns_records import DnsRecordsMixin
 from .status import SORTS, NameStatus, Position, StatusBatch, StatusCounts, StatusMixin, StatusPage, StatusQuery
 from .engine import StoreBase, async_url, head_revision, migrations_path
 from .records import (
@@ -117,6 +118,7 @@ from .records import (
     Attempt,
     CertificateTimes,
     ChangeMarks,
+    DnsRecord,
     ExpiryOverview,
     NameState,
     StoredCertificate,
@@ -128,6 +130,7 @@ __all__ = [
     "Attempt",
     "CertificateTimes",
     "ChangeMarks",
+    "DnsRecord",
     "ExpiryOverview",
     "NameState",
     "NameStatus",
@@ -145,5 +148,5 @@ __all__ = [
 ]
 
 
-class Store(AllowlistMixin, AccountsMixin, CertificatesMixin, AttemptsMixin, ChallengesMixin, StatusMixin, StoreBase):
+class Store(AllowlistMixin, AccountsMixin, CertificatesMixin, AttemptsMixin, ChallengesMixin, DnsRecordsMixin, StatusMixin, StoreBase):
     """Async access to autocert's database; create it with :meth:`open`, end with :meth:`close`."""

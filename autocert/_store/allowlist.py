@@ -28,32 +28,42 @@ _CHANGE_MARKS = select(
 class AllowlistMixin(NamesMixin):
     """Which names may get certificates; every change moves the version in the same transaction."""
 
-    async def allow(self, entries: Iterable[str], *, cap: int | None = None) -> list[str]:
+    async def allow(self, entries: Iterable[str], *, cap: int | None = None, wildcard: bool = False) -> list[str]:
         """Add entries; returns those that were not there yet, in the order given.
 
         Entries are passed through :func:`autocert._names.normalize_entry` again (it is
         idempotent) so that a caller's mistake cannot store a name the SNI check never matches.
         ``cap`` sets (or, for entries already present, replaces) the patterns' name limit.
+        ``wildcard`` makes patterns (new or present) served from one wildcard certificate,
+        which is then a name of its own in the status index; it never turns that off.
         """
         wanted = list(dict.fromkeys(normalize_entry(entry) for entry in entries))
         if not wanted:
             return []
-        if cap is not None and not all(is_pattern(entry) for entry in wanted):
-            raise ValueError("a cap applies to *.patterns only")
+        if (cap is not None or wildcard) and not all(is_pattern(entry) for entry in wanted):
+            raise ValueError("a cap or a wildcard applies to *.patterns only")
+        if cap is not None and wildcard:
+            raise ValueError("a wildcard pattern has one certificate: a cap does not apply")
         now = utcnow()
         added: set[str] = set()
         async with self._writing() as session:
             await self._lock_names(session, exclusive=True)
             for chunk in _chunks(wanted):
-                stmt = self._insert(_allowed).values([{"entry": entry, "added_at": now, "cap": cap} for entry in chunk])
-                stmt = stmt.on_conflict_do_nothing(index_elements=["entry"]).returning(_allowed.c.entry)
+                rows = [{"entry": entry, "added_at": now, "cap": cap, "wildcard": wildcard} for entry in chunk]
+                stmt = self._insert(_allowed).values(rows).on_conflict_do_nothing(index_elements=["entry"]).returning(_allowed.c.entry)
                 added.update((await session.execute(stmt)).scalars())
-                if cap is not None:
-                    await session.execute(update(_allowed).where(_allowed.c.entry.in_(chunk)).values(cap=cap))
-            await self._allowlist_added(session, [entry for entry in wanted if entry in added])
-            if added or cap is not None:
+                if cap is not None or wildcard:
+                    changes = {"cap": cap} if cap is not None else {"wildcard": True}
+                    await session.execute(update(_allowed).where(_allowed.c.entry.in_(chunk)).values(**changes))
+            await self._allowlist_added(session, wanted if wildcard else [entry for entry in wanted if entry in added], wildcard=wildcard)
+            if added or cap is not None or wildcard:
                 await self._bump_allowlist_version(session)
         return [entry for entry in wanted if entry in added]
+
+    async def wildcard_patterns(self) -> frozenset[str]:
+        """The patterns served from a wildcard certificate, read with the allowlist."""
+        async with self._reading() as session:
+            return frozenset((await session.execute(select(_allowed.c.entry).where(_allowed.c.wildcard))).scalars())
 
     async def pattern_cap(self, pattern: str) -> int | None:
         async with self._reading() as session:
@@ -118,8 +128,8 @@ class AllowlistMixin(NamesMixin):
     async def allowed(self) -> list[AllowedEntry]:
         """The whole allowlist, sorted by entry (in Python: database collations differ)."""
         async with self._reading() as session:
-            rows = (await session.execute(select(_allowed.c.entry, _allowed.c.added_at, _allowed.c.cap))).all()
-        return sorted((AllowedEntry(row.entry, row.added_at, row.cap) for row in rows), key=lambda item: item.entry)
+            rows = (await session.execute(select(_allowed.c.entry, _allowed.c.added_at, _allowed.c.cap, _allowed.c.wildcard))).all()
+        return sorted((AllowedEntry(row.entry, row.added_at, row.cap, bool(row.wildcard)) for row in rows), key=lambda item: item.entry)
 
     async def allowed_entries(self) -> frozenset[str]:
         """Every entry as a set, for the in-memory SNI check that must never wait on the database."""
