@@ -325,11 +325,15 @@ def test_a_record_left_by_a_killed_process_is_cleared_at_restart(
         stderr=subprocess.PIPE,
     )
     try:
-        wait_for(
-            lambda: calls(log) == ["set"] and len(dns_records(db)) == 1,
-            timeout=60,
-            what="the record to be published",
-        )
+
+        def published() -> bool:
+            # Noted in the database and published by the hook (which logs before it publishes).
+            if calls(log) != ["set"] or len(dns_records(db)) != 1:
+                return False
+            fqdn, value = dns_records(db)[0]
+            return value in pebble.txt_records(fqdn)
+
+        wait_for(published, timeout=60, what="the record to be published")
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
