@@ -24,6 +24,7 @@ __all__ = [
     "address_of_reverse_name",
     "address_of_socket",
     "is_address",
+    "is_host_name",
     "is_pattern",
     "normalize_address",
     "normalize_entry",
@@ -113,6 +114,14 @@ def normalize_entry(raw: str) -> str:
     if len(entry) > MAX_NAME_OCTETS:
         raise InvalidName(raw, f"pattern is {len(entry)} octets, over the {MAX_NAME_OCTETS}-octet limit")
     return entry
+
+
+def is_host_name(name: str) -> bool:
+    """Whether an SNI name is a name we could ever order: only its normal form qualifies."""
+    try:
+        return normalize_name(name) == name
+    except InvalidName:
+        return False
 
 
 def is_pattern(entry: str) -> bool:

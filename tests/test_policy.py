@@ -19,6 +19,7 @@ from autocert._policy import (
     account_budget_hold,
     ari_next_check,
     budget_with_order_limit,
+    certificate_name,
     challenged_address,
     default_budget,
     exempt_from_budgets,
@@ -60,6 +61,17 @@ class State:
 )
 def test_is_allowed_exactly_or_by_the_one_label_pattern(entry: str, name: str, expected: bool) -> None:
     assert is_allowed(name, {entry}) is expected
+
+
+def test_a_wildcard_pattern_serves_the_names_under_it_from_its_own_certificate() -> None:
+    entries, wildcards = {"*.w.example", "own.w.example", "*.p.example"}, {"*.w.example"}
+    assert certificate_name("a.w.example", entries, wildcards) == "*.w.example"
+    assert certificate_name("own.w.example", entries, wildcards) == "own.w.example"  # an exact entry keeps its own
+    assert certificate_name("a.p.example", entries, wildcards) == "a.p.example"  # a plain pattern: one per name
+    assert certificate_name("*.w.example", entries, wildcards) == "*.w.example"
+    assert certificate_name("*.p.example", entries, wildcards) is None  # only a wildcard pattern is a certificate
+    assert certificate_name("a.b.w.example", entries, wildcards) is None
+    assert certificate_name("w.example", entries, wildcards) is None
 
 
 def test_a_cap_counts_names_ordered_and_names_reserved() -> None:
