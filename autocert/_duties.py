@@ -98,7 +98,8 @@ class Duties:
         manager = self.manager
         loop = asyncio.get_running_loop()
         if not manager.schedules_renewals:  # a manager that schedules its own keeps doing so
-            scheduler = Scheduler(manager.store, manager.worker, is_allowed=manager.is_allowed)
+            recheck = None if manager.ask is None else lambda name: manager.may_serve(name, fresh=True)
+            scheduler = Scheduler(manager.store, manager.worker, is_allowed=manager.is_allowed, recheck=recheck)
             self._scheduler = loop.create_task(scheduler.run(), name="autocert-scheduler")
         self.monitor.poke()
 

@@ -16,11 +16,12 @@ import socket
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
-from typing import TYPE_CHECKING
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, cast
 
 import aiohttp
 
+from ._config import ExternalAccount
 from ._crypto import ari_certificate_id, generate_private_key, tls_alpn_challenge_certificate
 from ._errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REVOKED, PROBLEM_RATE_LIMITED, AcmeError, AutocertError, IssuanceError
 from ._events import Event, EventBus
@@ -41,11 +42,14 @@ from ._tls import ACME_TLS_ALPN, build_context
 
 if TYPE_CHECKING:
     from ._acme import AcmeClient, RenewalInfo
+    from ._dns import Dns01, DnsSettings
 
 log = logging.getLogger("autocert.worker")
 
-#: How long an order may hold its lease before another process may take the name over.
-LEASE_SECONDS = 300.0
+#: How long an order may hold its lease before another process may take the name over: how
+#: long a name waits when the process ordering it dies on another host (one on the same host
+#: is noticed at once). ``AUTOCERT_LEASE_SECONDS`` changes it; it must outlast the slowest order.
+LEASE_SECONDS = float(os.environ.get("AUTOCERT_LEASE_SECONDS") or 300.0)
 
 
 def new_owner_id() -> str:
@@ -78,74 +82,127 @@ def owner_is_dead(owner: str) -> bool:
     return False
 
 
-def tls_alpn_token(name: str) -> str:
-    """Where a name's pending tls-alpn-01 answer is kept among the http-01 tokens: with a
-    space in it, which no HTTP request line can carry, so port 80 never serves it."""
-    return f"tls-alpn-01 {name}"
+def answerable_types(challenge_types: Sequence[str], dns: DnsSettings | None) -> tuple[str, ...]:
+    """The challenge types to answer, in order: those asked for, and dns-01 last whenever a
+    DNS provider is configured (wildcard names have no other, and the CA offers plain names
+    http-01 or tls-alpn-01 first). dns-01 asked for without a provider is refused."""
+    if "dns-01" in challenge_types and dns is None:
+        raise ValueError("dns-01 needs a DNS provider (--dns) to publish the TXT records with")
+    return tuple(challenge_types) + (("dns-01",) if dns is not None and "dns-01" not in challenge_types else ())
+
+
+class _AccountBudget:
+    """The account's order budget for one order, decided from the orders the database counts
+    in the transaction that starts the attempt (:meth:`Store.start_attempt_within`)."""
+
+    def __init__(self, budget: RateBudget, *, now: datetime, renewing: bool, ca_has_renewal_info: bool, renewals_due: int) -> None:
+        self._budget = budget
+        self._now = now
+        self._renewing = renewing
+        self._ca_has_renewal_info = ca_has_renewal_info
+        self._renewals_due = renewals_due
+        self.since = now - budget.order_window
+        self.new_names_only = ca_has_renewal_info
+        #: Until when and why the order is held, once :meth:`room` said there is none.
+        self.hold: tuple[datetime, str] | None = None
+
+    def room(self, counted_orders: int) -> bool:
+        self.hold = account_budget_hold(self._budget, renewing=self._renewing, exempt=False,
+                                        ca_has_renewal_info=self._ca_has_renewal_info, counted_orders=counted_orders,
+                                        renewals_due=self._renewals_due, now=self._now)
+        return self.hold is None
 
 
 class ChallengeBook:
-    """Challenge answers for the current orders, reachable by every listener.
+    """Challenge answers for the current orders, reachable by every listener of every instance
+    and every worker of a ``serve --workers``.
 
-    http-01 tokens go to the database so any instance sharing it (or a ``serve`` already
-    holding port 80 while the CLI orders) can answer. tls-alpn-01 certificates are kept in
-    this process, and their key authorizations in the database too, so that the other
-    workers of a ``serve --workers``, which share the TLS listener the CA connects to, can
-    build the same certificate when the kernel hands the CA's connection to them.
+    Answers go to the database, so that whichever instance sharing it the CA reaches (or a
+    ``serve`` already holding the port while the CLI orders) can give them: http-01 tokens
+    are served from there as they are, and tls-alpn-01 key authorizations are turned into a
+    challenge certificate by the instance the validation reaches.
     """
 
-    def __init__(self, store: Store, challenge_types: Sequence[str]) -> None:
+    #: At most this many tls-alpn-01 contexts are kept; beyond it the oldest are dropped.
+    MAX_CONTEXTS = 1024
+
+    def __init__(self, store: Store, challenge_types: Sequence[str], dns: DnsSettings | None = None) -> None:
         self._store = store
         self.challenge_types: Sequence[str] = tuple(challenge_types)
-        #: Pending tls-alpn-01 certificates by name: (certificate PEM, key PEM).
-        self.tls_alpn: dict[str, tuple[bytes, bytes]] = {}
-        #: The context built for each pending certificate, with the PEM it was built from.
-        self._contexts: dict[str, tuple[bytes, ssl.SSLContext]] = {}
+        #: dns-01 answers, published through the configured provider (None: dns-01 not offered).
+        self.dns: Dns01 | None = None
+        if dns is not None:
+            from ._dns import Dns01  # dnspython is loaded only when dns-01 is configured
+
+            self.dns = Dns01(dns, store, new_owner_id())
+        #: Key authorizations of the tls-alpn-01 challenges this process presented, by name.
+        self._own: dict[str, str] = {}
+        #: The tls-alpn-01 context built for each name, with the key authorization it carries.
+        self._contexts: dict[str, tuple[str, ssl.SSLContext]] = {}
 
     def cached_context(self, name: str) -> ssl.SSLContext | None:
-        """The tls-alpn-01 context for ``name`` if it is pending and already built (no waiting)."""
-        pending = self.tls_alpn.get(name)
-        built = self._contexts.get(name) if pending is not None else None
-        if built is None or built[0] != pending[0]:  # type: ignore[index]
+        """The tls-alpn-01 context for ``name`` if this process presented its challenge and the
+        context is built (no waiting); a challenge another instance presented is read from the
+        database by :meth:`context`."""
+        own = self._own.get(name)
+        built = self._contexts.get(name)
+        if own is None or built is None or built[0] != own:
             return None
         return built[1]
 
     async def context(self, name: str) -> ssl.SSLContext | None:
         """The tls-alpn-01 context for ``name``, served only to ``acme-tls/1`` clients while
-        its challenge is pending; built off the event loop on first use. A challenge another
-        process presented is built from the database for each connection, never kept: that
-        process's next order for the name would make a kept one stale."""
-        context = self.cached_context(name)
-        pending = self.tls_alpn.get(name)
-        if context is None and pending is None:
-            key_authorization = await self._store.get_challenge(tls_alpn_token(name))
-            if key_authorization is None:
-                return None
-            cert_pem, key_pem = await asyncio.to_thread(tls_alpn_challenge_certificate, name, key_authorization)
-            return await asyncio.to_thread(build_context, cert_pem, key_pem, (ACME_TLS_ALPN,))
-        if context is not None or pending is None:
-            return context
-        cert_pem, key_pem = pending
-        context = await asyncio.to_thread(build_context, cert_pem, key_pem, (ACME_TLS_ALPN,))
-        self._contexts[name] = (cert_pem, context)
+        its challenge is pending (presented here or by any instance on the database); built
+        off the event loop."""
+        key_authorization = self._own.get(name) or await self._store.tls_alpn_challenge(name)
+        if key_authorization is None:
+            self._contexts.pop(name, None)
+            return None
+        built = self._contexts.get(name)
+        if built is not None and built[0] == key_authorization:
+            return built[1]
+        context = await asyncio.to_thread(_tls_alpn_context, name, key_authorization)
+        self._contexts.pop(name, None)
+        self._contexts[name] = (key_authorization, context)
+        while len(self._contexts) > self.MAX_CONTEXTS:
+            del self._contexts[next(iter(self._contexts))]
         return context
 
     async def present(self, name: str, challenge_type: str, token: str, key_authorization: str) -> None:
-        if challenge_type == "http-01":
-            await self._store.put_challenge(token, name, key_authorization)
-        elif challenge_type == "tls-alpn-01":
-            self.tls_alpn[name] = await asyncio.to_thread(tls_alpn_challenge_certificate, name, key_authorization)
-            await self._store.put_challenge(tls_alpn_token(name), name, key_authorization)
-        else:
+        if challenge_type == "dns-01" and self.dns is not None:
+            await self.dns.present(name, token, key_authorization)
+            return
+        if challenge_type not in ("http-01", "tls-alpn-01"):
             raise AcmeError(f"challenge type {challenge_type} is not supported")
+        await self._store.put_challenge(token, name, key_authorization, challenge_type)
+        if challenge_type == "tls-alpn-01":
+            self._own[name] = key_authorization
+            await self.context(name)  # ready before the CA connects
 
     async def cleanup(self, name: str, challenge_type: str, token: str) -> None:
-        if challenge_type == "http-01":
-            await self._store.delete_challenge(token)
-        else:
-            self.tls_alpn.pop(name, None)
+        if challenge_type == "dns-01":
+            if self.dns is not None:
+                await self.dns.cleanup(token)
+            return
+        if challenge_type == "tls-alpn-01":
+            self._own.pop(name, None)
             self._contexts.pop(name, None)
-            await self._store.delete_challenge(tls_alpn_token(name))
+        await self._store.delete_challenge(token)
+
+    async def clear_dns_leftovers(self) -> None:
+        """Clear dns-01 records a process that died mid-order left published: its owner is
+        gone from this host, or it is older than any order may run (a lease's length twice)."""
+        if self.dns is None:
+            return
+        stale = utcnow() - timedelta(seconds=2 * LEASE_SECONDS)
+        cleared = await self.dns.clear_leftovers(lambda record: owner_is_dead(record.owner) or record.created_at < stale)
+        if cleared:
+            log.info("cleared %d dns-01 record(s) left by a process stopped mid-order", cleared)
+
+
+def _tls_alpn_context(name: str, key_authorization: str) -> ssl.SSLContext:
+    cert_pem, key_pem = tls_alpn_challenge_certificate(name, key_authorization)
+    return build_context(cert_pem, key_pem, (ACME_TLS_ALPN,))
 
 
 class Worker:
@@ -166,6 +223,7 @@ class Worker:
         events: EventBus | None = None,
         trace_configs: Sequence[aiohttp.TraceConfig] = (),
         budget: RateBudget | None = None,
+        eab: ExternalAccount | None = None,
     ) -> None:
         self._store = store
         #: The limits kept below the CA's (None: none of our own; the CA's answers decide).
@@ -176,6 +234,7 @@ class Worker:
         self._agree_tos = agree_tos
         self._ca_bundle = ca_bundle
         self._profile = profile
+        self._eab = eab
         self._limit = asyncio.Semaphore(concurrency)
         self._on_issued = on_issued
         self._events = events or EventBus()
@@ -273,7 +332,7 @@ class Worker:
                                 trace_configs=self._trace_configs)
             try:
                 if account_url is None:
-                    url = await client.register(self._email, self._agree_tos)
+                    url = await client.register(self._email, self._agree_tos, self._eab)
                     await self._store.save_account(self.directory, account.key_pem, url, self._email)
             except BaseException:
                 await client.close()
@@ -290,16 +349,24 @@ class Worker:
                 # The other process's lease ran out without a result: it died; order ourselves.
             try:
                 previous = await self._store.current_certificate(name)
-                await self._check_budget(name, previous)
-                return await self._order(name, previous)
+                budget = await self._check_budget(name, previous)
+                return await self._order(name, previous, budget)
             finally:
                 await self._store.release_lease(name, self.owner)
 
-    async def _order(self, name: str, previous: StoredCertificate | None) -> StoredCertificate:
+    async def _order(self, name: str, previous: StoredCertificate | None, budget: _AccountBudget | None = None) -> StoredCertificate:
         renewing = previous is not None
         # A renewal keeps the profile its certificate was ordered with.
         profile = previous.profile if previous is not None and previous.profile else self._profile
-        attempt_id = await self._store.start_attempt(name, self.directory)
+        if budget is None:
+            attempt_id = await self._store.start_attempt(name, self.directory)
+        else:
+            started_id = await self._store.start_attempt_within(name, self.directory, since=budget.since,
+                                                                 new_names_only=budget.new_names_only, room=budget.room)
+            if started_id is None:
+                assert budget.hold is not None
+                await self._hold_back(name, *budget.hold)
+            attempt_id = cast(int, started_id)
         started = asyncio.get_running_loop().time()
         log.info("issuing %s from %s", name, self.directory)
         client: AcmeClient | None = None
@@ -347,7 +414,7 @@ class Worker:
             renew_at=renewal_time(info.not_before, info.not_after),
             directory=self.directory,
             order_url=issued.order_url,
-            profile=profile,
+            profile=issued.profile,
         )
         await self._store.finish_attempt(attempt_id, "valid")
         elapsed = asyncio.get_running_loop().time() - started
@@ -417,15 +484,16 @@ class Worker:
         problem = f"{error.problem_type}: {error.detail}" if error.problem_type else error.detail
         self._events.emit(Event("failed", name, "failed", error=problem, previous="renewing" if renewing else "issuing"))
 
-    async def _check_budget(self, name: str, previous: StoredCertificate | None) -> None:
+    async def _check_budget(self, name: str, previous: StoredCertificate | None) -> _AccountBudget | None:
         """Hold an order back (without contacting the CA) when it would break a rate limit:
         the budget kept for this CA, and an account-wide limit the CA itself answered with.
         Renewals the CA exempts are neither counted nor held; when the budget binds,
-        renewals go before new names."""
+        renewals go before new names. The account's order budget is returned rather than
+        checked here: it is counted in the transaction that starts the attempt."""
         budget, held_until = self.budget, self._account_held_until
         now = utcnow()
         if budget is None and (held_until is None or held_until <= now):
-            return
+            return None
         renewing = previous is not None
         try:
             ca_has_renewal_info = await self._ca_has_renewal_info()
@@ -439,16 +507,15 @@ class Worker:
         if held_until is not None and held_until > now and not exempt:
             await self._hold_back(name, held_until, "the CA rate-limited this account")
         if budget is None:
-            return
+            return None
         hold = failure_budget_hold(budget, await self._store.failures_since(name, now - budget.failure_window))
-        if hold is None and not exempt:
-            orders = await self._store.orders_since(self.directory, now - budget.order_window, new_names_only=ca_has_renewal_info)
-            counts_renewals = not renewing and not ca_has_renewal_info
-            due = await self._store.count_renewals_due(now + budget.order_window) if counts_renewals else 0
-            hold = account_budget_hold(budget, renewing=renewing, exempt=exempt, ca_has_renewal_info=ca_has_renewal_info,
-                                       counted_orders=orders, renewals_due=due, now=now)
         if hold is not None:
             await self._hold_back(name, *hold)
+        if exempt:
+            return None
+        counts_renewals = not renewing and not ca_has_renewal_info
+        due = await self._store.count_renewals_due(now + budget.order_window) if counts_renewals else 0
+        return _AccountBudget(budget, now=now, renewing=renewing, ca_has_renewal_info=ca_has_renewal_info, renewals_due=due)
 
     async def _ca_has_renewal_info(self) -> bool:
         """Whether the CA publishes renewal information (ARI), read once from its directory."""
@@ -491,6 +558,8 @@ class Worker:
             state = await self._store.name_state(name)
             if state is None or not lease_held(state.lease_owner, state.lease_until, utcnow()):
                 break
+            if state.lease_owner is not None and owner_is_dead(state.lease_owner):
+                return None  # killed mid-order on this host: the caller takes the lease over
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
         certificate = await self._store.current_certificate(name)

@@ -17,8 +17,10 @@ from .._models import (
     AllowedRow,
     AllowlistVersionRow,
     AttemptRow,
+    CapClaimRow,
     CertificateRow,
     ChallengeRow,
+    DnsRecordRow,
     LeaseRow,
     NameRow,
     NameStateRow,
@@ -32,6 +34,8 @@ _attempts: Table = AttemptRow.__table__  # type: ignore[assignment]
 _name_states: Table = NameStateRow.__table__  # type: ignore[assignment]
 _challenges: Table = ChallengeRow.__table__  # type: ignore[assignment]
 _names: Table = NameRow.__table__  # type: ignore[assignment]
+_cap_claims: Table = CapClaimRow.__table__  # type: ignore[assignment]
+_dns_records: Table = DnsRecordRow.__table__  # type: ignore[assignment]
 _leases: Table = LeaseRow.__table__  # type: ignore[assignment]
 
 
@@ -70,6 +74,18 @@ class AllowedEntry:
     entry: str
     added_at: datetime
     cap: int | None = None
+    wildcard: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DnsRecord:
+    """A dns-01 TXT record this or another process published and has not cleared yet."""
+
+    id: int
+    fqdn: str
+    value: str
+    owner: str
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
