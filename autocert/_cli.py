@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="close a kept-alive connection after SECONDS without a request (pass-through: without a byte)")
     serve.add_argument("--access-log", default=env("AUTOCERT_ACCESS_LOG", "on"), metavar="on|off",
                        help="one log line per HTTPS request (default on)")
+    serve.add_argument("--host-check", default=env("AUTOCERT_HOST_CHECK", "on"), metavar="on|off",
+                       help="answer 421 to a request whose Host is not the name its TLS connection was made for (default on)")
     serve.add_argument("--log-format", choices=("text", "json"), default=env("AUTOCERT_LOG_FORMAT", "text"))
     serve.add_argument("--on-event", default=env("AUTOCERT_ON_EVENT"), metavar="CMD",
                        help="run CMD (a shell command; event JSON on stdin) on issued, renewed, failed, expiring, expired")
@@ -427,6 +429,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     options.header_timeout = parse_seconds_above_zero(args.header_timeout, option="--header-timeout")
     options.idle_timeout = parse_seconds_above_zero(args.idle_timeout, option="--idle-timeout")
     options.access_log = parse_on_off(args.access_log, option="--access-log")
+    options.host_check = parse_on_off(args.host_check, option="--host-check")
     options.on_event = args.on_event
     options.webhook = check_webhook(args.webhook)
     check_admin_binding(options)

@@ -184,6 +184,11 @@ class ServeOptions:
     #: One line per answered request on the https listener (``autocert.access`` logger).
     #: Default on. Off saves a few microseconds of CPU per request.
     access_log: bool = True
+    #: Answer ``421 Misdirected Request`` to a request on the TLS listener whose host (``Host``,
+    #: or an absolute-form target) is not the name the connection was made for. Default on.
+    #: Off lets any allowed name's connection reach every host behind the upstream: only for
+    #: upstreams that route on something else and clients that rely on reusing connections.
+    host_check: bool = True
     #: How long in-flight requests (a slow page, a proxied download) may run on after
     #: SIGTERM; idle connections close at once, so an idle server still stops immediately.
     #: Default 30. A supervisor that kills sooner cuts those requests off.

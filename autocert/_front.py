@@ -266,7 +266,7 @@ class TlsFront:
     certificate) get a task; their transport stops reading meanwhile.
     """
 
-    def __init__(self, manager: Manager, protocol_factory: Callable[[], asyncio.BaseProtocol], options: ServeOptions) -> None:
+    def __init__(self, manager: Manager, protocol_factory: Callable[[str], asyncio.BaseProtocol], options: ServeOptions) -> None:
         self._manager = manager
         self._protocol_factory = protocol_factory
         self._options = options
@@ -354,11 +354,11 @@ class TlsFront:
     def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext, data: bytes, name: str) -> None:
         """Turn the plain transport into TLS, replaying the ClientHello bytes already read.
 
-        ``name`` is the name the connection was routed by; it is here for a front whose
-        application needs it (pass-through: the PROXY header), and costs nothing otherwise.
+        ``name``, the name the connection was routed by, goes to the application's protocol:
+        HTTP holds each request's host to it, pass-through puts it in the PROXY header.
         """
         tls = self._ssl_protocol(
-            self._loop, self._protocol_factory(), context, None,
+            self._loop, self._protocol_factory(name), context, None,
             server_side=True, ssl_handshake_timeout=self._options.handshake_timeout,
         )
         transport.set_protocol(tls)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from typing import TYPE_CHECKING, Final, cast
 
 from ._front import TlsFront
@@ -57,14 +56,9 @@ class PassthroughFront(TlsFront):
         self.shutdown_timeout = options.shutdown_timeout
         #: Relays with a client connection up, so that shutdown can wait for them and end them.
         self.relays: set[_Client] = set()
-        self._routed_name = ""
 
-    def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext, data: bytes, name: str) -> None:
-        self._routed_name = name  # read by _new_client, which the base calls before returning
-        super()._start_tls(transport, context, data, name)
-
-    def _new_client(self) -> _Client:
-        return _Client(self, self._routed_name)
+    def _new_client(self, name: str) -> _Client:
+        return _Client(self, name)
 
     async def close(self) -> None:
         """Stop routing, let relays end on their own for up to ``shutdown_timeout``, then cut them."""

@@ -55,7 +55,7 @@ def http_server(handler: Handler, options: ServeOptions, *, tls: bool) -> HttpSe
     close = getattr(handler, "close", None)
     return HttpServer(
         handler, tls=tls, hsts=options.hsts and tls, header_timeout=options.header_timeout, idle_timeout=options.idle_timeout,
-        access_log=options.access_log and tls, on_close=close,
+        access_log=options.access_log and tls, on_close=close, host_check=options.host_check,
     )
 
 

@@ -72,7 +72,7 @@ class TaskFront(TlsFront):
                 return
             handed_off = True
             await asyncio.get_running_loop().connect_accepted_socket(
-                self._protocol_factory, connection, ssl=context, ssl_handshake_timeout=self._options.handshake_timeout
+                lambda: self._protocol_factory(hello.server_name or ""), connection, ssl=context, ssl_handshake_timeout=self._options.handshake_timeout
             )
         except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
             pass

@@ -24,7 +24,8 @@ import httptools
 
 from .access import AccessLog
 from .exchange import PAUSE_PIPELINE, PAUSE_UPGRADE, Exchange, Handler
-from .heads import Origin, own_response
+from .heads import Origin, error_body, own_response
+from .hosts import misdirected
 
 log = logging.getLogger("autocert.http")
 
@@ -51,9 +52,12 @@ class HttpServer:
     """
 
     def __init__(self, handler: Handler, *, tls: bool, hsts: bool = False, header_timeout: float = 30.0,
-                 idle_timeout: float = 75.0, access_log: bool = True, on_close: Callable[[], object] | None = None) -> None:
+                 idle_timeout: float = 75.0, access_log: bool = True, on_close: Callable[[], object] | None = None,
+                 host_check: bool = True) -> None:
         self.handler = handler
         self.tls = tls
+        #: Answer 421 to a request whose host is not the name its TLS connection was made for.
+        self.host_check = host_check
         #: Add ``Strict-Transport-Security`` to every response that lacks it, own or proxied.
         self.hsts = hsts
         self.header_timeout = header_timeout
@@ -68,12 +72,13 @@ class HttpServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
 
-    def __call__(self) -> HttpConnection:
+    def __call__(self, server_name: str = "") -> HttpConnection:
+        """A protocol for a new connection; ``server_name`` is the name its TLS was set up for."""
         if self._tick is None:
             self._loop = asyncio.get_running_loop()
             self.now = self._loop.time()
             self._tick = self._loop.call_later(self._period, self._sweep)
-        return HttpConnection(self)
+        return HttpConnection(self, server_name if self.host_check else "")
 
     def _sweep(self) -> None:
         assert self._loop is not None
@@ -128,13 +133,19 @@ class HttpConnection(asyncio.Protocol):
     """One client connection: parses requests, runs exchanges one at a time, enforces deadlines."""
 
     __slots__ = (
-        "_active", "_big", "_broken", "_chunked", "_continue", "_eof", "_head_size", "_headers", "_idle", "_length", "_paused", "_queue", "_receiving",
-        "_upgrade_buffer", "_url", "_write_paused", "deadline", "feeding", "out", "parser", "peer", "relay", "server",
-        "transport",
+        "_active", "_big", "_broken", "_chunked", "_continue", "_eof", "_head_size", "_headers", "_host", "_host_ok", "_idle", "_length",
+        "_paused", "_queue", "_receiving", "_upgrade_buffer", "_url", "_write_paused", "deadline", "feeding", "out", "parser", "peer",
+        "relay", "server", "server_name", "transport",
     )
 
-    def __init__(self, server: HttpServer) -> None:
+    def __init__(self, server: HttpServer, server_name: str = "") -> None:
         self.server = server
+        #: The name this TLS connection was made for: requests for other hosts get 421.
+        #: Empty when there is none to hold requests to (plain HTTP, the check turned off).
+        self.server_name = server_name
+        self._host: bytes | None = None
+        #: The last ``Host`` that matched ``server_name``: later requests compare bytes only.
+        self._host_ok = server_name.encode()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
         self.out: list[bytes] = []
@@ -261,6 +272,7 @@ class HttpConnection(asyncio.Protocol):
         self._length = 0
         self._chunked = False
         self._continue = False
+        self._host = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -280,6 +292,10 @@ class HttpConnection(asyncio.Protocol):
             self._chunked = True
         elif len(name) == 6 and name.lower() == b"expect" and value.strip().lower() == b"100-continue":
             self._continue = True
+        elif len(name) == 4 and (name == b"Host" or name.lower() == b"host"):
+            if self._host is not None:
+                raise BadRequest(400, "more than one Host header field")
+            self._host = value
 
     def on_headers_complete(self) -> None:
         if self.transport.is_closing():
@@ -292,6 +308,13 @@ class HttpConnection(asyncio.Protocol):
         exchange = Exchange(self, parser.get_method(), self._url, version, self._headers, parser.should_keep_alive(),
                             self._chunked, self._length)
         exchange.continue_expected = self._continue and version == "1.1"
+        if self.server_name:
+            host = self._host
+            if host != self._host_ok or not self._url.startswith(b"/"):
+                if misdirected(host, self._url, self.server_name):
+                    exchange.misdirected = True
+                elif host is not None and self._url.startswith(b"/"):
+                    self._host_ok = host
         if parser.should_upgrade():
             if exchange.method == b"CONNECT":
                 raise BadRequest(405, "CONNECT is not supported")
@@ -324,6 +347,11 @@ class HttpConnection(asyncio.Protocol):
 
     def _start(self, exchange: Exchange) -> None:
         self._active = exchange
+        if exchange.misdirected:
+            exchange.close = True
+            exchange.upgrade = False
+            exchange.respond(421, _MISDIRECTED, content_type=b"text/html; charset=utf-8")
+            return
         try:
             self.server.handler(exchange)
         except Exception:
@@ -468,6 +496,9 @@ class HttpConnection(asyncio.Protocol):
             self._paused &= ~reason
             if not self._paused and not self.transport.is_closing():
                 self.transport.resume_reading()
+
+
+_MISDIRECTED: Final = error_body(421, "This connection was made for another host name. Please connect again for this one.")
 
 
 def _header(headers: list[tuple[bytes, bytes]], lower: bytes) -> bytes | None:
