@@ -25,11 +25,12 @@ from ._config import (
     bind_listeners,
     check_admin_binding,
     check_ca_bundle,
+    close_sockets,
     default_db_url,
-    listening_socket,
     parse_alpn,
     parse_bool_env,
     parse_listen,
+    parse_listeners,
     parse_on_off,
     parse_positive_float,
     parse_order_limit,
@@ -87,8 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     acme.add_argument("--profile", default=env("AUTOCERT_PROFILE"), help="ACME certificate profile")
     acme.add_argument("--order-limit", default=env("AUTOCERT_ORDER_LIMIT"), metavar="N/DURATION",
                       help="new orders per account kept under, e.g. 300/3h, or none (default: Let's Encrypt's limits for its directories, else none)")
-    acme.add_argument("--http", default=env("AUTOCERT_HTTP", "0.0.0.0:80"), help="plain listener HOST:PORT or none")
-    acme.add_argument("--https", default=env("AUTOCERT_HTTPS", "0.0.0.0:443"), help="TLS listener HOST:PORT or none")
+    acme.add_argument("--http", action="append", metavar="HOST:PORT",
+                      help="plain listener HOST:PORT, repeatable, or none (env AUTOCERT_HTTP, commas between several; "
+                           "default [::]:80: IPv6 and IPv4)")
+    acme.add_argument("--https", action="append", metavar="HOST:PORT",
+                      help="TLS listener HOST:PORT, repeatable, or none (env AUTOCERT_HTTPS, commas between several; "
+                           "default [::]:443: IPv6 and IPv4)")
 
     parser = argparse.ArgumentParser(prog="autocert", description="Automatic HTTPS: ACME certificates on demand, served by SNI.", parents=[common])
     parser.add_argument("--version", action="version", version=f"autocert {__version__}")
@@ -378,17 +383,17 @@ def check_webhook(url: str | None) -> str | None:
 
 def listener_options(args: argparse.Namespace) -> ServeOptions:
     return ServeOptions(
-        https=parse_listen(args.https, option="--https"),
-        http=parse_listen(args.http, option="--http"),
+        https=parse_listeners(args.https or [env("AUTOCERT_HTTPS", "[::]:443")], option="--https"),
+        http=parse_listeners(args.http or [env("AUTOCERT_HTTP", "[::]:80")], option="--http"),
         admin=parse_listen(args.admin, option="--admin") if hasattr(args, "admin") else None,
     )
 
 
 def challenge_types_for(options: ServeOptions) -> list[str]:
     """http-01 whenever the http listener is on; tls-alpn-01 on the https listener otherwise."""
-    if options.http is not None:
+    if options.http:
         return ["http-01"]
-    if options.https is not None:
+    if options.https:
         return ["tls-alpn-01"]
     raise ConfigError("--http none and --https none: no listener could answer ACME challenges")
 
@@ -398,23 +403,20 @@ async def challenge_listeners(manager: Manager, options: ServeOptions) -> AsyncI
     """Answer challenges while the CLI orders; defer to a running ``serve`` holding the port."""
     from ._server import listeners
 
-    label = "http" if options.http is not None else "https"
-    listen = getattr(options, label)
-    assert listen is not None
+    label = "http" if options.http else "https"
     try:
-        sockets = {label: listening_socket(listen)}
+        sockets = bind_listeners(options, (label,))
     except ListenError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
-        log.warning("%s is in use; assuming a running `autocert serve` on this database answers challenges", listen)
+        log.warning("%s; assuming a running `autocert serve` on this database answers challenges", exc)
         yield
         return
     try:
         async with listeners(manager, options, sockets, announce=False):
             yield
     finally:
-        for unused in sockets.values():  # a start that failed before handing it on
-            unused.close()
+        close_sockets(sockets)  # what a start that failed did not hand on
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
@@ -434,7 +436,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     options.webhook = check_webhook(args.webhook)
     check_admin_binding(options)
     challenge_types = challenge_types_for(options)
-    if options.http is not None and options.https is not None:
+    if options.http and options.https:
         challenge_types.append("tls-alpn-01")
     cache_size = parse_positive_int(args.cache_size, option="--cache-size")
     default_name = normalize_name(args.default_name) if args.default_name else None
@@ -458,8 +460,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
                                     alpn=options.alpn or DEFAULT_ALPN, renew=True)
         await serve(manager, options, sockets=sockets, stop=stop)
     finally:
-        for sock in sockets.values():
-            sock.close()
+        close_sockets(sockets)
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
     return EXIT_OK

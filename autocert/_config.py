@@ -6,10 +6,12 @@ its text is checked, so that ``serve``, ``issue`` and the ``Manager`` never disa
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -48,8 +50,12 @@ class Listen:
         return f"{host}:{self.port}"
 
 
+#: The host of a listener given as ``:PORT``: every address, IPv6 and IPv4 alike.
+ANY_HOST = "::"
+
+
 def parse_listen(value: str, *, option: str) -> Listen | None:
-    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) or ``none``."""
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6, ``:PORT`` for every address) or ``none``."""
     text = value.strip()
     if text.lower() == "none":
         return None
@@ -59,8 +65,18 @@ def parse_listen(value: str, *, option: str) -> Listen | None:
     port = int(port_text)
     if not 0 <= port <= 65535:
         raise ConfigError(f"{option} {value!r}: port must be between 0 and 65535")
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]") or ANY_HOST
     return Listen(host, port)
+
+
+def parse_listeners(values: Sequence[str], *, option: str) -> tuple[Listen, ...]:
+    """Every ``HOST:PORT`` of a listener option given several times, each maybe a comma-separated
+    list (how the environment variables spell several); ``none`` alone means no listener."""
+    texts = [text for value in values for text in value.split(",") if text.strip()]
+    listens = [parse_listen(text, option=option) for text in texts]
+    if not texts or (None in listens and len(listens) > 1):
+        raise ConfigError(f"{option} {','.join(values)!r}: expected HOST:PORT (given once or more) or 'none'")
+    return tuple(listen for listen in listens if listen is not None)
 
 
 def parse_bool_env(name: str) -> bool:
@@ -144,13 +160,14 @@ class ServeOptions:
     Each field says its default and what goes wrong when it is set badly.
     """
 
-    #: The TLS listener (SNI routing, tls-alpn-01); None disables it. CLI default
-    #: ``0.0.0.0:443``. Without it nothing is served over HTTPS and tls-alpn-01 cannot be answered.
-    https: Listen | None
-    #: The plain HTTP listener: http-01 answers, everything else 308 to https. CLI default
-    #: ``0.0.0.0:80``. Without it (and without another server on the same database holding
-    #: port 80) http-01 validation fails.
-    http: Listen | None
+    #: The TLS listeners (SNI routing, tls-alpn-01); empty disables them. CLI default
+    #: ``[::]:443``, IPv6 and IPv4 alike. Without one nothing is served over HTTPS and
+    #: tls-alpn-01 cannot be answered.
+    https: tuple[Listen, ...]
+    #: The plain HTTP listeners: http-01 answers, everything else 308 to the first https
+    #: listener's port. CLI default ``[::]:80``. Without one (and without another server on
+    #: the same database holding port 80) http-01 validation fails.
+    http: tuple[Listen, ...]
     #: The admin listener (status page, JSON, metrics, health). CLI default ``127.0.0.1:8081``.
     #: It shows every name and its errors: beyond loopback it is refused without ``admin_token``.
     admin: Listen | None
@@ -285,30 +302,77 @@ class ListenError(ConfigError):
         super().__init__(f"cannot listen on {listen}: {error.strerror or error}")
 
 
-def listening_socket(listen: Listen) -> socket.socket:
+def listening_socket(listen: Listen, *, dualstack: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     try:
-        sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024, reuse_port=False)
+        sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024, reuse_port=False,
+                                    dualstack_ipv6=dualstack)
     except OSError as exc:
         raise ListenError(listen, exc) from None
     sock.setblocking(False)
     return sock
 
 
+#: A kernel without IPv6 (or with it turned off) answers a bind to ``::`` with one of these.
+_NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
+
+
+def listening_sockets(listen: Listen) -> list[socket.socket]:
+    """The sockets that listen on ``listen``: one, except for ``[::]`` on some systems.
+
+    ``[::]`` means every address, IPv4 included: one dual-stack socket where the system
+    allows it (Linux, whatever ``net.ipv6.bindv6only`` says), else an IPv6-only socket and an
+    IPv4 one on the same port, and on a system without IPv6 the IPv4 socket alone. A specific
+    address, IPv6 or IPv4, gets just that.
+    """
+    if listen.host != ANY_HOST:
+        return [listening_socket(listen)]
+    if socket.has_dualstack_ipv6():
+        try:
+            return [listening_socket(listen, dualstack=True)]
+        except ListenError as exc:
+            if exc.errno not in _NO_IPV6:
+                raise
+            return [listening_socket(Listen("0.0.0.0", listen.port))]
+    try:
+        ipv6 = listening_socket(listen)
+    except ListenError as exc:
+        if exc.errno not in _NO_IPV6:
+            raise
+        return [listening_socket(Listen("0.0.0.0", listen.port))]
+    try:
+        return [ipv6, listening_socket(Listen("0.0.0.0", ipv6.getsockname()[1]))]
+    except ListenError:
+        ipv6.close()
+        raise
+
+
 #: The order listeners are bound and reported in.
 LISTENER_LABELS = ("https", "http", "admin")
 
 
-def bind_listeners(options: ServeOptions) -> dict[str, socket.socket]:
-    """Bind every configured listener, or none: a port that is busy closes the others."""
-    bound: dict[str, socket.socket] = {}
+def configured_listeners(options: ServeOptions, label: str) -> tuple[Listen, ...]:
+    """The listeners ``options`` has for ``label`` (``https``, ``http`` or ``admin``)."""
+    value = getattr(options, label)
+    return (value,) if isinstance(value, Listen) else tuple(value or ())
+
+
+def bind_listeners(options: ServeOptions, labels: Sequence[str] = LISTENER_LABELS) -> dict[str, list[socket.socket]]:
+    """Bind every configured listener of ``labels``, or none: a port that is busy closes the others."""
+    bound: dict[str, list[socket.socket]] = {}
     try:
-        for label in LISTENER_LABELS:
-            listen = getattr(options, label)
-            if listen is not None:
-                bound[label] = listening_socket(listen)
+        for label in labels:
+            for listen in configured_listeners(options, label):
+                bound.setdefault(label, []).extend(listening_sockets(listen))
     except ListenError:
-        for sock in bound.values():
-            sock.close()
+        close_sockets(bound)
         raise
     return bound
+
+
+def close_sockets(sockets: dict[str, list[socket.socket]]) -> None:
+    """Close what is left in ``sockets``: those no listener took over."""
+    for socks in sockets.values():
+        for sock in socks:
+            sock.close()
+        socks.clear()

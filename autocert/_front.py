@@ -22,7 +22,7 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
 from ._policy import Route
@@ -278,18 +278,21 @@ class TlsFront:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ssl_protocol: Callable[..., asyncio.BufferedProtocol] = asyncio.sslproto.SSLProtocol
 
-    async def serve(self, listener: socket.socket) -> None:
-        """Accept on ``listener`` until cancelled."""
+    async def serve(self, listeners: Sequence[socket.socket]) -> None:
+        """Accept on every socket of ``listeners`` until cancelled."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._ssl_protocol = ssl_protocol_class(loop)
-        server = await loop.create_server(functools.partial(_HelloReader, self), sock=listener, backlog=1024)
+        servers: list[asyncio.Server] = []
         sweeper = loop.create_task(self._sweep())
         try:
-            await server.serve_forever()
+            for listener in listeners:
+                servers.append(await loop.create_server(functools.partial(_HelloReader, self), sock=listener, backlog=1024))
+            await asyncio.gather(*(server.serve_forever() for server in servers))
         finally:
             sweeper.cancel()
-            server.close()
+            for server in servers:
+                server.close()
 
     async def close(self) -> None:
         for reader in [*self._young, *self._old]:

@@ -20,7 +20,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ._config import ServeOptions, bind_listeners, check_admin_binding, tcp_upstream
+from ._config import (
+    ServeOptions,
+    bind_listeners,
+    check_admin_binding,
+    close_sockets,
+    tcp_upstream,
+)
 from ._front import TlsFront
 from ._http import HttpServer
 from ._http.exchange import Handler
@@ -47,7 +53,7 @@ def https_handler(options: ServeOptions) -> Handler:
 
 def http_handler(manager: Manager, options: ServeOptions) -> Handler:
     """Port 80: http-01 answers from the database, everything else 308 to the same URL on https."""
-    return redirect_handler(options.https.port if options.https else 443, manager.store.get_challenge)
+    return redirect_handler(options.https[0].port if options.https else 443, manager.store.get_challenge)
 
 
 def http_server(handler: Handler, options: ServeOptions, *, tls: bool) -> HttpServer:
@@ -63,12 +69,12 @@ def http_server(handler: Handler, options: ServeOptions, *, tls: bool) -> HttpSe
 async def listeners(
     manager: Manager,
     options: ServeOptions,
-    sockets: dict[str, socket.socket],
+    sockets: dict[str, list[socket.socket]],
     *,
     https: Handler | None = None,
     announce: bool = True,
 ) -> AsyncIterator[None]:
-    """Listen on each of ``sockets`` (labelled ``http``, ``admin``, ``https``) while inside.
+    """Listen on each of ``sockets`` (lists labelled ``http``, ``admin``, ``https``) while inside.
 
     ``http`` answers http-01 and redirects, ``admin`` serves the status app, ``https`` runs
     the ClientHello front in front of the ``https`` handler (default :func:`https_handler`), or
@@ -83,7 +89,7 @@ async def listeners(
     loop = asyncio.get_running_loop()
     runners: list[web.AppRunner] = []
     servers: list[HttpServer] = []
-    plain: asyncio.Server | None = None
+    plain: list[asyncio.Server] = []
     front: TlsFront | None = None
     accept_task: asyncio.Task[None] | None = None
 
@@ -93,17 +99,19 @@ async def listeners(
         return None
 
     try:
-        if "http" in sockets:
+        if sockets.get("http"):
             redirects = http_server(http_handler(manager, options), options, tls=False)
             servers.append(redirects)
-            sock = sockets.pop("http")
-            plain = await loop.create_server(redirects, sock=sock, backlog=1024)
-            if announce:
-                _announce("http", sock)
-        if "admin" in sockets:
+            socks = sockets["http"]
+            while socks:
+                plain.append(await loop.create_server(redirects, sock=socks[0], backlog=1024))
+                sock = socks.pop(0)
+                if announce:
+                    _announce("http", sock)
+        if sockets.get("admin"):
             admin = status_app(manager, token=options.admin_token, checks=[listeners_health])
-            runners.append(await _start_site(admin, sockets.pop("admin"), "admin", options, announce))
-        if "https" in sockets:
+            runners.append(await _start_site(admin, sockets["admin"], "admin", options, announce))
+        if sockets.get("https"):
             passthrough = tcp_upstream(options)
             if passthrough is not None:
                 front = PassthroughFront(manager, options, passthrough)
@@ -111,18 +119,19 @@ async def listeners(
                 tls = http_server(https if https is not None else https_handler(options), options, tls=True)
                 servers.append(tls)
                 front = TlsFront(manager, tls, options)
-            listener = sockets.pop("https")
-            accept_task = loop.create_task(front.serve(listener))
-            accept_task.add_done_callback(lambda _t: listener.close())
+            tls_sockets = sockets.pop("https")
+            accept_task = loop.create_task(front.serve(tls_sockets))
+            accept_task.add_done_callback(lambda _t: close_sockets({"https": tls_sockets}))
             if announce:
-                _announce("https", listener)
+                for sock in tls_sockets:
+                    _announce("https", sock)
         yield
     finally:
         if accept_task is not None:
             accept_task.cancel()
             await asyncio.gather(accept_task, return_exceptions=True)
-        if plain is not None:
-            plain.close()
+        for server in plain:
+            server.close()
         await asyncio.gather(*(server.shutdown(options.shutdown_timeout) for server in servers))
         for runner in reversed(runners):
             await runner.cleanup()
@@ -134,7 +143,7 @@ async def serve(
     manager: Manager,
     options: ServeOptions,
     *,
-    sockets: dict[str, socket.socket] | None = None,
+    sockets: dict[str, list[socket.socket]] | None = None,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
@@ -151,12 +160,11 @@ async def serve(
     try:
         await _serve(manager, options, sockets, ready, stop)
     finally:
-        for unused in sockets.values():  # a start that failed before handing them on
-            unused.close()
+        close_sockets(sockets)  # what a start that failed did not hand on
 
 
 async def _serve(
-    manager: Manager, options: ServeOptions, sockets: dict[str, socket.socket], ready: asyncio.Event | None, stop: asyncio.Event | None
+    manager: Manager, options: ServeOptions, sockets: dict[str, list[socket.socket]], ready: asyncio.Event | None, stop: asyncio.Event | None
 ) -> None:
     # Built before anything starts: a bad --upstream is a usage error with nothing written.
     https = None if tcp_upstream(options) is not None else https_handler(options)
@@ -188,13 +196,15 @@ async def _serve(
                 loop.remove_signal_handler(signum)
 
 
-async def _start_site(app: web.Application, sock: socket.socket, label: str, options: ServeOptions, announce: bool) -> web.AppRunner:
+async def _start_site(app: web.Application, socks: list[socket.socket], label: str, options: ServeOptions, announce: bool) -> web.AppRunner:
+    """Serve ``app`` on each of ``socks``, taking each out of the list once a site owns it."""
     runner = web.AppRunner(app, shutdown_timeout=options.shutdown_timeout, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.SockSite(runner, sock)
-    await site.start()
-    if announce:
-        _announce(label, sock)
+    while socks:
+        await web.SockSite(runner, socks[0]).start()
+        sock = socks.pop(0)
+        if announce:
+            _announce(label, sock)
     return runner
 
 

@@ -72,11 +72,13 @@ class ServeProcess:
         self.https_port = https_port or pebble.tlsalpn01_port
         self.http_port = http_port or pebble.http01_port
         self.admin_port = admin_port or free_port()
+        # A listener option in ``extra`` replaces the default one (they add up when repeated).
+        listeners = [(flag, address) for flag, address in (("--https", f"127.0.0.1:{self.https_port}"),
+                                                            ("--http", f"127.0.0.1:{self.http_port}"),
+                                                            ("--admin", f"127.0.0.1:{self.admin_port}")) if flag not in extra]
         self.argv = [
             sys.executable, "-m", "autocert", "--db", db, "serve",
-            "--https", f"127.0.0.1:{self.https_port}",
-            "--http", f"127.0.0.1:{self.http_port}",
-            "--admin", f"127.0.0.1:{self.admin_port}",
+            *(arg for pair in listeners for arg in pair),
             *acme_args(pebble), *extra,
         ]
         self.env = cli_env(env)
@@ -97,7 +99,8 @@ class ServeProcess:
         return self.stdout_path.exists() and self.stdout_path.read_text().count("listening on") >= self._listeners()
 
     def _listeners(self) -> int:
-        return sum(1 for flag in ("--https", "--http", "--admin") if self._enabled(flag))
+        """One line per listener given, one per label left to its environment variable or default."""
+        return sum(max(1, self.argv.count(flag)) for flag in ("--https", "--http", "--admin") if self._enabled(flag))
 
     def start(self, *, timeout: float = 60) -> ServeProcess:
         self.launch()
@@ -112,8 +115,8 @@ class ServeProcess:
         return self
 
     def _enabled(self, flag: str) -> bool:
-        index = max(i for i, arg in enumerate(self.argv) if arg == flag)
-        return self.argv[index + 1] != "none"
+        given = [self.argv[i + 1] for i, arg in enumerate(self.argv) if arg == flag]
+        return given != ["none"]
 
     def output(self) -> str:
         return f"--- stdout\n{self.stdout_path.read_text()}\n--- stderr\n{self.stderr_path.read_text()[-6000:]}"

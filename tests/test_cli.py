@@ -89,6 +89,8 @@ BAD_INPUTS = [
     (["issue", "not-allowed.example.test", "--http", "127.0.0.1:1", "--directory", "https://127.0.0.1:1/dir"], "not allowed"),
     (["issue", "ok.example.test", "--wait", "soon"], "--wait"),
     (["serve", "--https", "nonsense"], "--https"),
+    (["serve", "--https", "none", "--https", "127.0.0.1:0"], "--https"),
+    (["serve", "--http", "127.0.0.1:0,nonsense"], "--http"),
     (["serve", "--admin", "0.0.0.0:0"], "admin-token"),
     (["serve", "--cache-size", "0"], "--cache-size"),
     (["allow", "a.example.test", "--cap", "2"], "patterns only"),

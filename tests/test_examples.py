@@ -270,7 +270,7 @@ def test_systemd_unit_is_valid_and_hardened(tmp_path: Path) -> None:
         assert directives.get(key) == [value], f"{key}={value} expected, found {directives.get(key)}"
     (exec_start,) = directives["ExecStart"]
     assert exec_start.split()[0].endswith("/autocert") and exec_start.split()[1] == "serve"
-    default_drain = ServeOptions(https=None, http=None, admin=None).shutdown_timeout
+    default_drain = ServeOptions(https=(), http=(), admin=None).shutdown_timeout
     assert seconds(directives["TimeoutStopSec"][0]) > default_drain, "systemd must give serve time to drain"
 
     if shutil.which("systemd-analyze") is None:
@@ -295,4 +295,4 @@ def test_compose_stop_grace_covers_the_drain() -> None:
     from autocert._config import ServeOptions
 
     grace = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["autocert"]["stop_grace_period"]
-    assert seconds(grace) > ServeOptions(https=None, http=None, admin=None).shutdown_timeout
+    assert seconds(grace) > ServeOptions(https=(), http=(), admin=None).shutdown_timeout

@@ -24,7 +24,7 @@ import httptools
 
 from .access import AccessLog
 from .exchange import PAUSE_PIPELINE, PAUSE_UPGRADE, Exchange, Handler
-from .heads import Origin, error_body, own_response
+from .heads import Origin, error_body, own_response, unmapped
 from .hosts import misdirected
 
 log = logging.getLogger("autocert.http")
@@ -181,7 +181,7 @@ class HttpConnection(asyncio.Protocol):
             return
         server.connections.add(self)
         peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        self.peer = unmapped(peer[0]) if isinstance(peer, tuple) else ""
         self.deadline = server.now + server.header_timeout
 
     def data_received(self, data: bytes) -> None:
