@@ -30,6 +30,7 @@ from ._tls import HANDSHAKE_FAILURE, PROTOCOL_VERSION, TLS12_SUITE_IDS, UNRECOGN
 
 if TYPE_CHECKING:
     from ._config import ServeOptions
+    from ._descriptors import DescriptorGuard
     from ._manager import Manager
 
 log = logging.getLogger("autocert.server")
@@ -266,8 +267,13 @@ class TlsFront:
     certificate) get a task; their transport stops reading meanwhile.
     """
 
-    def __init__(self, manager: Manager, protocol_factory: Callable[[str], asyncio.BaseProtocol], options: ServeOptions) -> None:
+    def __init__(self, manager: Manager, protocol_factory: Callable[[str], asyncio.BaseProtocol], options: ServeOptions,
+                 guard: DescriptorGuard | None = None) -> None:
         self._manager = manager
+        #: Each new connection is admitted against the open-file limit (see _descriptors).
+        self.guard = guard
+        if guard is not None:
+            guard.shedders.append(self._shed_silent)
         self._protocol_factory = protocol_factory
         self._options = options
         self._connections: set[asyncio.Task[None]] = set()
@@ -311,6 +317,15 @@ class TlsFront:
             stale, self._old, self._young = self._old, self._young, set()
             for reader in stale:
                 reader.abort()
+
+    def _shed_silent(self, count: int) -> int:
+        """Close up to ``count`` connections still waiting for their ClientHello, older ones first."""
+        closed = 0
+        for generation in (self._old, self._young):
+            while generation and closed < count:
+                generation.pop().abort()
+                closed += 1
+        return closed
 
     def _done_waiting(self, reader: _HelloReader) -> None:
         self._young.discard(reader)
@@ -399,7 +414,11 @@ class _HelloReader(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        self._front._young.add(self)
+        front = self._front
+        if front.guard is not None and not front.guard.admit(transport):
+            self.abort()
+            return
+        front._young.add(self)
 
     def data_received(self, data: bytes | bytearray) -> None:
         if self._data:

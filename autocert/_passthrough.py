@@ -32,6 +32,7 @@ from ._tls import ACME_TLS_ALPN
 
 if TYPE_CHECKING:
     from ._config import Listen, ServeOptions
+    from ._descriptors import DescriptorGuard
     from ._manager import Manager
 
 __all__ = ["PassthroughFront"]
@@ -48,8 +49,8 @@ IDLE_CHECKS: Final = 5
 class PassthroughFront(TlsFront):
     """The ClientHello front whose connections, once TLS is up, are relayed to ``upstream``."""
 
-    def __init__(self, manager: Manager, options: ServeOptions, upstream: Listen) -> None:
-        super().__init__(manager, self._new_client, options)
+    def __init__(self, manager: Manager, options: ServeOptions, upstream: Listen, guard: DescriptorGuard | None = None) -> None:
+        super().__init__(manager, self._new_client, options, guard)
         self.upstream = upstream
         self.proxy_protocol = options.proxy_protocol
         self.idle_timeout = options.idle_timeout

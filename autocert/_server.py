@@ -27,6 +27,7 @@ from ._config import (
     close_sockets,
     tcp_upstream,
 )
+from ._descriptors import DescriptorGuard
 from ._front import TlsFront
 from ._http import HttpServer
 from ._http.exchange import Handler
@@ -56,12 +57,12 @@ def http_handler(manager: Manager, options: ServeOptions) -> Handler:
     return redirect_handler(options.https[0].port if options.https else 443, manager.store.get_challenge)
 
 
-def http_server(handler: Handler, options: ServeOptions, *, tls: bool) -> HttpServer:
+def http_server(handler: Handler, options: ServeOptions, *, tls: bool, guard: DescriptorGuard | None = None) -> HttpServer:
     """The HTTP/1.1 side of a listener, with the timeouts, HSTS and access log of ``options``."""
     close = getattr(handler, "close", None)
     return HttpServer(
         handler, tls=tls, hsts=options.hsts and tls, header_timeout=options.header_timeout, idle_timeout=options.idle_timeout,
-        access_log=options.access_log and tls, on_close=close, host_check=options.host_check,
+        access_log=options.access_log and tls, on_close=close, host_check=options.host_check, guard=guard,
     )
 
 
@@ -92,6 +93,9 @@ async def listeners(
     plain: list[asyncio.Server] = []
     front: TlsFront | None = None
     accept_task: asyncio.Task[None] | None = None
+    # One per process: every listener's clients count against the same open-file limit.
+    guard = DescriptorGuard()
+    restore_exception_handler = guard.watch_accept_errors(loop)
 
     def listeners_health() -> str | None:
         if accept_task is not None and accept_task.done():
@@ -100,7 +104,7 @@ async def listeners(
 
     try:
         if sockets.get("http"):
-            redirects = http_server(http_handler(manager, options), options, tls=False)
+            redirects = http_server(http_handler(manager, options), options, tls=False, guard=guard)
             servers.append(redirects)
             socks = sockets["http"]
             while socks:
@@ -114,11 +118,11 @@ async def listeners(
         if sockets.get("https"):
             passthrough = tcp_upstream(options)
             if passthrough is not None:
-                front = PassthroughFront(manager, options, passthrough)
+                front = PassthroughFront(manager, options, passthrough, guard)
             else:
-                tls = http_server(https if https is not None else https_handler(options), options, tls=True)
+                tls = http_server(https if https is not None else https_handler(options), options, tls=True, guard=guard)
                 servers.append(tls)
-                front = TlsFront(manager, tls, options)
+                front = TlsFront(manager, tls, options, guard)
             tls_sockets = sockets.pop("https")
             accept_task = loop.create_task(front.serve(tls_sockets))
             accept_task.add_done_callback(lambda _t: close_sockets({"https": tls_sockets}))
@@ -137,6 +141,7 @@ async def listeners(
             await runner.cleanup()
         if front is not None:
             await front.close()
+        restore_exception_handler()
 
 
 async def serve(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -87,10 +89,13 @@ class ServeProcess:
         self.stderr_path = workdir / f"serve-{id(self)}.err"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def launch(self) -> ServeProcess:
-        """Start the process without waiting for it to listen."""
+    def launch(self, *, open_files: tuple[int, int] | None = None) -> ServeProcess:
+        """Start the process without waiting for it to listen; ``open_files`` sets its
+        RLIMIT_NOFILE (soft, hard) from the start."""
+        limit = None if open_files is None else functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, open_files)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self.env, cwd=REPO, start_new_session=True)
+            self.process = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self.env, cwd=REPO, start_new_session=True,
+                                            preexec_fn=limit)
         _started.append(self.process)
         return self
 

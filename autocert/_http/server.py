@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import httptools
 
@@ -26,6 +26,9 @@ from .access import AccessLog
 from .exchange import PAUSE_PIPELINE, PAUSE_UPGRADE, Exchange, Handler
 from .heads import Origin, error_body, own_response, unmapped
 from .hosts import misdirected
+
+if TYPE_CHECKING:
+    from .._descriptors import DescriptorGuard
 
 log = logging.getLogger("autocert.http")
 
@@ -53,7 +56,7 @@ class HttpServer:
 
     def __init__(self, handler: Handler, *, tls: bool, hsts: bool = False, header_timeout: float = 30.0,
                  idle_timeout: float = 75.0, access_log: bool = True, on_close: Callable[[], object] | None = None,
-                 host_check: bool = True) -> None:
+                 host_check: bool = True, guard: DescriptorGuard | None = None) -> None:
         self.handler = handler
         self.tls = tls
         #: Answer 421 to a request whose host is not the name its TLS connection was made for.
@@ -63,7 +66,13 @@ class HttpServer:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.access = AccessLog() if access_log else None
-        self.connections: set[HttpConnection] = set()
+        #: Live connections, oldest first (a dict keeps the order they came in).
+        self.connections: dict[HttpConnection, None] = {}
+        #: Plain listeners admit each new client against the open-file limit; TLS connections
+        #: were admitted by the front before their handshake.
+        self.guard = guard if not tls else None
+        if guard is not None:
+            guard.shedders.append(self.shed_idle)
         self.draining = False
         self.now = 0.0
         self._on_close = on_close
@@ -90,8 +99,19 @@ class HttpServer:
             connection.timed_out()
         self._tick = self._loop.call_later(self._period, self._sweep) if self.connections else None
 
+    def shed_idle(self, count: int) -> int:
+        """Close up to ``count`` connections waiting for a request head, oldest first."""
+        closed = 0
+        for connection in self.connections:
+            if closed >= count:
+                break
+            if connection.waiting_for_head() and not connection.transport.is_closing():
+                connection.transport.abort()
+                closed += 1
+        return closed
+
     def forget(self, connection: HttpConnection) -> None:
-        self.connections.discard(connection)
+        self.connections.pop(connection, None)
         if not self.connections:
             self._idle.set()
 
@@ -176,10 +196,10 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         server = self.server
-        if server.draining:
+        if server.draining or (server.guard is not None and not server.guard.admit(transport)):
             transport.close()
             return
-        server.connections.add(self)
+        server.connections[self] = None
         peer = transport.get_extra_info("peername")
         self.peer = unmapped(peer[0]) if isinstance(peer, tuple) else ""
         self.deadline = server.now + server.header_timeout
@@ -254,6 +274,11 @@ class HttpConnection(asyncio.Protocol):
             source.resume_reading()
         if self.relay is not None:
             self.relay.resume_reading()
+
+    def waiting_for_head(self) -> bool:
+        """Idle as far as the open-file limit goes: no request running, none relayed, and
+        at most part of a head received (kept alive after a response, or new and silent)."""
+        return self._active is None and self._receiving is None and self.relay is None and self._upgrade_buffer is None
 
     @property
     def write_paused(self) -> bool:
