@@ -138,9 +138,17 @@ async def test_own_answers_carry_no_server_banner_and_nosniff(serve_http) -> Non
     async def no_challenge(token: str) -> str | None:
         return "key-authorization" if token == "known" else None
 
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads the request, never answers
+        writer.close()
+
+    mute = await asyncio.start_server(silent, "127.0.0.1", 0)
     page = await serve_http(confirmation_handler(), tls=True, hsts=True)
     redirects = await serve_http(redirect_handler(8443, no_challenge))
     dead = await serve_http(ProxyHandler(f"http://127.0.0.1:{free_port()}"), tls=True, hsts=True)
+    slow = await serve_http(ProxyHandler(f"http://127.0.0.1:{mute.sockets[0].getsockname()[1]}", read_timeout=0.3), tls=True, hsts=True)
+    named = HttpServer(confirmation_handler(), tls=True, hsts=True)
+    misdirected = await asyncio.get_running_loop().create_server(lambda: named("shop.example"), "127.0.0.1", 0)
     answers = {
         "page": (await exchange(page, b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n"), True),
         "502": (await exchange(dead, b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n"), True),
@@ -150,7 +158,12 @@ async def test_own_answers_carry_no_server_banner_and_nosniff(serve_http) -> Non
                                               b"Connection: close\r\n\r\n"), False),
         "404": (await exchange(redirects, b"GET /.well-known/acme-challenge/nope HTTP/1.1\r\nHost: shop.example\r\n"
                                           b"Connection: close\r\n\r\n"), False),
+        "504": (await exchange(slow, b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n"), True),
+        "421": (await exchange(misdirected.sockets[0].getsockname()[1], b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n"), True),
     }
+    for server in (mute, misdirected):
+        server.close()
+    await named.shutdown(5)
     for label, ((status, headers, _body), tls) in answers.items():
         assert status.split(b" ")[1] == label.encode() if label.isdigit() else status.startswith(b"HTTP/1.1 "), label
         assert b"server" not in headers, f"{label}: {headers[b'server']!r}"
