@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import ipaddress
 import os
 import socket
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -52,8 +54,12 @@ class Listen:
         return f"{host}:{self.port}"
 
 
+#: The host of a listener given as ``:PORT``: every address, IPv6 and IPv4 alike.
+ANY_HOST = "::"
+
+
 def parse_listen(value: str, *, option: str) -> Listen | None:
-    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) or ``none``."""
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6, ``:PORT`` for every address) or ``none``."""
     text = value.strip()
     if text.lower() == "none":
         return None
@@ -63,8 +69,18 @@ def parse_listen(value: str, *, option: str) -> Listen | None:
     port = int(port_text)
     if not 0 <= port <= 65535:
         raise ConfigError(f"{option} {value!r}: port must be between 0 and 65535")
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]") or ANY_HOST
     return Listen(host, port)
+
+
+def parse_listeners(values: Sequence[str], *, option: str) -> tuple[Listen, ...]:
+    """Every ``HOST:PORT`` of a listener option given several times, each maybe a comma-separated
+    list (how the environment variables spell several); ``none`` alone means no listener."""
+    texts = [text for value in values for text in value.split(",") if text.strip()]
+    listens = [parse_listen(text, option=option) for text in texts]
+    if not texts or (None in listens and len(listens) > 1):
+        raise ConfigError(f"{option} {','.join(values)!r}: expected HOST:PORT (given once or more) or 'none'")
+    return tuple(listen for listen in listens if listen is not None)
 
 
 def parse_bool_env(name: str) -> bool:
@@ -177,13 +193,14 @@ class ServeOptions:
     Each field says its default and what goes wrong when it is set badly.
     """
 
-    #: The TLS listener (SNI routing, tls-alpn-01); None disables it. CLI default
-    #: ``0.0.0.0:443``. Without it nothing is served over HTTPS and tls-alpn-01 cannot be answered.
-    https: Listen | None
-    #: The plain HTTP listener: http-01 answers, everything else 308 to https. CLI default
-    #: ``0.0.0.0:80``. Without it (and without another server on the same database holding
-    #: port 80) http-01 validation fails.
-    http: Listen | None
+    #: The TLS listeners (SNI routing, tls-alpn-01); empty disables them. CLI default
+    #: ``[::]:443``, IPv6 and IPv4 alike. Without one nothing is served over HTTPS and
+    #: tls-alpn-01 cannot be answered.
+    https: tuple[Listen, ...]
+    #: The plain HTTP listeners: http-01 answers, everything else 308 to the first https
+    #: listener's port. CLI default ``[::]:80``. Without one (and without another server on
+    #: the same database holding port 80) http-01 validation fails.
+    http: tuple[Listen, ...]
     #: The admin listener (status page, JSON, metrics, health). CLI default ``127.0.0.1:8081``.
     #: It shows every name and its errors: beyond loopback it is refused without ``admin_token``.
     admin: Listen | None
@@ -217,6 +234,11 @@ class ServeOptions:
     #: One line per answered request on the https listener (``autocert.access`` logger).
     #: Default on. Off saves a few microseconds of CPU per request.
     access_log: bool = True
+    #: Answer ``421 Misdirected Request`` to a request on the TLS listener whose host (``Host``,
+    #: or an absolute-form target) is not the name the connection was made for. Default on.
+    #: Off lets any allowed name's connection reach every host behind the upstream: only for
+    #: upstreams that route on something else and clients that rely on reusing connections.
+    host_check: bool = True
     #: How long in-flight requests (a slow page, a proxied download) may run on after
     #: SIGTERM; idle connections close at once, so an idle server still stops immediately.
     #: Default 30. A supervisor that kills sooner cuts those requests off.
@@ -344,33 +366,81 @@ class ListenError(ConfigError):
         super().__init__(f"cannot listen on {listen}: {error.strerror or error}")
 
 
-def listening_socket(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
+def listening_socket(listen: Listen, *, dualstack: bool = False, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     try:
-        sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024, reuse_port=reuse_port)
+        sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024, reuse_port=reuse_port,
+                                    dualstack_ipv6=dualstack)
     except OSError as exc:
         raise ListenError(listen, exc) from None
     sock.setblocking(False)
     return sock
 
 
+#: A kernel without IPv6 (or with it turned off) answers a bind to ``::`` with one of these.
+_NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
+
+
+def listening_sockets(listen: Listen, *, reuse_port: bool = False) -> list[socket.socket]:
+    """The sockets that listen on ``listen``: one, except for ``[::]`` on some systems.
+
+    ``[::]`` means every address, IPv4 included: one dual-stack socket where the system
+    allows it (Linux, whatever ``net.ipv6.bindv6only`` says), else an IPv6-only socket and an
+    IPv4 one on the same port, and on a system without IPv6 the IPv4 socket alone. A specific
+    address, IPv6 or IPv4, gets just that. ``reuse_port`` sets ``SO_REUSEPORT`` on each
+    (the listeners of ``serve --workers``).
+    """
+    if listen.host != ANY_HOST:
+        return [listening_socket(listen, reuse_port=reuse_port)]
+    if socket.has_dualstack_ipv6():
+        try:
+            return [listening_socket(listen, dualstack=True, reuse_port=reuse_port)]
+        except ListenError as exc:
+            if exc.errno not in _NO_IPV6:
+                raise
+            return [listening_socket(Listen("0.0.0.0", listen.port), reuse_port=reuse_port)]
+    try:
+        ipv6 = listening_socket(listen, reuse_port=reuse_port)
+    except ListenError as exc:
+        if exc.errno not in _NO_IPV6:
+            raise
+        return [listening_socket(Listen("0.0.0.0", listen.port), reuse_port=reuse_port)]
+    try:
+        return [ipv6, listening_socket(Listen("0.0.0.0", ipv6.getsockname()[1]), reuse_port=reuse_port)]
+    except ListenError:
+        ipv6.close()
+        raise
+
+
 #: The order listeners are bound and reported in.
 LISTENER_LABELS = ("https", "http", "admin")
 
 
-def bind_listeners(options: ServeOptions) -> dict[str, socket.socket]:
-    """Bind every configured listener, or none: a port that is busy closes the others."""
-    bound: dict[str, socket.socket] = {}
+def configured_listeners(options: ServeOptions, label: str) -> tuple[Listen, ...]:
+    """The listeners ``options`` has for ``label`` (``https``, ``http`` or ``admin``)."""
+    value = getattr(options, label)
+    return (value,) if isinstance(value, Listen) else tuple(value or ())
+
+
+def bind_listeners(options: ServeOptions, labels: Sequence[str] = LISTENER_LABELS) -> dict[str, list[socket.socket]]:
+    """Bind every configured listener of ``labels``, or none: a port that is busy closes the others."""
+    bound: dict[str, list[socket.socket]] = {}
     try:
-        for label in LISTENER_LABELS:
-            listen = getattr(options, label)
-            if listen is not None:
-                bound[label] = listening_socket(listen)
+        for label in labels:
+            for listen in configured_listeners(options, label):
+                bound.setdefault(label, []).extend(listening_sockets(listen))
     except ListenError:
-        for sock in bound.values():
-            sock.close()
+        close_sockets(bound)
         raise
     return bound
+
+
+def close_sockets(sockets: dict[str, list[socket.socket]]) -> None:
+    """Close what is left in ``sockets``: those no listener took over."""
+    for socks in sockets.values():
+        for sock in socks:
+            sock.close()
+        socks.clear()
 
 
 #: Set in the environment of the workers a ``serve --workers`` supervisor starts.
@@ -387,33 +457,34 @@ def parse_workers(value: str, *, option: str = "--workers") -> int:
     return parse_positive_int(value, option=option, maximum=MAX_WORKERS)
 
 
-def bind_worker_listeners(options: ServeOptions, workers: int) -> dict[str, list[socket.socket]]:
-    """The listeners of ``serve --workers``: ``workers`` sockets sharing each of the https and
-    http addresses through ``SO_REUSEPORT`` (the kernel spreads connections over them), one
-    admin socket. All or none: a port that is busy closes the others.
+def bind_worker_listeners(options: ServeOptions, workers: int) -> list[dict[str, list[socket.socket]]]:
+    """The listeners of ``serve --workers``, one set per worker as :func:`bind_listeners`
+    gives a single ``serve``: every https and http listener (each ``--https``, both families
+    of ``[::]`` where they need two sockets) is bound ``workers`` times, the sockets sharing
+    its address through ``SO_REUSEPORT`` so the kernel spreads connections over the workers;
+    the admin listener is bound once, in the first worker's set. All or none: a port that
+    is busy closes the others.
 
     Each address is first bound once without ``SO_REUSEPORT``, so that a port another
     server holds, even one that set ``SO_REUSEPORT`` itself, is refused as busy rather
     than shared; port 0 becomes the port that first bind got.
     """
-    bound: dict[str, list[socket.socket]] = {}
+    bound: list[dict[str, list[socket.socket]]] = [{} for _ in range(workers)]
     try:
         for label in LISTENER_LABELS:
-            listen = getattr(options, label)
-            if listen is None:
-                continue
-            if label == "admin":
-                bound[label] = [listening_socket(listen)]
-                continue
-            with listening_socket(listen) as probe:
-                listen = Listen(listen.host, probe.getsockname()[1])
-            bound[label] = []
-            for _ in range(workers):
-                bound[label].append(listening_socket(listen, reuse_port=True))
+            for listen in configured_listeners(options, label):
+                if label == "admin":
+                    bound[0].setdefault(label, []).extend(listening_sockets(listen))
+                    continue
+                probes = listening_sockets(listen)
+                port = probes[0].getsockname()[1]
+                for probe in probes:
+                    probe.close()
+                for sockets in bound:
+                    sockets.setdefault(label, []).extend(listening_sockets(Listen(listen.host, port), reuse_port=True))
     except ListenError:
-        for socks in bound.values():
-            for sock in socks:
-                sock.close()
+        for sockets in bound:
+            close_sockets(sockets)
         raise
     return bound
 

@@ -22,7 +22,7 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
 from ._policy import Route
@@ -31,6 +31,7 @@ from ._tls import HANDSHAKE_FAILURE, PROTOCOL_VERSION, TLS12_SUITE_IDS, UNRECOGN
 
 if TYPE_CHECKING:
     from ._config import ServeOptions
+    from ._descriptors import DescriptorGuard
     from ._manager import Manager
 
 log = logging.getLogger("autocert.server")
@@ -267,8 +268,13 @@ class TlsFront:
     certificate) get a task; their transport stops reading meanwhile.
     """
 
-    def __init__(self, manager: Manager, protocol_factory: Callable[[], asyncio.BaseProtocol], options: ServeOptions) -> None:
+    def __init__(self, manager: Manager, protocol_factory: Callable[[str], asyncio.BaseProtocol], options: ServeOptions,
+                 guard: DescriptorGuard | None = None) -> None:
         self._manager = manager
+        #: Each new connection is admitted against the open-file limit (see _descriptors).
+        self.guard = guard
+        if guard is not None:
+            guard.shedders.append(self._shed_silent)
         self._protocol_factory = protocol_factory
         self._options = options
         self._connections: set[asyncio.Task[None]] = set()
@@ -281,19 +287,22 @@ class TlsFront:
         #: Balancers whose connections start with a PROXY header (none: no connection may).
         self.trusted_proxies = options.trusted_proxies
 
-    async def serve(self, listener: socket.socket) -> None:
-        """Accept on ``listener`` until cancelled."""
+    async def serve(self, listeners: Sequence[socket.socket]) -> None:
+        """Accept on every socket of ``listeners`` until cancelled."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._ssl_protocol = ssl_protocol_class(loop)
         reader = _ProxiedHelloReader if self.trusted_proxies else _HelloReader
-        server = await loop.create_server(functools.partial(reader, self), sock=listener, backlog=1024)
+        servers: list[asyncio.Server] = []
         sweeper = loop.create_task(self._sweep())
         try:
-            await server.serve_forever()
+            for listener in listeners:
+                servers.append(await loop.create_server(functools.partial(reader, self), sock=listener, backlog=1024))
+            await asyncio.gather(*(server.serve_forever() for server in servers))
         finally:
             sweeper.cancel()
-            server.close()
+            for server in servers:
+                server.close()
 
     async def close(self) -> None:
         for reader in [*self._young, *self._old]:
@@ -312,6 +321,15 @@ class TlsFront:
             stale, self._old, self._young = self._old, self._young, set()
             for reader in stale:
                 reader.abort()
+
+    def _shed_silent(self, count: int) -> int:
+        """Close up to ``count`` connections still waiting for their ClientHello, older ones first."""
+        closed = 0
+        for generation in (self._old, self._young):
+            while generation and closed < count:
+                generation.pop().abort()
+                closed += 1
+        return closed
 
     def _done_waiting(self, reader: _HelloReader) -> None:
         self._young.discard(reader)
@@ -362,11 +380,11 @@ class TlsFront:
                    source: Source | None = None) -> None:
         """Turn the plain transport into TLS, replaying the ClientHello bytes already read.
 
-        ``name`` is the name the connection was routed by; it is here for a front whose
-        application needs it (pass-through: the PROXY header), and costs nothing otherwise.
+        ``name``, the name the connection was routed by, goes to the application's protocol:
+        HTTP holds each request's host to it, pass-through puts it in the PROXY header.
         ``source`` is the client's address a trusted balancer's PROXY header carried.
         """
-        application = self._protocol_factory()
+        application = self._protocol_factory(name)
         if source is not None:
             self._carry(application, source)
         tls = self._ssl_protocol(
@@ -416,7 +434,11 @@ class _HelloReader(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        self._front._young.add(self)
+        front = self._front
+        if front.guard is not None and not front.guard.admit(transport):
+            self.abort()
+            return
+        front._young.add(self)
 
     def data_received(self, data: bytes | bytearray) -> None:
         if self._data:

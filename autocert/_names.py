@@ -23,6 +23,7 @@ from autocert._errors import InvalidName
 __all__ = [
     "address_of_reverse_name",
     "address_of_socket",
+    "authority_host",
     "is_address",
     "is_host_name",
     "is_pattern",
@@ -139,6 +140,37 @@ def pattern_for(name: str) -> str | None:
     if not sep or not first or "." not in rest:
         return None
     return PATTERN_PREFIX + rest
+
+
+def authority_host(authority: str) -> str | None:
+    """The host of a ``Host`` header or URL authority in the form SNI routing uses, or None.
+
+    The port goes, and so do case, a trailing dot and Unicode (IDNA, as :func:`normalize_name`
+    does it), so ``Shop.Example.:8443`` and ``shop.example`` are the same host; an IP literal
+    becomes its canonical text (brackets dropped). None for anything that names no host.
+    """
+    text = authority.rpartition("@")[2]
+    if text.startswith("["):
+        address, bracket, port = text[1:].partition("]")
+        if not bracket or (port and not (port[0] == ":" and port[1:].isdigit())):
+            return None
+        try:
+            return str(ipaddress.IPv6Address(address))
+        except ValueError:
+            return None
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        host = text
+    elif port and not port.isdigit():
+        return None
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        return normalize_name(host)
+    except InvalidName:
+        return None
 
 
 def normalize_address(raw: str) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from typing import TYPE_CHECKING, Final, cast
 
 from ._front import TlsFront
@@ -33,6 +32,7 @@ from ._tls import ACME_TLS_ALPN
 
 if TYPE_CHECKING:
     from ._config import Listen, ServeOptions
+    from ._descriptors import DescriptorGuard
     from ._manager import Manager
 
 __all__ = ["PassthroughFront"]
@@ -49,27 +49,21 @@ IDLE_CHECKS: Final = 5
 class PassthroughFront(TlsFront):
     """The ClientHello front whose connections, once TLS is up, are relayed to ``upstream``."""
 
-    def __init__(self, manager: Manager, options: ServeOptions, upstream: Listen) -> None:
-        super().__init__(manager, self._new_client, options)
+    def __init__(self, manager: Manager, options: ServeOptions, upstream: Listen, guard: DescriptorGuard | None = None) -> None:
+        super().__init__(manager, self._new_client, options, guard)
         self.upstream = upstream
         self.proxy_protocol = options.proxy_protocol
         self.idle_timeout = options.idle_timeout
         self.shutdown_timeout = options.shutdown_timeout
         #: Relays with a client connection up, so that shutdown can wait for them and end them.
         self.relays: set[_Client] = set()
-        self._routed_name = ""
-
-    def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext, data: bytes, name: str,
-                   source: Source | None = None) -> None:
-        self._routed_name = name  # read by _new_client, which the base calls before returning
-        super()._start_tls(transport, context, data, name, source)
 
     @staticmethod
     def _carry(application: asyncio.BaseProtocol, source: Source) -> None:
         cast(_Client, application).source = source
 
-    def _new_client(self) -> _Client:
-        return _Client(self, self._routed_name)
+    def _new_client(self, name: str) -> _Client:
+        return _Client(self, name)
 
     async def close(self) -> None:
         """Stop routing, let relays end on their own for up to ``shutdown_timeout``, then cut them."""

@@ -52,6 +52,7 @@ __all__ = [
     "needs_attention",
     "needs_order",
     "next_attempt_after_failure",
+    "next_attempt_after_rate_limit",
     "order_budget_hold",
     "order_profile",
     "rate_limit_hold",
@@ -365,6 +366,14 @@ def rate_limit_hold(detail: str, retry_after: float | None, now: datetime) -> tu
     if not retry_after:
         return None
     return now + timedelta(seconds=retry_after), "account" in detail.lower()
+
+
+def next_attempt_after_rate_limit(backoff: datetime | None, until: datetime) -> datetime | None:
+    """When a name the CA answered ``rateLimited`` may be tried again: at ``until`` (its
+    ``Retry-After``), in place of the name's growing backoff. The limit says nothing about the
+    name (a budget ran out) and the CA knows when it resets: waiting longer only delays a name
+    that did nothing wrong, trying sooner is refused. A parked name (``backoff`` None) stays parked."""
+    return None if backoff is None else until
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from ._board import Board
-from ._config import ServeOptions, bind_listeners, check_admin_binding, ready_line, tcp_upstream
+from ._config import ServeOptions, bind_listeners, check_admin_binding, close_sockets, ready_line, tcp_upstream
+from ._descriptors import DescriptorGuard
 from ._duties import Duties
 from ._front import ProxyHeaderReader, TlsFront
 from ._http import HttpServer
@@ -50,15 +51,15 @@ def https_handler(options: ServeOptions) -> Handler:
 
 def http_handler(manager: Manager, options: ServeOptions) -> Handler:
     """Port 80: http-01 answers from the database, everything else 308 to the same URL on https."""
-    return redirect_handler(options.https.port if options.https else 443, manager.store.get_challenge)
+    return redirect_handler(options.https[0].port if options.https else 443, manager.store.get_challenge)
 
 
-def http_server(handler: Handler, options: ServeOptions, *, tls: bool) -> HttpServer:
+def http_server(handler: Handler, options: ServeOptions, *, tls: bool, guard: DescriptorGuard | None = None) -> HttpServer:
     """The HTTP/1.1 side of a listener, with the timeouts, HSTS and access log of ``options``."""
     close = getattr(handler, "close", None)
     return HttpServer(
         handler, tls=tls, hsts=options.hsts and tls, header_timeout=options.header_timeout, idle_timeout=options.idle_timeout,
-        access_log=options.access_log and tls, on_close=close,
+        access_log=options.access_log and tls, on_close=close, host_check=options.host_check, guard=guard,
     )
 
 
@@ -66,12 +67,12 @@ def http_server(handler: Handler, options: ServeOptions, *, tls: bool) -> HttpSe
 async def listeners(
     manager: Manager,
     options: ServeOptions,
-    sockets: dict[str, socket.socket],
+    sockets: dict[str, list[socket.socket]],
     *,
     https: Handler | None = None,
     announce: bool = True,
 ) -> AsyncIterator[None]:
-    """Listen on each of ``sockets`` (labelled ``http``, ``admin``, ``https``) while inside.
+    """Listen on each of ``sockets`` (lists labelled ``http``, ``admin``, ``https``) while inside.
 
     ``http`` answers http-01 and redirects, ``admin`` serves the status app, ``https`` runs
     the ClientHello front in front of the ``https`` handler (default :func:`https_handler`), or
@@ -86,9 +87,12 @@ async def listeners(
     loop = asyncio.get_running_loop()
     runners: list[web.AppRunner] = []
     servers: list[HttpServer] = []
-    plain: asyncio.Server | None = None
+    plain: list[asyncio.Server] = []
     front: TlsFront | None = None
     accept_task: asyncio.Task[None] | None = None
+    # One per process: every listener's clients count against the same open-file limit.
+    guard = DescriptorGuard()
+    restore_exception_handler = guard.watch_accept_errors(loop)
 
     def listeners_health() -> str | None:
         if accept_task is not None and accept_task.done():
@@ -96,53 +100,57 @@ async def listeners(
         return None
 
     try:
-        if "http" in sockets:
-            redirects = http_server(http_handler(manager, options), options, tls=False)
+        if sockets.get("http"):
+            redirects = http_server(http_handler(manager, options), options, tls=False, guard=guard)
             servers.append(redirects)
-            sock = sockets.pop("http")
             factory: Callable[[], asyncio.BaseProtocol] = redirects
             if options.trusted_proxies:
                 factory = functools.partial(ProxyHeaderReader, redirects, options.trusted_proxies, options.hello_timeout)
-            plain = await loop.create_server(factory, sock=sock, backlog=1024)
-            if announce:
-                _announce("http", sock)
-        if "admin" in sockets:
+            socks = sockets["http"]
+            while socks:
+                plain.append(await loop.create_server(factory, sock=socks[0], backlog=1024))
+                sock = socks.pop(0)
+                if announce:
+                    _announce("http", sock)
+        if sockets.get("admin"):
             board = manager.attachments.get(Board)  # under `serve --workers`: are they all running?
             checks = [listeners_health] if board is None else [listeners_health, board.health]
             admin = status_app(manager, token=options.admin_token, checks=checks)
-            runners.append(await _start_site(admin, sockets.pop("admin"), "admin", options, announce))
-        if "https" in sockets:
+            runners.append(await _start_site(admin, sockets["admin"], "admin", options, announce))
+        if sockets.get("https"):
             passthrough = tcp_upstream(options)
             if passthrough is not None:
-                front = PassthroughFront(manager, options, passthrough)
+                front = PassthroughFront(manager, options, passthrough, guard)
             else:
-                tls = http_server(https if https is not None else https_handler(options), options, tls=True)
+                tls = http_server(https if https is not None else https_handler(options), options, tls=True, guard=guard)
                 servers.append(tls)
-                front = TlsFront(manager, tls, options)
-            listener = sockets.pop("https")
-            accept_task = loop.create_task(front.serve(listener))
-            accept_task.add_done_callback(lambda _t: listener.close())
+                front = TlsFront(manager, tls, options, guard)
+            tls_sockets = sockets.pop("https")
+            accept_task = loop.create_task(front.serve(tls_sockets))
+            accept_task.add_done_callback(lambda _t: close_sockets({"https": tls_sockets}))
             if announce:
-                _announce("https", listener)
+                for sock in tls_sockets:
+                    _announce("https", sock)
         yield
     finally:
         if accept_task is not None:
             accept_task.cancel()
             await asyncio.gather(accept_task, return_exceptions=True)
-        if plain is not None:
-            plain.close()
+        for server in plain:
+            server.close()
         await asyncio.gather(*(server.shutdown(options.shutdown_timeout) for server in servers))
         for runner in reversed(runners):
             await runner.cleanup()
         if front is not None:
             await front.close()
+        restore_exception_handler()
 
 
 async def serve(
     manager: Manager,
     options: ServeOptions,
     *,
-    sockets: dict[str, socket.socket] | None = None,
+    sockets: dict[str, list[socket.socket]] | None = None,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
     announce: bool = True,
@@ -163,12 +171,11 @@ async def serve(
     try:
         await _serve(manager, options, sockets, ready, stop, announce)
     finally:
-        for unused in sockets.values():  # a start that failed before handing them on
-            unused.close()
+        close_sockets(sockets)  # what a start that failed did not hand on
 
 
 async def _serve(
-    manager: Manager, options: ServeOptions, sockets: dict[str, socket.socket], ready: asyncio.Event | None, stop: asyncio.Event | None,
+    manager: Manager, options: ServeOptions, sockets: dict[str, list[socket.socket]], ready: asyncio.Event | None, stop: asyncio.Event | None,
     announce: bool,
 ) -> None:
     # Built before anything starts: a bad --upstream is a usage error with nothing written.
@@ -209,13 +216,15 @@ async def _serve(
                 loop.remove_signal_handler(signum)
 
 
-async def _start_site(app: web.Application, sock: socket.socket, label: str, options: ServeOptions, announce: bool) -> web.AppRunner:
+async def _start_site(app: web.Application, socks: list[socket.socket], label: str, options: ServeOptions, announce: bool) -> web.AppRunner:
+    """Serve ``app`` on each of ``socks``, taking each out of the list once a site owns it."""
     runner = web.AppRunner(app, shutdown_timeout=options.shutdown_timeout, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.SockSite(runner, sock)
-    await site.start()
-    if announce:
-        _announce(label, sock)
+    while socks:
+        await web.SockSite(runner, socks[0]).start()
+        sock = socks.pop(0)
+        if announce:
+            _announce(label, sock)
     return runner
 
 

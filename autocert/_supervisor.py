@@ -1,8 +1,9 @@
 """``serve --workers N``: one process per core, each a complete single-process ``serve``.
 
-The supervisor binds every listener before any worker exists: ``SO_REUSEPORT`` https and
-http sockets, one per worker, so the kernel spreads connections evenly across them, and
-the one admin socket for worker 0. It then starts each worker as a fresh ``python -m
+The supervisor binds every listener before any worker exists: for each https and http
+listener (every ``--https`` and ``--http``, and both sockets of a ``[::]`` that needs two)
+one ``SO_REUSEPORT`` socket per worker, so the kernel spreads connections evenly across
+them, and the one admin socket for worker 0. It then starts each worker as a fresh ``python -m
 autocert`` with the same command line (fork and exec: a worker imports the server stack for
 itself, and the supervisor never does), passing it its sockets, its slot of the shared
 figures (:mod:`autocert._board`) and a pipe on which it says it is ready.
@@ -58,7 +59,7 @@ class WorkerSetup:
 
     index: int
     workers: int
-    sockets: dict[str, socket.socket]
+    sockets: dict[str, list[socket.socket]]
     board: Board
     ready_fd: int
 
@@ -85,10 +86,12 @@ def worker_setup() -> WorkerSetup | None:
     if not text:
         return None
     fields = dict(part.split("=", 1) for part in text.split(","))
-    sockets: dict[str, socket.socket] = {label: socket.socket(fileno=int(fields[label])) for label in ("https", "http", "admin")
-                                         if label in fields}
-    for sock in sockets.values():
-        sock.setblocking(False)
+    sockets: dict[str, list[socket.socket]] = {
+        label: [socket.socket(fileno=int(fd)) for fd in fields[label].split(":")] for label in ("https", "http", "admin") if label in fields
+    }
+    for socks in sockets.values():
+        for sock in socks:
+            sock.setblocking(False)
     board = Board(int(fields["board"]), int(fields["slots"]), slot=int(fields["slot"]), expected=int(fields["workers"]))
     return WorkerSetup(int(fields["index"]), int(fields["workers"]), sockets, board, int(fields["ready"]))
 
@@ -106,11 +109,12 @@ class _Worker:
 
 @dataclass
 class Supervisor:
-    """Runs ``workers`` copies of ``argv`` over ``sockets`` (per listener, one per worker)."""
+    """Runs ``workers`` copies of ``argv``, worker ``i`` over ``sockets[i]`` (its sockets by
+    label, as :func:`autocert._config.bind_worker_listeners` binds them)."""
 
     argv: Sequence[str]
     workers: int
-    sockets: dict[str, list[socket.socket]]
+    sockets: list[dict[str, list[socket.socket]]]
     announce: list[str] = field(default_factory=list)
     running: dict[int, _Worker] = field(default_factory=dict)
     stopping: bool = False
@@ -132,12 +136,11 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         read, write = os.pipe()
         slot = self._free_slot()
-        fds = {label: socks[index if label != "admin" else 0].fileno() for label, socks in self.sockets.items()
-               if label != "admin" or index == 0}
+        fds = {label: [sock.fileno() for sock in socks] for label, socks in self.sockets[index].items() if socks}
         setup = {"index": index, "workers": self.workers, "slot": slot, "slots": self.workers * 2,
-                 "board": self.board.fd, "ready": write, **fds}
+                 "board": self.board.fd, "ready": write, **{label: ":".join(map(str, each)) for label, each in fds.items()}}
         env = {**os.environ, WORKER_ENV: ",".join(f"{key}={value}" for key, value in setup.items())}
-        inherited = [self.board.fd, write, *fds.values()]
+        inherited = [self.board.fd, write, *(fd for each in fds.values() for fd in each)]
         pid = os.fork()
         if pid == 0:  # the child: only exec, nothing that could take a lock
             try:

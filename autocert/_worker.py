@@ -33,6 +33,7 @@ from ._policy import (
     exempt_from_budgets,
     lease_held,
     next_attempt_after_failure,
+    next_attempt_after_rate_limit,
     rate_limit_hold,
     renewal_time,
 )
@@ -472,7 +473,7 @@ class Worker:
             limited = rate_limit_hold(exc.detail, exc.retry_after, now)
         if limited is not None:
             until, whole_account = limited
-            next_attempt = max(next_attempt or until, until)
+            next_attempt = next_attempt_after_rate_limit(next_attempt, until)
             if whole_account:
                 self._account_held_until = max(self._account_held_until or until, until)
             log.warning("the CA rate-limited %s until %s", "the account" if whole_account else name, until.isoformat())

@@ -72,7 +72,7 @@ class TaskFront(TlsFront):
                 return
             handed_off = True
             await asyncio.get_running_loop().connect_accepted_socket(
-                self._protocol_factory, connection, ssl=context, ssl_handshake_timeout=self._options.handshake_timeout
+                lambda: self._protocol_factory(hello.server_name or ""), connection, ssl=context, ssl_handshake_timeout=self._options.handshake_timeout
             )
         except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
             pass
@@ -160,9 +160,9 @@ async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    options = ServeOptions(https=Listen("127.0.0.1", args.port), http=None, admin=None)
+    options = ServeOptions(https=(Listen("127.0.0.1", args.port),), http=(), admin=None)
     http = HttpServer(confirmation_handler(), tls=True, access_log=False)
-    listener = listening_socket(options.https)  # type: ignore[arg-type]
+    listener = listening_socket(options.https[0])
     manager: Manager | None = None
     if args.variant not in ("static", "alert-only") or args.with_manager:
         manager = Manager(db=args.db, directory=UNREACHABLE_CA, cache_size=max(args.warm, 1000),
@@ -185,7 +185,7 @@ async def main(args: argparse.Namespace) -> None:
         assert manager is not None
         front_class = {"front": TlsFront, "front-task": TaskFront, "front-reader": ReaderFront}[args.variant]
         front = front_class(manager, http, options)
-        accepting = loop.create_task(front.serve(listener))
+        accepting = loop.create_task(front.serve([listener]))
     if args.gc_freeze:
         import gc
 

@@ -45,6 +45,9 @@ class AriDouble:
     #: (detail, Retry-After seconds): new orders without ``replaces`` are refused with 429
     #: ``rateLimited``, as Let's Encrypt does (renewals naming what they replace are exempt).
     rate_limit: tuple[str, int] | None = None
+    #: The same for new orders of one name only (identifier value → detail, Retry-After seconds),
+    #: as a limit on certificates per exact set of names does.
+    name_rate_limits: dict[str, tuple[str, int]] = field(default_factory=dict)
     profiles: dict[str, str] | None = None
     #: Challenge objects put in front of the ones Pebble offers in every authorization.
     extra_challenges: list[dict[str, Any]] = field(default_factory=list)
@@ -116,8 +119,10 @@ class AriDouble:
             if self.refuse_replaces and "replaces" in payload:
                 problem = {"type": "urn:ietf:params:acme:error:alreadyReplaced", "detail": "already replaced"}
                 return web.json_response(problem, status=409, content_type="application/problem+json")
-            if self.rate_limit is not None and "replaces" not in payload:
-                detail, retry_after = self.rate_limit
+            names = [identifier["value"] for identifier in payload.get("identifiers", [])]
+            limit = next((self.name_rate_limits[name] for name in names if name in self.name_rate_limits), self.rate_limit)
+            if limit is not None and "replaces" not in payload:
+                detail, retry_after = limit
                 problem = {"type": "urn:ietf:params:acme:error:rateLimited", "detail": detail}
                 return web.json_response(problem, status=429, content_type="application/problem+json",
                                          headers={"Retry-After": str(retry_after)})

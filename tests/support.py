@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -74,11 +76,13 @@ class ServeProcess:
         self.https_port = https_port or pebble.tlsalpn01_port
         self.http_port = http_port or pebble.http01_port
         self.admin_port = admin_port or free_port()
+        # A listener option in ``extra`` replaces the default one (they add up when repeated).
+        listeners = [(flag, address) for flag, address in (("--https", f"{host}:{self.https_port}"),
+                                                            ("--http", f"{host}:{self.http_port}"),
+                                                            ("--admin", f"{host}:{self.admin_port}")) if flag not in extra]
         self.argv = [
             sys.executable, "-m", "autocert", "--db", db, "serve",
-            "--https", f"{host}:{self.https_port}",
-            "--http", f"{host}:{self.http_port}",
-            "--admin", f"{host}:{self.admin_port}",
+            *(arg for pair in listeners for arg in pair),
             *acme_args(pebble), *extra,
         ]
         self.env = cli_env(env)
@@ -87,10 +91,13 @@ class ServeProcess:
         self.stderr_path = workdir / f"serve-{id(self)}.err"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def launch(self) -> ServeProcess:
-        """Start the process without waiting for it to listen."""
+    def launch(self, *, open_files: tuple[int, int] | None = None) -> ServeProcess:
+        """Start the process without waiting for it to listen; ``open_files`` sets its
+        RLIMIT_NOFILE (soft, hard) from the start."""
+        limit = None if open_files is None else functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, open_files)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self.env, cwd=REPO, start_new_session=True)
+            self.process = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self.env, cwd=REPO, start_new_session=True,
+                                            preexec_fn=limit)
         _started.append(self.process)
         return self
 
@@ -99,7 +106,8 @@ class ServeProcess:
         return self.stdout_path.exists() and self.stdout_path.read_text().count("listening on") >= self._listeners()
 
     def _listeners(self) -> int:
-        return sum(1 for flag in ("--https", "--http", "--admin") if self._enabled(flag))
+        """One line per listener given, one per label left to its environment variable or default."""
+        return sum(max(1, self.argv.count(flag)) for flag in ("--https", "--http", "--admin") if self._enabled(flag))
 
     def start(self, *, timeout: float = 60) -> ServeProcess:
         self.launch()
@@ -114,8 +122,8 @@ class ServeProcess:
         return self
 
     def _enabled(self, flag: str) -> bool:
-        index = max(i for i, arg in enumerate(self.argv) if arg == flag)
-        return self.argv[index + 1] != "none"
+        given = [self.argv[i + 1] for i, arg in enumerate(self.argv) if arg == flag]
+        return given != ["none"]
 
     def output(self) -> str:
         return f"--- stdout\n{self.stdout_path.read_text()}\n--- stderr\n{self.stderr_path.read_text()[-6000:]}"

@@ -546,6 +546,19 @@ async def test_long_retry_after_is_not_waited_out() -> None:
     assert (info.value.problem_type, info.value.status) == (ACME_URN + "rateLimited", 429)
 
 
+async def test_a_rate_limit_is_raised_at_once_even_with_a_short_retry_after() -> None:
+    """A limit is held per name or account by the worker (stored, shown in status), not slept
+    on here: retrying would place the same refused order again and hold a handshake."""
+    async with ScriptedCA() as ca:
+        ca.script["/account"] = [(429, {"Retry-After": "1"}, problem("rateLimited", "too many")),
+                                 (201, {"Location": ca.url("/acct/1")}, {"status": "valid"})]
+        async with AcmeClient(ca.url("/dir"), generate_private_key()) as client:
+            with pytest.raises(AcmeError, match="too many") as info:
+                await client.register(None, agree_tos=True)
+        assert len(ca.times("/account")) == 1
+    assert info.value.retry_after == 1
+
+
 async def test_polling_honours_retry_after() -> None:
     token = jose.encode_b64jose(b"t" * 16)
     authz: dict[str, object] = {

@@ -90,6 +90,8 @@ BAD_INPUTS = [
     (["issue", "not-allowed.example.test", "--http", "127.0.0.1:1", "--directory", "https://127.0.0.1:1/dir"], "not allowed"),
     (["issue", "ok.example.test", "--wait", "soon"], "--wait"),
     (["serve", "--https", "nonsense"], "--https"),
+    (["serve", "--https", "none", "--https", "127.0.0.1:0"], "--https"),
+    (["serve", "--http", "127.0.0.1:0,nonsense"], "--http"),
     (["serve", "--admin", "0.0.0.0:0"], "admin-token"),
     (["serve", "--cache-size", "0"], "--cache-size"),
     (["serve", "--workers", "0"], "--workers"),
@@ -132,3 +134,16 @@ def test_bad_database_url_is_a_usage_error() -> None:
 
 def test_unknown_subcommand_is_usage_error() -> None:
     assert run_cli("frobnicate").returncode == 2
+
+
+def test_a_cap_over_what_postgresql_stores_is_refused_in_one_line_and_writes_nothing(postgres_url: str) -> None:
+    """PostgreSQL's integer column stops at 2^31 - 1, SQLite's at 2^63 - 1: both are refused
+    before the database sees them (the SQLite case is in BAD_INPUTS)."""
+    assert run_cli("allow", "*.ok.example.test", "--cap", "5", db=postgres_url).returncode == 0
+    for cap in ("3000000000", "9223372036854775808"):
+        result = run_cli("allow", "*.big.example.test", "--cap", cap, db=postgres_url)
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert "--cap" in line and "at most" in line, line
+    listed = json.loads(run_cli("list", "--json", db=postgres_url).stdout)
+    assert [item["name"] for item in listed["allowed"]] == ["*.ok.example.test"]

@@ -113,7 +113,7 @@ def host_path(service: dict[str, Any], path: str) -> Path:
 
 def settings(name: str) -> argparse.Namespace:
     """What an autocert service runs with: its command, over its config file as mounted."""
-    from autocert._cli import parse_arguments
+    from autocert._parser import parse_arguments
 
     service = services()[name]
     args = argv(service.get("command"))
@@ -218,7 +218,7 @@ def test_depends_on_names_real_services() -> None:
 
 
 def test_autocert_commands_parse_and_point_at_the_other_services() -> None:
-    from autocert._cli import build_parser
+    from autocert._parser import build_parser
 
     found = services()
     args = settings("autocert")

@@ -11,7 +11,8 @@ import pytest
 from pebble import Pebble
 from support import run_cli
 
-from autocert._cli import build_parser, parse_arguments, run
+from autocert._cli import run
+from autocert._parser import build_parser, parse_arguments
 from autocert._config_file import ISSUER_KEYS, option_actions
 
 
@@ -52,7 +53,8 @@ def test_the_first_issuer_table_sets_the_acme_options(tmp_path: Path, caplog: py
     ('[server]\nhttps = "0.0.0.0:443"\n', ":1: server: unknown option"),
     ('https = "0.0.0.0:443"\n[[issuer]]\ndirectory = "u"\n\n[[issuer]]\ndirectroy = "u"\n', ":6: directroy: not a setting of an [[issuer]] table"),
     ('hsts = "yes"\n', ":1: hsts: expected true or false"),
-    ('https = 443.0\nhttp = true\n', ":2: http: expected a string or a number"),
+    ('email = "a@b.c"\nadmin = true\n', ":2: admin: expected a string or a number"),
+    ('https = 443.0\n', ":1: https: expected a list of strings"),
     ('state = [1, 2]\n', ":1: state: expected a list of strings"),
     ('log_format = "xml"\n', ":1: log_format: expected one of text, json"),
     ('email = "a"\n[[issuer]]\nemail = "b"\n', ":3: email: given both at the top level and in the first [[issuer]] table"),
@@ -108,3 +110,13 @@ def test_issue_from_a_config_file_alone(pebble: Pebble, tmp_path: Path) -> None:
     result = run_cli("issue", "file.example.test", env={"AUTOCERT_CONFIG": path})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "file.example.test: valid" in result.stdout
+
+
+def test_listeners_on_the_command_line_replace_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, 'https = ["127.0.0.1:8443", "[::1]:8443"]\nhttp = "none"\n')
+    args = parse_arguments(["--config", path, "serve"])
+    assert args.https == ["127.0.0.1:8443", "[::1]:8443"] and args.http == ["none"]
+    args = parse_arguments(["--config", path, "serve", "--https", ":443", "--https", "127.0.0.2:443"])
+    assert args.https == [":443", "127.0.0.2:443"], "the command line's listeners replace the file's"
+    monkeypatch.setenv("AUTOCERT_HTTPS", "127.0.0.3:443")
+    assert parse_arguments(["--config", path, "serve"]).https is None, "the environment overrides the file"

@@ -276,11 +276,11 @@ def test_systemd_unit_is_valid_and_hardened(tmp_path: Path) -> None:
     name, source = credential.split(":")
     assert arguments[:2] == ["--config", f"%d/{name}"] and source == "/etc/autocert/autocert.toml"
     assert f"examples/autocert.toml {source}" in text
-    from autocert._cli import parse_arguments
+    from autocert._parser import parse_arguments
 
     args = parse_arguments([arguments[0], str(EXAMPLES / "autocert.toml"), *arguments[2:]])
     assert args.command == "serve" and args.upstream and args.agree_tos and args.directory and args.email
-    default_drain = ServeOptions(https=None, http=None, admin=None).shutdown_timeout
+    default_drain = ServeOptions(https=(), http=(), admin=None).shutdown_timeout
     assert seconds(directives["TimeoutStopSec"][0]) > default_drain, "systemd must give serve time to drain"
 
     if shutil.which("systemd-analyze") is None:
@@ -305,4 +305,4 @@ def test_compose_stop_grace_covers_the_drain() -> None:
     from autocert._config import ServeOptions
 
     grace = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["autocert"]["stop_grace_period"]
-    assert seconds(grace) > ServeOptions(https=None, http=None, admin=None).shutdown_timeout
+    assert seconds(grace) > ServeOptions(https=(), http=(), admin=None).shutdown_timeout

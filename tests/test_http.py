@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -137,9 +138,17 @@ async def test_own_answers_carry_no_server_banner_and_nosniff(serve_http) -> Non
     async def no_challenge(token: str) -> str | None:
         return "key-authorization" if token == "known" else None
 
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads the request, never answers
+        writer.close()
+
+    mute = await asyncio.start_server(silent, "127.0.0.1", 0)
     page = await serve_http(confirmation_handler(), tls=True, hsts=True)
     redirects = await serve_http(redirect_handler(8443, no_challenge))
     dead = await serve_http(ProxyHandler(f"http://127.0.0.1:{free_port()}"), tls=True, hsts=True)
+    slow = await serve_http(ProxyHandler(f"http://127.0.0.1:{mute.sockets[0].getsockname()[1]}", read_timeout=0.3), tls=True, hsts=True)
+    named = HttpServer(confirmation_handler(), tls=True, hsts=True)
+    misdirected = await asyncio.get_running_loop().create_server(lambda: named("shop.example"), "127.0.0.1", 0)
     answers = {
         "page": (await exchange(page, b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n"), True),
         "502": (await exchange(dead, b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n"), True),
@@ -149,7 +158,12 @@ async def test_own_answers_carry_no_server_banner_and_nosniff(serve_http) -> Non
                                               b"Connection: close\r\n\r\n"), False),
         "404": (await exchange(redirects, b"GET /.well-known/acme-challenge/nope HTTP/1.1\r\nHost: shop.example\r\n"
                                           b"Connection: close\r\n\r\n"), False),
+        "504": (await exchange(slow, b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n"), True),
+        "421": (await exchange(misdirected.sockets[0].getsockname()[1], b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n"), True),
     }
+    for server in (mute, misdirected):
+        server.close()
+    await named.shutdown(5)
     for label, ((status, headers, _body), tls) in answers.items():
         assert status.split(b" ")[1] == label.encode() if label.isdigit() else status.startswith(b"HTTP/1.1 "), label
         assert b"server" not in headers, f"{label}: {headers[b'server']!r}"
@@ -241,3 +255,52 @@ async def test_oversized_heads_get_431_and_unknown_versions_505(serve_http) -> N
     many = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n"
     assert (await exchange(port, many))[0].startswith(b"HTTP/1.1 431 ")
     assert (await exchange(port, b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"))[0].startswith(b"HTTP/1.1 505 ")
+
+
+# -- requests for another host than the TLS name ----------------------------------------------------
+
+
+async def test_a_request_for_another_host_than_the_tls_name_gets_421(serve_http) -> None:
+    """The check itself, through the connection the front makes for an SNI name (in process; the
+    served and proxied cases run end to end in tests/test_hosts.py)."""
+    http = HttpServer(confirmation_handler(), tls=True)
+    server = await asyncio.get_running_loop().create_server(lambda: http("xn--bcher-kva.example"), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        same = [b"xn--bcher-kva.example", b"XN--Bcher-KVA.Example.", b"xn--bcher-kva.example:8443", "bücher.example".encode(),
+                "B\u00dcCHER.example.:443".encode()]
+        for host in same:
+            status, _, body = await exchange(port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+            assert status.startswith(b"HTTP/1.1 200 "), (host, status)
+        other = [b"other.example", b"xn--bcher-kva.example.evil", b"xn--bcher-kva.example:x", b"[::1]", b"127.0.0.1", b"\xff"]
+        for host in other:
+            status, headers, body = await exchange(port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            assert status == b"HTTP/1.1 421 Misdirected Request", (host, status)
+            assert headers[b"connection"] == b"close" and headers[b"x-content-type-options"] == b"nosniff"
+            assert b"421 Misdirected Request" in body and b"server" not in headers
+        absolute = b"GET https://other.example/ HTTP/1.1\r\nHost: xn--bcher-kva.example\r\n\r\n"
+        assert (await exchange(port, absolute))[0].startswith(b"HTTP/1.1 421 "), "an absolute target names its own host"
+        absolute = b"GET https://xn--bcher-kva.example:8443/ HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n"
+        assert (await exchange(port, absolute))[0].startswith(b"HTTP/1.1 200 "), "and then Host is ignored"
+        assert (await exchange(port, b"GET / HTTP/1.0\r\n\r\n"))[0].startswith(b"HTTP/1.1 200 "), "no Host names no other host"
+        two = b"GET / HTTP/1.1\r\nHost: xn--bcher-kva.example\r\nHost: other.example\r\n\r\n"
+        assert (await exchange(port, two))[0].startswith(b"HTTP/1.1 400 ")
+        # A kept-alive connection: the first request matches, a later one for another host does not.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: xn--bcher-kva.example:8443\r\n\r\nGET / HTTP/1.1\r\nHost: xn--bcher-kva.example:8443\r\n\r\n"
+                     b"GET / HTTP/1.1\r\nHost: other.example:8443\r\n\r\nGET / HTTP/1.1\r\nHost: xn--bcher-kva.example\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), timeout=10)
+        writer.close()
+        assert re.findall(rb"HTTP/1\.1 (\d+) ", raw) == [b"200", b"200", b"421"], raw
+    finally:
+        server.close()
+        await http.shutdown(5)
+    off = HttpServer(confirmation_handler(), tls=True, host_check=False)
+    server = await asyncio.get_running_loop().create_server(lambda: off("xn--bcher-kva.example"), "127.0.0.1", 0)
+    try:
+        status, _, body = await exchange(server.sockets[0].getsockname()[1],
+                                         b"GET / HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 200 ") and body == b"autocert is serving other.example over HTTPS\n"
+    finally:
+        server.close()
+        await off.shutdown(5)

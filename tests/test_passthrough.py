@@ -387,6 +387,26 @@ async def test_proxy_protocol_v2_over_ipv6(relay, upstreams, root_ca: str, relay
     assert server.process is not None and server.process.poll() is None
 
 
+async def test_proxy_protocol_v1_gives_ipv4_clients_of_a_dual_stack_listener_as_tcp4(relay, upstreams, root_ca: str, relay_db: str) -> None:
+    """On ``[::]`` an IPv4 client is ``::ffff:127.0.0.1`` to the socket; the upstream must read plain IPv4."""
+    upstream = upstreams("v1")
+    listen_port = free_v6_port()
+    if not await asyncio.to_thread(certificate_stored, relay_db):
+        relay(upstreams(None).port).stop()
+    server = relay(upstream.port, "--proxy-protocol", "v1", https=f":{listen_port}")
+
+    def echo(host: str) -> tuple[int, bytes]:
+        with connect(listen_port, root_ca, host=host) as tls:
+            return tls.getsockname()[1], exchange(tls, b"dual stack")
+
+    for host, family in (("127.0.0.1", "TCP4"), ("::1", "TCP6")):
+        port, echoed = await asyncio.to_thread(eventually_ok, lambda host=host: echo(host))
+        assert echoed == b"dual stack"
+        header = upstream.from_port(port).header
+        assert header is not None and (header["family"], header["source"], header["destination"]) == (family, host, host), header
+    assert server.process is not None and server.process.poll() is None
+
+
 async def test_bytes_only_h2_and_the_idle_bound(relay, upstreams, root_ca: str) -> None:
     upstream = upstreams(None)
     server = relay(upstream.port, "--alpn", "h2,http/1.1", "--idle-timeout", "2")

@@ -79,6 +79,7 @@ class Upstream:
         app.router.add_post("/upload", self._upload)
         app.router.add_get("/slow", self._slow)
         app.router.add_get("/hop", self._hop)
+        app.router.add_get("/trickle", self._trickle)
         app.router.add_route("*", "/{tail:.*}", self._echo)
         return app
 
@@ -117,6 +118,16 @@ class Upstream:
         released = await asyncio.to_thread(self.slow_release.wait, 60)
         assert released, "the test never released the slow request"
         return web.Response(body=payload(256 * 1024, 7))
+
+    async def _trickle(self, request: web.Request) -> web.StreamResponse:
+        """``parts`` lines, ``every`` seconds apart: a stream quieter than the proxy's bounds."""
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for index in range(int(request.query.get("parts", "3"))):
+            await asyncio.sleep(float(request.query.get("every", "1")))
+            await response.write(b"part %d\n" % index)
+        await response.write_eof()
+        return response
 
     async def _hop(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -430,6 +441,18 @@ def test_silent_and_slow_clients_after_the_handshake_are_closed_at_their_bounds(
     waited, data = seconds_until_closed(kept)
     kept.close()
     assert data == b"" and 2 <= waited < 7, waited
+
+
+async def test_websockets_and_streams_outlive_the_header_and_idle_bounds(proxy, upstream: Upstream, root_ca: str) -> None:
+    server = proxy("--header-timeout", "1", "--idle-timeout", "1")
+    async with client_session(root_ca) as session, session.ws_connect(f"wss://{NAME}:{server.https_port}/ws") as ws:
+        await asyncio.sleep(2.5)  # quiet for longer than either bound
+        await ws.send_str("after a pause")
+        assert (await ws.receive(timeout=10)).data == "echo:after a pause"
+        async with session.get(f"https://{NAME}:{server.https_port}/trickle?parts=3&every=0.8") as response:
+            assert await response.read() == b"part 0\npart 1\npart 2\n", "a stream quieter than the bounds is not cut"
+        await ws.send_str("still open")
+        assert (await ws.receive(timeout=10)).data == "echo:still open"
 
 
 def test_bad_upstream_is_a_usage_error_and_writes_nothing(tmp_path: Path) -> None:

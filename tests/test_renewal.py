@@ -51,9 +51,9 @@ async def running_manager(pebble, db: str, **kwargs) -> AsyncIterator[Manager]: 
     """A Manager with an http-01 listener where Pebble validates."""
     manager = Manager(db=db, directory=pebble.directory_url, ca_bundle=pebble.ca_bundle, agree_tos=True, **kwargs)
     await manager.start()
-    options = ServeOptions(https=None, http=Listen("127.0.0.1", pebble.http01_port), admin=None)
+    options = ServeOptions(https=(), http=(Listen("127.0.0.1", pebble.http01_port),), admin=None)
     try:
-        async with listeners(manager, options, {"http": listening_socket(options.http)}, announce=False):  # type: ignore[arg-type]
+        async with listeners(manager, options, {"http": [listening_socket(options.http[0])]}, announce=False):
             yield manager
     finally:
         await manager.stop()

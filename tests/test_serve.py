@@ -6,7 +6,6 @@ import resource
 import signal
 import socket
 import sqlite3
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +16,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
 from pebble import free_port, wait_for
-from support import REPO, ServeProcess, cli_json, client_context, eventually, handshake, openssl_s_client, run_cli, served_certificate
+from support import ServeProcess, cli_json, client_context, eventually, handshake, openssl_s_client, run_cli, served_certificate
 
 
 def sans(certificate: x509.Certificate) -> list[str]:
@@ -227,9 +226,7 @@ def test_serve_raises_its_open_file_limit_to_the_hard_limit(pebble, db: str, tmp
     if hard == resource.RLIM_INFINITY or hard <= 256:
         pytest.skip(f"the hard open-file limit here ({hard}) leaves nothing to raise")
     server = ServeProcess(db, pebble, tmp_path, https_port=free_port(), http_port=free_port())
-    with open(server.stdout_path, "wb") as out, open(server.stderr_path, "wb") as err:
-        server.process = subprocess.Popen(server.argv, stdout=out, stderr=err, env=server.env, cwd=REPO, start_new_session=True,
-                                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    server.launch(open_files=(256, hard))
     try:
         wait_for(server.ready, timeout=60, what="serve to listen")
         limits = Path(f"/proc/{server.process.pid}/limits").read_text()

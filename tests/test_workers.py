@@ -6,20 +6,24 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sqlite3
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Self
 
 import pytest
 from pebble import Pebble, free_port, wait_for
-from support import ServeProcess, handshake, run_cli, served_certificate
+from support import ServeProcess, client_context, handshake, run_cli, served_certificate
 
 from autocert._board import FIGURES, Board
+from autocert._config import Listen, ServeOptions, bind_worker_listeners, close_sockets
 from autocert._duties import DUTIES_LEASE, DUTIES_LEASE_SECONDS
+from autocert._proxy_protocol import proxy_header
 
 NAME = "cores.example.test"
 #: Ordered with tls-alpn-01 on first contact: the CA's validation reaches whichever worker the
@@ -278,3 +282,79 @@ def test_the_board_sums_workers_and_keeps_the_counts_of_those_that_exited() -> N
     board.started(1, 103)
     assert board.health() is None
     os.close(board.fd)
+
+
+def test_every_listener_gets_one_reuseport_socket_per_worker() -> None:
+    """Several --https, the dual-stack [::] default and --http: each is bound once per worker,
+    all of a listener's sockets on one port; the admin listener once, for the first worker."""
+    options = ServeOptions(https=(Listen("127.0.0.1", 0), Listen("::", 0)), http=(Listen("::", 0),), admin=Listen("127.0.0.1", 0))
+    bound = bind_worker_listeners(options, 3)
+    try:
+        assert len(bound) == 3
+        assert [sorted(sockets) for sockets in bound] == [["admin", "http", "https"], ["http", "https"], ["http", "https"]]
+        for label in ("https", "http"):
+            ports = {tuple(sock.getsockname()[1] for sock in sockets[label]) for sockets in bound}
+            assert len(ports) == 1, f"every worker's {label} sockets share the same ports: {ports}"
+        for sockets in bound:
+            for sock in sockets["https"] + sockets["http"]:
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+            dual = [sock for sock in sockets["https"] + sockets["http"] if sock.family == socket.AF_INET6]
+            assert dual and all(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0 for sock in dual)
+        assert bound[0]["admin"][0].getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+    finally:
+        for sockets in bound:
+            close_sockets(sockets)
+
+
+class _Echo(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = self.headers.get("X-Forwarded-For", "").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _forwarded_for(host: str, port: int, header: bytes, root_ca: str, *, source: str | None = None) -> str:
+    """An https GET through ``header`` (a PROXY header, or none): the X-Forwarded-For the upstream saw."""
+    with socket.create_connection((host, port), timeout=30, source_address=(source, 0) if source else None) as raw:
+        raw.sendall(header)
+        with client_context(root_ca).wrap_socket(raw, server_hostname=NAME) as tls:
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode())
+            response = b""
+            while chunk := tls.recv(65536):
+                response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return body.decode()
+
+
+def test_workers_serve_every_https_listener_and_read_proxy_headers(pebble: Pebble, db: str, tmp_path: Path, root_ca: str) -> None:
+    """`serve --workers 2` with two https listeners (one the dual-stack ``:PORT``) behind a
+    trusted balancer: every worker reads the PROXY header, on either listener, from IPv4
+    and IPv6 clients alike."""
+    upstream = ThreadingHTTPServer(("127.0.0.1", free_port()), _Echo)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    balancer = "127.0.0.3"
+    first, second = free_port(), free_port()
+    assert run_cli("allow", NAME, db=db).returncode == 0
+    extra = ["--workers", "2", "--https", f"127.0.0.1:{first}", "--https", f":{second}", "--trusted-proxies", f"{balancer}/32",
+             "--upstream", f"http://127.0.0.1:{upstream.server_address[1]}"]
+    try:
+        with ServeProcess(db, pebble, tmp_path, extra=extra, https_port=first) as server:
+            assert server.stdout_path.read_text().count("https listening on") == 2
+            served_certificate(first, NAME, root_ca)
+            for port in (first, second):
+                for index in range(6):  # a few, so that both workers are likely to answer some
+                    client = f"203.0.113.{index + 1}"
+                    header = proxy_header(1, (client, 40000 + index), ("192.0.2.1", 443))
+                    assert _forwarded_for("127.0.0.1", port, header, root_ca, source=balancer) == client
+                assert _forwarded_for("127.0.0.1", port, b"", root_ca) == "127.0.0.1"
+            assert _forwarded_for("::1", second, b"", root_ca) == "::1", "the dual-stack listener takes IPv6 clients too"
+            assert len(children(server.process.pid)) == 2, server.output()
+    finally:
+        upstream.shutdown()
+        upstream.server_close()

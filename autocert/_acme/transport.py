@@ -29,7 +29,7 @@ from multidict import CIMultiDictProxy
 
 from autocert._config import ExternalAccount
 from autocert._version import __version__
-from autocert._errors import PROBLEM_BAD_NONCE, AcmeError
+from autocert._errors import PROBLEM_BAD_NONCE, PROBLEM_RATE_LIMITED, AcmeError
 
 __all__ = ["AcmeTransport", "Response", "parse_retry_after", "problem_error"]
 
@@ -41,6 +41,8 @@ _JOSE_JSON = "application/jose+json"
 _NONCE_POOL_SIZE = 32
 # 429/503 answers: retry a few times when the server says when, and give up (raise) when it asks
 # for longer than a request should reasonably block; the caller's backoff takes it from there.
+# A ``rateLimited`` problem is never retried here: it is a limit, not a busy server, and the
+# worker holds the name (or the account) until its Retry-After, stored and shown in status.
 _BUSY_RETRIES = 3
 _BUSY_WAIT_MAX = 60.0
 _BACKOFF = 1.5
@@ -305,7 +307,8 @@ class AcmeTransport:
                 log.debug("badNonce from %s, retry %d/%d", url, bad_nonces, self._bad_nonce_retries)
                 continue
             wait = resp.retry_after
-            if resp.status in (429, 503) and busy < _BUSY_RETRIES and wait is not None and wait <= _BUSY_WAIT_MAX:
+            if resp.status in (429, 503) and busy < _BUSY_RETRIES and wait is not None and wait <= _BUSY_WAIT_MAX \
+                    and error.problem_type != PROBLEM_RATE_LIMITED:
                 busy += 1
                 log.debug("HTTP %d from %s, retrying in %.1fs as asked", resp.status, url, wait)
                 await asyncio.sleep(wait)

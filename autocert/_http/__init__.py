@@ -8,6 +8,7 @@
 - :mod:`.heads`: header sections as bytes, forwarding headers, autocert's own answers;
 - :mod:`.access`: the access log, written in batches off the request path;
 - :mod:`.pages`: autocert's own answers (confirmation page, port-80 redirects and http-01).
+- :mod:`.hosts`: whether a request names the host its TLS connection was made for (else 421).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ class Exchange:
     __slots__ = (
         "body_chunked", "close", "connection", "continue_expected", "early", "early_size", "has_body", "head_sent", "headers",
         "keep_alive",
-        "method", "request_done", "sent", "sink", "source", "status", "target", "upgrade", "version",
+        "method", "misdirected", "request_done", "sent", "sink", "source", "status", "target", "upgrade", "version",
     )
 
     def __init__(self, connection: HttpConnection, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]],
@@ -66,6 +66,8 @@ class Exchange:
         self.request_done = not self.has_body
         #: A WebSocket upgrade the handler may accept (``Connection: upgrade``, ``Upgrade: websocket``).
         self.upgrade = False
+        #: The request names another host than the TLS connection's: answered 421, never handled.
+        self.misdirected = False
         #: Close the connection after this response whatever else holds.
         self.close = False
         self.sink: Sink | None = None

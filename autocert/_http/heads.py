@@ -65,6 +65,12 @@ def named_by_connection(value: bytes) -> set[bytes]:
 # -- where a request came from ----------------------------------------------------------------
 
 
+def unmapped(address: str) -> str:
+    """An address as the client has it: on a dual-stack listener an IPv4 client shows as
+    ``::ffff:192.0.2.1``, which logs, ``X-Forwarded-For`` and ``Location`` give as ``192.0.2.1``."""
+    return address[7:] if address.startswith("::ffff:") and "." in address else address
+
+
 def forwarded_node(remote: str | None) -> bytes:
     """RFC 7239 node syntax: IPv6 in brackets and quoted, unknown peers as ``unknown``."""
     if not remote:

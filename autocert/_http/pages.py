@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from .exchange import Exchange, Handler
+from .heads import unmapped
 
 log = logging.getLogger("autocert.server")
 
@@ -26,7 +27,7 @@ def host_of(exchange: Exchange) -> bytes:
             return value
     local = exchange.connection.transport.get_extra_info("sockname")
     if isinstance(local, tuple):
-        host = str(local[0])
+        host = unmapped(str(local[0]))
         return (f"[{host}]" if ":" in host else host).encode()
     return b""
 

@@ -18,13 +18,17 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import httptools
 
 from .access import AccessLog
 from .exchange import PAUSE_PIPELINE, PAUSE_UPGRADE, Exchange, Handler
-from .heads import Origin, own_response
+from .heads import Origin, error_body, own_response, unmapped
+from .hosts import misdirected
+
+if TYPE_CHECKING:
+    from .._descriptors import DescriptorGuard
 
 log = logging.getLogger("autocert.http")
 
@@ -51,15 +55,24 @@ class HttpServer:
     """
 
     def __init__(self, handler: Handler, *, tls: bool, hsts: bool = False, header_timeout: float = 30.0,
-                 idle_timeout: float = 75.0, access_log: bool = True, on_close: Callable[[], object] | None = None) -> None:
+                 idle_timeout: float = 75.0, access_log: bool = True, on_close: Callable[[], object] | None = None,
+                 host_check: bool = True, guard: DescriptorGuard | None = None) -> None:
         self.handler = handler
         self.tls = tls
+        #: Answer 421 to a request whose host is not the name its TLS connection was made for.
+        self.host_check = host_check
         #: Add ``Strict-Transport-Security`` to every response that lacks it, own or proxied.
         self.hsts = hsts
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.access = AccessLog() if access_log else None
-        self.connections: set[HttpConnection] = set()
+        #: Live connections, oldest first (a dict keeps the order they came in).
+        self.connections: dict[HttpConnection, None] = {}
+        #: Plain listeners admit each new client against the open-file limit; TLS connections
+        #: were admitted by the front before their handshake.
+        self.guard = guard if not tls else None
+        if guard is not None:
+            guard.shedders.append(self.shed_idle)
         self.draining = False
         self.now = 0.0
         self._on_close = on_close
@@ -68,12 +81,13 @@ class HttpServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
 
-    def __call__(self) -> HttpConnection:
+    def __call__(self, server_name: str = "") -> HttpConnection:
+        """A protocol for a new connection; ``server_name`` is the name its TLS was set up for."""
         if self._tick is None:
             self._loop = asyncio.get_running_loop()
             self.now = self._loop.time()
             self._tick = self._loop.call_later(self._period, self._sweep)
-        return HttpConnection(self)
+        return HttpConnection(self, server_name if self.host_check else "")
 
     def _sweep(self) -> None:
         assert self._loop is not None
@@ -85,8 +99,19 @@ class HttpServer:
             connection.timed_out()
         self._tick = self._loop.call_later(self._period, self._sweep) if self.connections else None
 
+    def shed_idle(self, count: int) -> int:
+        """Close up to ``count`` connections waiting for a request head, oldest first."""
+        closed = 0
+        for connection in self.connections:
+            if closed >= count:
+                break
+            if connection.waiting_for_head() and not connection.transport.is_closing():
+                connection.transport.abort()
+                closed += 1
+        return closed
+
     def forget(self, connection: HttpConnection) -> None:
-        self.connections.discard(connection)
+        self.connections.pop(connection, None)
         if not self.connections:
             self._idle.set()
 
@@ -128,13 +153,19 @@ class HttpConnection(asyncio.Protocol):
     """One client connection: parses requests, runs exchanges one at a time, enforces deadlines."""
 
     __slots__ = (
-        "_active", "_big", "_broken", "_chunked", "_continue", "_eof", "_head_size", "_headers", "_idle", "_length", "_paused", "_queue", "_receiving",
-        "_upgrade_buffer", "_url", "_write_paused", "deadline", "feeding", "out", "parser", "peer", "relay", "server",
-        "transport",
+        "_active", "_big", "_broken", "_chunked", "_continue", "_eof", "_head_size", "_headers", "_host", "_host_ok", "_idle", "_length",
+        "_paused", "_queue", "_receiving", "_upgrade_buffer", "_url", "_write_paused", "deadline", "feeding", "out", "parser", "peer",
+        "relay", "server", "server_name", "transport",
     )
 
-    def __init__(self, server: HttpServer) -> None:
+    def __init__(self, server: HttpServer, server_name: str = "") -> None:
         self.server = server
+        #: The name this TLS connection was made for: requests for other hosts get 421.
+        #: Empty when there is none to hold requests to (plain HTTP, the check turned off).
+        self.server_name = server_name
+        self._host: bytes | None = None
+        #: The last ``Host`` that matched ``server_name``: later requests compare bytes only.
+        self._host_ok = server_name.encode()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
         self.out: list[bytes] = []
@@ -165,13 +196,13 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         server = self.server
-        if server.draining:
+        if server.draining or (server.guard is not None and not server.guard.admit(transport)):
             transport.close()
             return
-        server.connections.add(self)
+        server.connections[self] = None
         if not self.peer:  # else a trusted balancer's PROXY header said who the client is
             peer = transport.get_extra_info("peername")
-            self.peer = peer[0] if isinstance(peer, tuple) else ""
+            self.peer = unmapped(peer[0]) if isinstance(peer, tuple) else ""
         self.deadline = server.now + server.header_timeout
 
     def data_received(self, data: bytes) -> None:
@@ -245,6 +276,11 @@ class HttpConnection(asyncio.Protocol):
         if self.relay is not None:
             self.relay.resume_reading()
 
+    def waiting_for_head(self) -> bool:
+        """Idle as far as the open-file limit goes: no request running, none relayed, and
+        at most part of a head received (kept alive after a response, or new and silent)."""
+        return self._active is None and self._receiving is None and self.relay is None and self._upgrade_buffer is None
+
     @property
     def write_paused(self) -> bool:
         return self._write_paused
@@ -262,6 +298,7 @@ class HttpConnection(asyncio.Protocol):
         self._length = 0
         self._chunked = False
         self._continue = False
+        self._host = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -281,6 +318,10 @@ class HttpConnection(asyncio.Protocol):
             self._chunked = True
         elif len(name) == 6 and name.lower() == b"expect" and value.strip().lower() == b"100-continue":
             self._continue = True
+        elif len(name) == 4 and (name == b"Host" or name.lower() == b"host"):
+            if self._host is not None:
+                raise BadRequest(400, "more than one Host header field")
+            self._host = value
 
     def on_headers_complete(self) -> None:
         if self.transport.is_closing():
@@ -293,6 +334,13 @@ class HttpConnection(asyncio.Protocol):
         exchange = Exchange(self, parser.get_method(), self._url, version, self._headers, parser.should_keep_alive(),
                             self._chunked, self._length)
         exchange.continue_expected = self._continue and version == "1.1"
+        if self.server_name:
+            host = self._host
+            if host != self._host_ok or not self._url.startswith(b"/"):
+                if misdirected(host, self._url, self.server_name):
+                    exchange.misdirected = True
+                elif host is not None and self._url.startswith(b"/"):
+                    self._host_ok = host
         if parser.should_upgrade():
             if exchange.method == b"CONNECT":
                 raise BadRequest(405, "CONNECT is not supported")
@@ -325,6 +373,11 @@ class HttpConnection(asyncio.Protocol):
 
     def _start(self, exchange: Exchange) -> None:
         self._active = exchange
+        if exchange.misdirected:
+            exchange.close = True
+            exchange.upgrade = False
+            exchange.respond(421, _MISDIRECTED, content_type=b"text/html; charset=utf-8")
+            return
         try:
             self.server.handler(exchange)
         except Exception:
@@ -469,6 +522,9 @@ class HttpConnection(asyncio.Protocol):
             self._paused &= ~reason
             if not self._paused and not self.transport.is_closing():
                 self.transport.resume_reading()
+
+
+_MISDIRECTED: Final = error_body(421, "This connection was made for another host name. Please connect again for this one.")
 
 
 def _header(headers: list[tuple[bytes, bytes]], lower: bytes) -> bytes | None:
