@@ -6,6 +6,7 @@ import pytest
 
 from autocert._errors import InvalidName
 from autocert._names import (
+    authority_host,
     is_pattern,
     normalize_entry,
     normalize_name,
@@ -160,3 +161,26 @@ def test_is_pattern(entry: str, expected: bool) -> None:
 )
 def test_pattern_for(name: str, expected: str | None) -> None:
     assert pattern_for(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("authority", "host"),
+    [
+        ("Shop.Example.", "shop.example"),
+        ("shop.example:8443", "shop.example"),
+        ("shop.example:", "shop.example"),
+        ("user@shop.example:443", "shop.example"),
+        ("Bücher.example", "xn--bcher-kva.example"),
+        ("127.0.0.1:8443", "127.0.0.1"),
+        ("[2001:DB8::1]:443", "2001:db8::1"),
+        ("[2001:db8::1]", "2001:db8::1"),
+        ("shop.example:https", None),
+        ("[2001:db8::1", None),
+        ("[not-an-address]", None),
+        ("[2001:db8::1]x", None),
+        ("a..b", None),
+        ("", None),
+    ],
+)
+def test_the_host_of_a_host_header_is_compared_as_names_are_stored(authority: str, host: str | None) -> None:
+    assert authority_host(authority) == host
