@@ -8,6 +8,7 @@ from autocert._errors import InvalidName
 from autocert._names import (
     address_of_reverse_name,
     address_of_socket,
+    authority_host,
     is_address,
     is_pattern,
     normalize_entry,
@@ -209,3 +210,26 @@ def test_address_of_reverse_name(name: str, expected: str | None) -> None:
 def test_address_of_socket(host: str, expected: str | None) -> None:
     """A dual-stack listener reports IPv4 clients' local address IPv4-mapped: the same name."""
     assert address_of_socket(host) == expected
+
+
+@pytest.mark.parametrize(
+    ("authority", "host"),
+    [
+        ("Shop.Example.", "shop.example"),
+        ("shop.example:8443", "shop.example"),
+        ("shop.example:", "shop.example"),
+        ("user@shop.example:443", "shop.example"),
+        ("Bücher.example", "xn--bcher-kva.example"),
+        ("127.0.0.1:8443", "127.0.0.1"),
+        ("[2001:DB8::1]:443", "2001:db8::1"),
+        ("[2001:db8::1]", "2001:db8::1"),
+        ("shop.example:https", None),
+        ("[2001:db8::1", None),
+        ("[not-an-address]", None),
+        ("[2001:db8::1]x", None),
+        ("a..b", None),
+        ("", None),
+    ],
+)
+def test_the_host_of_a_host_header_is_compared_as_names_are_stored(authority: str, host: str | None) -> None:
+    assert authority_host(authority) == host
