@@ -15,7 +15,8 @@ import os
 import resource
 import sys
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._version import __version__
 from ._config import (
@@ -40,7 +41,8 @@ from ._config import (
 )
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._names import is_pattern, normalize_entry, normalize_name
-from ._policy import MAX_CAP, STATES, budget_with_order_limit
+from ._issuers import directories_from, issuers_for
+from ._policy import MAX_CAP, STATES
 from ._signals import STOP_SIGNALS, expect_stop_signals, release_stop_signals, stop_requested
 from ._timefmt import isoformat
 from ._console import emit_json, print_status, print_table, setup_logging
@@ -80,13 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
 
     acme = argparse.ArgumentParser(add_help=False)
-    acme.add_argument("--directory", default=env("AUTOCERT_DIRECTORY", LETS_ENCRYPT_DIRECTORY), help="ACME directory URL")
+    acme.add_argument("--directory", action="append", metavar="URL",
+                      help="ACME directory URL; repeat it for CAs to fall back on, tried in order "
+                           "(env AUTOCERT_DIRECTORY, comma-separated; default Let's Encrypt)")
     acme.add_argument("--ca-bundle", default=env("AUTOCERT_CA_BUNDLE"), help="PEM trusted for the ACME server")
     acme.add_argument("--email", default=env("AUTOCERT_EMAIL"), help="ACME account contact")
     acme.add_argument("--agree-tos", action="store_true", default=parse_bool_env("AUTOCERT_AGREE_TOS"), help="accept the CA's terms")
     acme.add_argument("--profile", default=env("AUTOCERT_PROFILE"), help="ACME certificate profile")
     acme.add_argument("--order-limit", default=env("AUTOCERT_ORDER_LIMIT"), metavar="N/DURATION",
-                      help="new orders per account kept under, e.g. 300/3h, or none (default: Let's Encrypt's limits for its directories, else none)")
+                      help="new orders per account kept under at each CA, e.g. 300/3h, or none (default: Let's Encrypt's limits for its directories, else none)")
     acme.add_argument("--http", default=env("AUTOCERT_HTTP", "0.0.0.0:80"), help="plain listener HOST:PORT or none")
     acme.add_argument("--https", default=env("AUTOCERT_HTTPS", "0.0.0.0:443"), help="TLS listener HOST:PORT or none")
 
@@ -243,7 +247,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
             raise UsageError(f"--state {state}: unknown state; use one of {', '.join(STATES)}")
     limit = parse_positive_int(args.limit, option="--limit") if args.limit is not None else None
     names = normalise_all(args.names, patterns=False) if args.names else None
-    directory = env("AUTOCERT_DIRECTORY", LETS_ENCRYPT_DIRECTORY) or LETS_ENCRYPT_DIRECTORY
+    directory = directories_from(None, os.environ, LETS_ENCRYPT_DIRECTORY)[0]
     from ._status import parse_query, status_chunks, status_report
 
     async with open_store(args) as store:
@@ -271,18 +275,13 @@ def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str
     from ._manager import Manager
 
     extra.setdefault("renew", False)  # one-shot commands do only what they were asked
+    order_limit: tuple[int, timedelta] | None | Literal["auto"] = "auto"
     if args.order_limit is not None:
-        extra["budget"] = budget_with_order_limit(args.directory, parse_order_limit(args.order_limit))
-    return Manager(
-        db=db_url(args),
-        directory=args.directory,
-        email=args.email,
-        agree_tos=args.agree_tos,
-        ca_bundle=check_ca_bundle(args.ca_bundle),
-        profile=args.profile,
-        challenge_types=challenge_types,
-        **extra,
-    )
+        order_limit = parse_order_limit(args.order_limit)
+    # For now every CA gets the command line's options; a CA's own would come from its settings.
+    issuers = issuers_for(directories_from(args.directory, os.environ, LETS_ENCRYPT_DIRECTORY), email=args.email,
+                          ca_bundle=args.ca_bundle, profile=args.profile, order_limit=order_limit)
+    return Manager(db=db_url(args), issuers=issuers, agree_tos=args.agree_tos, challenge_types=challenge_types, **extra)
 
 
 async def cmd_issue(args: argparse.Namespace) -> int:
@@ -436,6 +435,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     cache_size = parse_positive_int(args.cache_size, option="--cache-size")
     default_name = normalize_name(args.default_name) if args.default_name else None
     check_ca_bundle(args.ca_bundle)
+    directories_from(args.directory, os.environ, LETS_ENCRYPT_DIRECTORY)  # a bad URL stops us before binding
     raise_open_file_limit()
     # From here a stop signal is the loop's to handle; one that came earlier was recorded.
     stop = asyncio.Event()

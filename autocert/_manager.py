@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url
+from ._config import LETS_ENCRYPT_DIRECTORY, default_db_url
 from ._errors import AutocertError, InvalidName, IssuanceError, StoreError
 from ._events import Event, EventBus, log_event
 from ._names import normalize_entry, normalize_name, pattern_for
-from ._policy import MAX_CAP, RateBudget, Route, default_budget, hold_reason, is_allowed, needs_order, within_cap
+from ._issuers import Issuer, issuers_for
+from ._policy import MAX_CAP, RateBudget, Route, budget_for, hold_reason, is_allowed, needs_order, within_cap
 from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
@@ -55,8 +56,14 @@ class Manager:
         and set ``AUTOCERT_SECRET`` to encrypt keys at rest. Servers that should share
         certificates and leases must name the same database (PostgreSQL across hosts).
     directory:
-        ACME directory URL of the CA. Default Let's Encrypt production, whose rate limits
-        are real: test against a staging or local CA first.
+        ACME directory URL of the CA, or several: every order starts at the first and moves
+        to the next at once when the CA, not the name, is why it failed (unreachable, 5xx,
+        rate-limited). Default Let's Encrypt production, whose rate limits are real: test
+        against a staging or local CA first.
+    issuers:
+        The CAs as :class:`autocert._issuers.Issuer` settings, each with its own email,
+        ca_bundle, profile and order limit, instead of ``directory`` and the options that
+        apply to every CA in it. Default None.
     email:
         Contact address for the ACME account. Default none; the CA then cannot reach you.
     agree_tos:
@@ -106,8 +113,9 @@ class Manager:
     def __init__(
         self,
         db: str | None = None,
-        directory: str = LETS_ENCRYPT_DIRECTORY,
+        directory: str | Sequence[str] = LETS_ENCRYPT_DIRECTORY,
         *,
+        issuers: Sequence[Issuer] | None = None,
         email: str | None = None,
         agree_tos: bool = False,
         ca_bundle: str | None = None,
@@ -122,17 +130,20 @@ class Manager:
         budget: RateBudget | Literal["auto"] | None = "auto",
     ) -> None:
         self.db_url = db or default_db_url()
-        self.directory = directory
+        #: The CAs in the order they are tried; the first is the primary.
+        self.issuers = tuple(issuers or issuers_for(directory, email=email, ca_bundle=ca_bundle, profile=profile))
+        self.directory = self.issuers[0].directory
         self.email = email
         self.agree_tos = agree_tos
-        self.ca_bundle = check_ca_bundle(ca_bundle)
+        self.ca_bundle = ca_bundle
         self.profile = profile
         self.default_name = normalize_name(default_name) if default_name else None
         self.alpn = tuple(alpn)
         self.challenge_types = tuple(challenge_types)
         self.poll_interval = poll_interval
         self.concurrency = concurrency
-        self.budget = default_budget(directory) if budget == "auto" else budget
+        self._budget = budget
+        self.budget = budget_for(self.issuers[0], budget)  # the primary's
         self.cache = ContextCache(cache_size)
         #: What happened to which name (issued, failed, ...), for logs, notifications, status page.
         self.events = EventBus()
@@ -189,14 +200,11 @@ class Manager:
         self._challenges = ChallengeBook(self._store, self.challenge_types)
         self._worker = Worker(
             self._store,
-            directory=self.directory,
+            issuers=self.issuers,
             challenges=self._challenges,
-            email=self.email,
             agree_tos=self.agree_tos,
-            ca_bundle=self.ca_bundle,
-            profile=self.profile,
             concurrency=self.concurrency,
-            budget=self.budget,
+            budget=self._budget,
             on_issued=self._install,
             events=self.events,
             trace_configs=self.acme_trace_configs,

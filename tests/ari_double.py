@@ -6,7 +6,8 @@ whose answers the test sets, and every other request is relayed to Pebble unchan
 Host header is kept, so Pebble builds its URLs for this double and checks JWS URLs against
 it). newOrder payloads are recorded so a test can see ``replaces``, and the double can refuse
 orders that carry ``replaces`` with 409, as a CA does for an already replaced certificate, or
-refuse new orders with 429 ``rateLimited`` and a ``Retry-After``, as a CA over its limits does.
+refuse new orders with 429 ``rateLimited`` and a ``Retry-After``, as a CA over its limits does,
+or with any other status and problem (a CA in trouble answering 500 ``serverInternal``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class AriDouble:
     #: (detail, Retry-After seconds): new orders without ``replaces`` are refused with 429
     #: ``rateLimited``, as Let's Encrypt does (renewals naming what they replace are exempt).
     rate_limit: tuple[str, int] | None = None
+    #: (HTTP status, problem type after ``urn:ietf:params:acme:error:``): every new order is
+    #: refused so, without a ``Retry-After``, as by a CA that is failing.
+    order_error: tuple[int, str] | None = None
     profiles: dict[str, str] | None = None
     orders: list[dict[str, Any]] = field(default_factory=list)
     renewal_info_requests: list[str] = field(default_factory=list)
@@ -110,6 +114,10 @@ class AriDouble:
             if self.refuse_replaces and "replaces" in payload:
                 problem = {"type": "urn:ietf:params:acme:error:alreadyReplaced", "detail": "already replaced"}
                 return web.json_response(problem, status=409, content_type="application/problem+json")
+            if self.order_error is not None:
+                status, problem_type = self.order_error
+                problem = {"type": f"urn:ietf:params:acme:error:{problem_type}", "detail": "the CA is having a bad day"}
+                return web.json_response(problem, status=status, content_type="application/problem+json")
             if self.rate_limit is not None and "replaces" not in payload:
                 detail, retry_after = self.rate_limit
                 problem = {"type": "urn:ietf:params:acme:error:rateLimited", "detail": detail}
