@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     acme.add_argument("--directory", action="append", metavar="URL",
                       help="ACME directory URL; repeat it for CAs to fall back on, tried in order "
                            "(env AUTOCERT_DIRECTORY, comma-separated; default Let's Encrypt)")
-    acme.add_argument("--ca-bundle", default=env("AUTOCERT_CA_BUNDLE"), help="PEM trusted for the ACME server")
-    acme.add_argument("--email", default=env("AUTOCERT_EMAIL"), help="ACME account contact")
+    acme.add_argument("--ca-bundle", default=env("AUTOCERT_CA_BUNDLE"), help="PEM trusted for the ACME server(s), at every CA")
+    acme.add_argument("--email", default=env("AUTOCERT_EMAIL"), help="ACME account contact, at every CA")
     acme.add_argument("--agree-tos", action="store_true", default=parse_bool_env("AUTOCERT_AGREE_TOS"), help="accept the CA's terms")
     acme.add_argument("--profile", default=env("AUTOCERT_PROFILE"), help="ACME certificate profile")
     acme.add_argument("--order-limit", default=env("AUTOCERT_ORDER_LIMIT"), metavar="N/DURATION",
