@@ -11,20 +11,22 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from ari_double import AriDouble
+from ari_double import AriDouble, RenewalWindow
 from pebble import Pebble, free_port
 from support import acme_args, cli_json, run_cli
 
 from autocert import Manager
 from autocert._config import Listen, ServeOptions, listening_socket
+from autocert._crypto import ari_certificate_id
 from autocert._errors import ACME_ERROR_PREFIX, ConfigError, IssuanceError
 from autocert._issuers import Issuer, ca_label, directories_from, parse_directories
 from autocert._policy import RateBudget, budget_for, tries_next_ca
+from autocert._scheduler import Scheduler
 from autocert._server import listeners
 from autocert.web import status_app
 
@@ -208,3 +210,27 @@ async def test_a_renewal_starts_at_the_primary_again_and_names_what_it_replaces_
         (status,) = await manager.status(["back.example.test"])
         assert status["ca"] == primary.directory_url and status["serial"] == renewed.serial
 
+
+
+async def test_renewal_windows_are_asked_of_the_ca_that_issued_each_certificate(pebble: Pebble, pebble_factory, tmp_path: Path) -> None:
+    """A CA without renewal information (Pebble 2.4) no longer stops the checks of certificates
+    from a CA that has it."""
+    db = f"sqlite:///{tmp_path / 'ari.db'}"
+    second = pebble_factory()
+    with AriDouble(second) as with_ari:
+        now = datetime.now(UTC)
+        with_ari.window = RenewalWindow(start=now + timedelta(days=2), end=now + timedelta(days=3))
+        async with fallback_manager(db, [(pebble.directory_url, pebble)]) as manager:
+            await manager.allow("plain.example.test", "ari.example.test")
+            plain = await manager.issue("plain.example.test")
+        async with fallback_manager(db, [(with_ari.directory_url, second)]) as manager:
+            windowed = await manager.issue("ari.example.test")
+        async with fallback_manager(db, [(pebble.directory_url, pebble), (with_ari.directory_url, second)]) as manager:
+            assert plain.id < windowed.id, "the certificate from the CA without renewal information is looked at first"
+            scheduler = Scheduler(manager.store, manager.worker, is_allowed=manager.is_allowed)
+            assert await scheduler.check_renewal_info() == 1
+            assert with_ari.renewal_info_requests == [ari_certificate_id(windowed.chain_pem)]
+            stored = await manager.store.current_certificate("ari.example.test")
+            assert stored is not None and with_ari.window.start <= stored.renew_at <= with_ari.window.end
+            assert await scheduler.check_renewal_info() == 0, "neither is due again"
+            assert (await manager.store.current_certificate("plain.example.test")).renew_at == plain.renew_at  # type: ignore[union-attr]
