@@ -119,7 +119,7 @@ class CaAccount:
                                 trace_configs=self.trace_configs)
             try:
                 if account_url is None:
-                    url = await client.register(issuer.email, self.agree_tos)
+                    url = await client.register(issuer.email, self.agree_tos, issuer.eab)
                     await self._store.save_account(issuer.directory, account.key_pem, url, issuer.email)
             except BaseException:
                 await client.close()

@@ -15,33 +15,31 @@ import os
 import resource
 import sys
 from collections.abc import AsyncIterator, Sequence
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from ._config import (
-    LETS_ENCRYPT_DIRECTORY,
     ListenError,
     ServeOptions,
     bind_listeners,
     check_admin_binding,
-    check_ca_bundle,
-    default_db_url,
     listening_socket,
     parse_alpn,
     parse_bool_env,
     parse_listen,
     parse_on_off,
     parse_positive_float,
-    parse_order_limit,
     parse_positive_int,
     parse_proxy_protocol,
     parse_seconds_above_zero,
+    parse_trusted_proxies,
     tcp_upstream,
 )
+from ._config_file import apply_config_file, load_config_file
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._names import is_pattern, normalize_entry, normalize_name
-from ._issuers import directories_from, issuers_for
+from ._cli_manager import DirectoryAction, db_url, issuers_from_args, manager_from_args, primary_directory
+from ._issuers import DIRECTORY_ENV
 from ._policy import MAX_CAP, STATES
 from ._signals import STOP_SIGNALS, expect_stop_signals, release_stop_signals, stop_requested
 from ._timefmt import isoformat
@@ -60,8 +58,19 @@ class UsageError(AutocertError):
     """Bad input from the user: reported in one line with exit code 2."""
 
 
+#: The environment variables options are read from, recorded as the parser is built (plus
+#: the one read later): a config file's value for the same option gives way to them.
+ENV_NAMES: set[str] = {"AUTOCERT_DB"}
+
+
 def env(name: str, default: str | None = None) -> str | None:
+    ENV_NAMES.add(name)
     return os.environ.get(name) or default
+
+
+def env_flag(name: str) -> bool:
+    ENV_NAMES.add(name)
+    return parse_bool_env(name)
 
 
 #: RFC 5280 CRLReason codes accepted by ACME revocation.
@@ -80,19 +89,42 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, help="database URL (env AUTOCERT_DB)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="TOML file of options (first_contact_wait = 10, [[issuer]] tables); environment and command line override it"
+                             " (env AUTOCERT_CONFIG)")
 
     acme = argparse.ArgumentParser(add_help=False)
-    acme.add_argument("--directory", action="append", metavar="URL",
-                      help="ACME directory URL; repeat it for CAs to fall back on, tried in order "
-                           "(env AUTOCERT_DIRECTORY, comma-separated; default Let's Encrypt)")
+    ENV_NAMES.add(DIRECTORY_ENV)  # read when the CAs are put together (a comma list)
+    acme.add_argument("--directory", action=DirectoryAction, metavar="URL",
+                      help="ACME directory URL; repeat it for CAs to fall back on, tried in order (env AUTOCERT_DIRECTORY, "
+                           "comma-separated; default: the config file's [[issuer]] tables, else Let's Encrypt)")
     acme.add_argument("--ca-bundle", default=env("AUTOCERT_CA_BUNDLE"), help="PEM trusted for the ACME server(s), at every CA")
     acme.add_argument("--email", default=env("AUTOCERT_EMAIL"), help="ACME account contact, at every CA")
-    acme.add_argument("--agree-tos", action="store_true", default=parse_bool_env("AUTOCERT_AGREE_TOS"), help="accept the CA's terms")
+    acme.add_argument("--agree-tos", action="store_true", default=env_flag("AUTOCERT_AGREE_TOS"), help="accept the CA's terms")
     acme.add_argument("--profile", default=env("AUTOCERT_PROFILE"), help="ACME certificate profile")
     acme.add_argument("--order-limit", default=env("AUTOCERT_ORDER_LIMIT"), metavar="N/DURATION",
                       help="new orders per account kept under at each CA, e.g. 300/3h, or none (default: Let's Encrypt's limits for its directories, else none)")
+    acme.add_argument("--eab-kid", default=env("AUTOCERT_EAB_KID"), metavar="KID",
+                      help="External Account Binding key id, for CAs that require it (with --eab-hmac-key), at every CA")
+    acme.add_argument("--eab-hmac-key", default=env("AUTOCERT_EAB_HMAC_KEY"), metavar="KEY",
+                      help="External Account Binding MAC key, base64url as the CA gave it (with --eab-kid), at every CA")
+    acme.add_argument("--ask", default=env("AUTOCERT_ASK"), metavar="URL",
+                      help="for names not on the allowlist, GET URL?domain=NAME: a 2xx allows the name (Caddy's on-demand ask)")
+    acme.add_argument("--ask-timeout", default=env("AUTOCERT_ASK_TIMEOUT", "2"), metavar="SECONDS",
+                      help="an ask that takes longer refuses the name (default 2)")
     acme.add_argument("--http", default=env("AUTOCERT_HTTP", "0.0.0.0:80"), help="plain listener HOST:PORT or none")
     acme.add_argument("--https", default=env("AUTOCERT_HTTPS", "0.0.0.0:443"), help="TLS listener HOST:PORT or none")
+    acme.add_argument("--dns", default=env("AUTOCERT_DNS"), metavar="PROVIDER",
+                      help="answer dns-01 (wildcards; last choice for other names) by publishing TXT records: "
+                           "exec:COMMAND (runs COMMAND set|clear FQDN VALUE), rfc2136://KEYNAME:SECRET@HOST:PORT?algorithm=hmac-sha256[&zone=ZONE] "
+                           "or lexicon:PROVIDER (pip install 'autocert[lexicon]'; credentials in LEXICON_* variables)")
+    acme.add_argument("--dns-resolver", action="append", default=[x for x in [env("AUTOCERT_DNS_RESOLVER")] if x], metavar="HOST:PORT",
+                      help="DNS servers (repeatable or comma list) for zone and CNAME lookups and for checking that a record is "
+                           "visible (default: the system resolver, then every authoritative server of the zone)")
+    acme.add_argument("--dns-timeout", default=env("AUTOCERT_DNS_TIMEOUT", "120"), metavar="SECONDS",
+                      help="how long a TXT record may take to be visible before the order fails (default 120)")
+    acme.add_argument("--prefer-dns", action="store_true", default=parse_bool_env("AUTOCERT_PREFER_DNS"),
+                      help="answer dns-01 first for every name, not only for wildcards (names the CA cannot reach)")
 
     parser = argparse.ArgumentParser(prog="autocert", description="Automatic HTTPS: ACME certificates on demand, served by SNI.", parents=[common])
     parser.add_argument("--version", action="version", version=f"autocert {__version__}")
@@ -102,9 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     db_commands.add_parser("upgrade", help="create or migrate the schema to the newest revision", parents=[common])
 
-    allow = commands.add_parser("allow", help="allow names or *.patterns", parents=[common])
+    allow = commands.add_parser("allow", help="allow names, IP addresses or *.patterns", parents=[common])
     allow.add_argument("names", nargs="+", metavar="NAME")
     allow.add_argument("--cap", metavar="N", help="for *.patterns: at most N distinct names under it are ever ordered")
+    allow.add_argument("--wildcard", action="store_true",
+                       help="for *.patterns: serve every name under it from one wildcard certificate (dns-01: needs --dns)")
+    allow.add_argument("--dns", default=env("AUTOCERT_DNS"), metavar="PROVIDER", help="the --dns that serve and issue run with (checked with --wildcard)")
     disallow = commands.add_parser("disallow", help="remove names or patterns", parents=[common])
     disallow.add_argument("names", nargs="+", metavar="NAME")
     commands.add_parser("list", help="show the allowlist", parents=[common])
@@ -132,11 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reverse-proxy TLS requests to this http(s):// URL, or pass decrypted bytes to tcp://HOST:PORT")
     serve.add_argument("--proxy-protocol", default=env("AUTOCERT_PROXY_PROTOCOL"), metavar="v1|v2",
                        help="with a tcp:// upstream: start each upstream connection with a PROXY protocol header")
+    serve.add_argument("--trusted-proxies", default=env("AUTOCERT_TRUSTED_PROXIES"), metavar="CIDR,...",
+                       help="balancers whose connections start with a PROXY protocol v1/v2 header carrying the client's address "
+                            "(required from them, refused from anyone else)")
     serve.add_argument("--alpn", default=env("AUTOCERT_ALPN"), metavar="LIST",
                        help="with a tcp:// upstream: ALPN protocols offered to clients (default http/1.1)")
     serve.add_argument("--first-contact-wait", default=env("AUTOCERT_FIRST_CONTACT_WAIT", "10"), metavar="SECONDS")
     serve.add_argument("--cache-size", default=env("AUTOCERT_CACHE_SIZE", "10000"), metavar="N")
-    serve.add_argument("--default-name", default=None, metavar="NAME", help="certificate for clients without SNI")
+    serve.add_argument("--default-name", default=None, metavar="NAME", help="certificate (a name or an address) for clients without SNI that connected to no allowed address")
     serve.add_argument("--hsts", action="store_true", help="add Strict-Transport-Security to proxied responses")
     serve.add_argument("--header-timeout", default=env("AUTOCERT_HEADER_TIMEOUT", "30"), metavar="SECONDS",
                        help="a client must send each request head within SECONDS (the first one from the handshake)")
@@ -152,10 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def db_url(args: argparse.Namespace) -> str:
-    return getattr(args, "db", None) or env("AUTOCERT_DB") or default_db_url()
 
 
 def wants_json(args: argparse.Namespace) -> bool:
@@ -202,10 +236,15 @@ async def cmd_db_upgrade(args: argparse.Namespace) -> int:
 async def cmd_allow(args: argparse.Namespace) -> int:
     entries = normalise_all(args.names, patterns=True)
     cap = parse_positive_int(args.cap, option="--cap", maximum=MAX_CAP) if args.cap is not None else None
-    if cap is not None and not all(is_pattern(entry) for entry in entries):
-        raise UsageError(f"--cap {args.cap}: applies to *.patterns only, not {next(e for e in entries if not is_pattern(e))}")
+    for option, given in (("--cap", cap is not None), ("--wildcard", args.wildcard)):
+        if given and not all(is_pattern(entry) for entry in entries):
+            raise UsageError(f"{option}: applies to *.patterns only, not {next(e for e in entries if not is_pattern(e))}")
+    if args.wildcard and cap is not None:
+        raise UsageError("--cap with --wildcard: a wildcard pattern has one certificate, so no cap applies")
+    if args.wildcard and not args.dns:
+        raise UsageError(f"--wildcard {entries[0]}: a wildcard certificate needs dns-01; set --dns (or AUTOCERT_DNS) to the provider serve will use")
     async with open_store(args) as store:
-        added = await store.allow(entries, cap=cap)
+        added = await store.allow(entries, cap=cap, wildcard=args.wildcard)
     return report_allowlist_change(args, entries, added, ("allowed", "added", "already allowed"))
 
 
@@ -232,9 +271,10 @@ async def cmd_list(args: argparse.Namespace) -> int:
     async with open_store(args) as store:
         entries = await store.allowed()
     if wants_json(args):
-        emit_json({"allowed": [{"name": e.entry, "added_at": isoformat(e.added_at), "cap": e.cap} for e in entries]})
+        emit_json({"allowed": [{"name": e.entry, "added_at": isoformat(e.added_at), "cap": e.cap, "wildcard": e.wildcard} for e in entries]})
     else:
-        print_table([[e.entry, isoformat(e.added_at) or "", "" if e.cap is None else str(e.cap)] for e in entries], ["NAME", "ADDED", "CAP"])
+        rows = [[e.entry, isoformat(e.added_at) or "", "" if e.cap is None else str(e.cap), "wildcard" if e.wildcard else ""] for e in entries]
+        print_table(rows, ["NAME", "ADDED", "CAP", "CERTIFICATE"])
     return EXIT_OK
 
 
@@ -246,8 +286,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
         if state not in STATES:
             raise UsageError(f"--state {state}: unknown state; use one of {', '.join(STATES)}")
     limit = parse_positive_int(args.limit, option="--limit") if args.limit is not None else None
-    names = normalise_all(args.names, patterns=False) if args.names else None
-    directory = directories_from(None, os.environ, LETS_ENCRYPT_DIRECTORY)[0]
+    names = normalise_all(args.names, patterns=True) if args.names else None
+    directory = primary_directory(args)
     from ._status import parse_query, status_chunks, status_report
 
     async with open_store(args) as store:
@@ -271,26 +311,13 @@ async def _once(items: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any
 STATUS_CHUNK = 1000
 
 
-def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str], **extra: Any) -> Manager:
-    from ._manager import Manager
-
-    extra.setdefault("renew", False)  # one-shot commands do only what they were asked
-    order_limit: tuple[int, timedelta] | None | Literal["auto"] = "auto"
-    if args.order_limit is not None:
-        order_limit = parse_order_limit(args.order_limit)
-    # For now every CA gets the command line's options; a CA's own would come from its settings.
-    issuers = issuers_for(directories_from(args.directory, os.environ, LETS_ENCRYPT_DIRECTORY), email=args.email,
-                          ca_bundle=args.ca_bundle, profile=args.profile, order_limit=order_limit)
-    return Manager(db=db_url(args), issuers=issuers, agree_tos=args.agree_tos, challenge_types=challenge_types, **extra)
-
-
 async def cmd_issue(args: argparse.Namespace) -> int:
-    names = normalise_all(args.names, patterns=False)
+    names = normalise_all(args.names, patterns=True)
     wait = parse_positive_float(args.wait, option="--wait") if args.wait is not None else None
     options = listener_options(args)
-    manager = manager_from_args(args, challenge_types=challenge_types_for(options))
+    manager = manager_from_args(args, challenge_types=challenge_types_for(options, args))
     async with manager:
-        not_allowed = [name for name in names if not manager.is_allowed(name)]
+        not_allowed = [name for name in names if not await manager.may_serve(name)]
         if not_allowed:
             raise UsageError(f"{not_allowed[0]}: not allowed; run `autocert allow {not_allowed[0]}` first")
         async with challenge_listeners(manager, options):
@@ -300,8 +327,10 @@ async def cmd_issue(args: argparse.Namespace) -> int:
                 )
             except asyncio.TimeoutError:
                 results = [IssuanceError(name, f"not finished within {args.wait} s") for name in names]
-        report = await manager.status(names)
-    return report_outcomes(args, report, dict(zip(names, results)))
+        # A name under a --wildcard pattern is reported as the certificate that serves it.
+        outcomes = {getattr(result, "name", name): result for name, result in zip(names, results)}
+        report = await manager.status(list(outcomes))
+    return report_outcomes(args, report, outcomes)
 
 
 def report_outcomes(args: argparse.Namespace, report: list[dict[str, Any]], results: dict[str, Any]) -> int:
@@ -319,9 +348,9 @@ def report_outcomes(args: argparse.Namespace, report: list[dict[str, Any]], resu
 
 
 async def cmd_renew(args: argparse.Namespace) -> int:
-    names = normalise_all(args.names, patterns=False) if args.names else None
+    names = normalise_all(args.names, patterns=True) if args.names else None
     options = listener_options(args)
-    manager = manager_from_args(args, challenge_types=challenge_types_for(options))
+    manager = manager_from_args(args, challenge_types=challenge_types_for(options, args))
     async with manager:
         async with challenge_listeners(manager, options):
             results = await manager.renew(names, force=args.force)
@@ -332,9 +361,9 @@ async def cmd_renew(args: argparse.Namespace) -> int:
 
 
 async def cmd_revoke(args: argparse.Namespace) -> int:
-    names = normalise_all(args.names, patterns=False)
+    names = normalise_all(args.names, patterns=True)
     options = listener_options(args)
-    manager = manager_from_args(args, challenge_types=challenge_types_for(options))
+    manager = manager_from_args(args, challenge_types=challenge_types_for(options, args))
     results: dict[str, Any] = {}
     async with manager:
         for name in names:
@@ -381,13 +410,18 @@ def listener_options(args: argparse.Namespace) -> ServeOptions:
     )
 
 
-def challenge_types_for(options: ServeOptions) -> list[str]:
-    """http-01 whenever the http listener is on; tls-alpn-01 on the https listener otherwise."""
+def challenge_types_for(options: ServeOptions, args: argparse.Namespace) -> list[str]:
+    """http-01 whenever the http listener is on; tls-alpn-01 on the https listener otherwise;
+    dns-01 when there is neither, or first with ``--prefer-dns`` (the manager adds it last
+    whenever ``--dns`` is set)."""
+    first = ["dns-01"] if args.prefer_dns else []
     if options.http is not None:
-        return ["http-01"]
+        return [*first, "http-01"]
     if options.https is not None:
-        return ["tls-alpn-01"]
-    raise ConfigError("--http none and --https none: no listener could answer ACME challenges")
+        return [*first, "tls-alpn-01"]
+    if args.dns:
+        return ["dns-01"]
+    raise ConfigError("--http none and --https none: no listener could answer ACME challenges (nor dns-01: no --dns)")
 
 
 @contextlib.asynccontextmanager
@@ -397,7 +431,9 @@ async def challenge_listeners(manager: Manager, options: ServeOptions) -> AsyncI
 
     label = "http" if options.http is not None else "https"
     listen = getattr(options, label)
-    assert listen is not None
+    if listen is None:  # dns-01 alone
+        yield
+        return
     try:
         sockets = {label: listening_socket(listen)}
     except ListenError as exc:
@@ -421,6 +457,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     options.first_contact_wait = parse_positive_float(args.first_contact_wait, option="--first-contact-wait")
     options.proxy_protocol = parse_proxy_protocol(args.proxy_protocol)
     options.alpn = parse_alpn(args.alpn)
+    options.trusted_proxies = parse_trusted_proxies(args.trusted_proxies)
     tcp_upstream(options)
     options.hsts = args.hsts
     options.header_timeout = parse_seconds_above_zero(args.header_timeout, option="--header-timeout")
@@ -429,13 +466,12 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     options.on_event = args.on_event
     options.webhook = check_webhook(args.webhook)
     check_admin_binding(options)
-    challenge_types = challenge_types_for(options)
+    challenge_types = challenge_types_for(options, args)
     if options.http is not None and options.https is not None:
         challenge_types.append("tls-alpn-01")
     cache_size = parse_positive_int(args.cache_size, option="--cache-size")
     default_name = normalize_name(args.default_name) if args.default_name else None
-    check_ca_bundle(args.ca_bundle)
-    directories_from(args.directory, os.environ, LETS_ENCRYPT_DIRECTORY)  # a bad URL stops us before binding
+    issuers_from_args(args)  # a bad directory, trust-anchor file or EAB pair stops us before binding
     raise_open_file_limit()
     # From here a stop signal is the loop's to handle; one that came earlier was recorded.
     stop = asyncio.Event()
@@ -474,10 +510,36 @@ COMMANDS = {
 }
 
 
+def config_path(argv: Sequence[str]) -> str | None:
+    """``--config FILE`` wherever it is on the command line, else ``$AUTOCERT_CONFIG``: read
+    before the real parse, because the file sets the defaults that parse starts from."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    return known.config or env("AUTOCERT_CONFIG")
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, over the environment, over the config file, over the defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    path = config_path(argv)
+    config = load_config_file(path) if path else None
+    if config is not None:
+        apply_config_file(parser, config, ENV_NAMES)
+    args = parser.parse_args(argv)
+    args.config_file = config
+    return args
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     expect_stop_signals()
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_arguments(argv)
+    except ConfigError as exc:
+        release_stop_signals()
+        print(f"autocert: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BaseException:  # --help, --version, a usage error: exit as usual
         release_stop_signals()
         raise

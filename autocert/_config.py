@@ -6,6 +6,8 @@ its text is checked, so that ``serve``, ``issue`` and the ``Manager`` never disa
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import socket
@@ -137,6 +139,35 @@ def check_ca_bundle(path: str | None) -> str | None:
     return path
 
 
+@dataclass(frozen=True)
+class ExternalAccount:
+    """External Account Binding: the key id and MAC key (base64url, as CAs hand it out) a CA
+    that requires it gave for binding our ACME account to a customer account."""
+
+    kid: str
+    hmac_key: str
+
+    def __repr__(self) -> str:
+        return f"ExternalAccount(kid={self.kid!r}, hmac_key=...)"  # the key never reaches a log
+
+
+def parse_external_account(kid: str | None, hmac_key: str | None) -> ExternalAccount | None:
+    """``--eab-kid`` and ``--eab-hmac-key``: both or neither; the key must be base64url."""
+    if not kid and not hmac_key:
+        return None
+    if not kid or not hmac_key:
+        given, missing = ("--eab-kid", "--eab-hmac-key") if kid else ("--eab-hmac-key", "--eab-kid")
+        raise ConfigError(f"{given} needs {missing} as well: External Account Binding takes both the key id and the MAC key")
+    text = hmac_key.strip()
+    try:
+        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, binascii.Error):
+        decoded = b""
+    if not decoded or not all(c.isalnum() or c in "-_=" for c in text):
+        raise ConfigError("--eab-hmac-key: not a base64url key (use the MAC key exactly as the CA gave it)")
+    return ExternalAccount(kid.strip(), text.rstrip("="))
+
+
 @dataclass
 class ServeOptions:
     """What ``autocert serve`` runs with, one field per option of the contract.
@@ -197,6 +228,11 @@ class ServeOptions:
     #: CLI hands this to ``Manager(alpn=...)``, and an embedder must do the same. A protocol
     #: the upstream does not speak (``h2`` to an HTTP/1.1 app) breaks every client that picks it.
     alpn: tuple[str, ...] | None = None
+    #: Balancers whose connections start with a PROXY protocol header (v1 or v2) carrying the
+    #: client's address, on the https and http listeners. Default none. From these addresses
+    #: the header is required; from any other a header is refused, so that clients cannot
+    #: claim another address. A balancer left out gets its connections dropped.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     #: Shell command run with each notified event's JSON on stdin. Default None. It runs
     #: with the server's privileges: it must be trusted.
     on_event: str | None = None
@@ -220,6 +256,19 @@ def parse_proxy_protocol(value: str | None) -> int | None:
     if text in ("v1", "v2"):
         return int(text[1])
     raise ConfigError(f"--proxy-protocol {value!r}: expected v1 or v2")
+
+
+def parse_trusted_proxies(value: str | None) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``--trusted-proxies``: addresses or networks separated by commas, e.g. ``10.0.0.0/8,::1``."""
+    networks = []
+    for part in (value or "").split(","):
+        if not part.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"--trusted-proxies {value!r}: {part.strip()!r} is not an IP address or CIDR network") from None
+    return tuple(networks)
 
 
 def parse_alpn(value: str | None) -> tuple[str, ...] | None:

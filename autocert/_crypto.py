@@ -2,13 +2,15 @@
 
 Everything that touches X.509 lives here so that the rest of the package handles opaque PEM/DER
 bytes plus a small :class:`CertificateInfo` summary, and never has to know `cryptography`'s API.
-This module sits at the bottom of the import graph: it imports only `cryptography` and stdlib.
+This module sits at the bottom of the import graph: beside `cryptography` and stdlib it imports
+only :mod:`autocert._names`, which says which names are IP addresses.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+
+from ._names import is_address, normalize_address
 
 __all__ = [
     "ACME_IDENTIFIER_OID",
@@ -58,7 +62,7 @@ class CertificateInfo:
     not_after: _dt.datetime
     """Timezone-aware UTC."""
     names: tuple[str, ...]
-    """DNS names from the subjectAltName extension, in certificate order."""
+    """DNS names, then IP addresses (normalised), from the subjectAltName extension."""
 
 
 def generate_private_key(kind: str = "ec256") -> bytes:
@@ -93,11 +97,26 @@ def _unique(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _subject(name: str) -> x509.Name:
+    """A CN for tools that still look there: a DNS name that fits, never an address (RFC 8738
+    wants addresses in the SAN only, and CAs refuse a CN they cannot match to an identifier)."""
+    if len(name) > _CN_MAX or is_address(name):
+        return x509.Name([])
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+
+
+def _alt_names(names: Sequence[str]) -> x509.SubjectAlternativeName:
+    """The SAN for normalised names: a dNSName for each DNS name, an iPAddress for each address."""
+    return x509.SubjectAlternativeName([
+        x509.IPAddress(ipaddress.ip_address(n)) if is_address(n) else x509.DNSName(n) for n in names
+    ])
+
+
 def make_csr(key_pem: bytes, names: Sequence[str]) -> bytes:
-    """A DER CSR for ``names`` (already normalised A-labels), signed with ``key_pem``.
+    """A DER CSR for ``names`` (already normalised A-labels or addresses), signed with ``key_pem``.
 
     ACME ignores the subject, but the first name goes into the CN for tools that still look
-    there; it is left out when it is too long for a CN.
+    there; it is left out when it is too long for a CN or is an address.
     """
     if isinstance(names, str):
         raise TypeError("names must be a sequence of names, not a single string")
@@ -105,15 +124,10 @@ def make_csr(key_pem: bytes, names: Sequence[str]) -> bytes:
     if not unique:
         raise ValueError("a CSR needs at least one name")
     key = _load_signing_key(key_pem)
-    subject = (
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, unique[0])])
-        if len(unique[0]) <= _CN_MAX
-        else x509.Name([])
-    )
     csr = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(subject)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in unique]), critical=False)
+        .subject_name(_subject(unique[0]))
+        .add_extension(_alt_names(unique), critical=False)
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.DER)
@@ -134,7 +148,8 @@ def parse_certificate_chain(chain_pem: bytes) -> CertificateInfo:
     leaf = _load_leaf(chain_pem)
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = tuple(san.get_values_for_type(x509.DNSName))
+        addresses = [normalize_address(str(address)) for address in san.get_values_for_type(x509.IPAddress)]
+        names = (*san.get_values_for_type(x509.DNSName), *addresses)
     except x509.ExtensionNotFound:
         names = ()
     return CertificateInfo(
@@ -161,15 +176,14 @@ def _der_octet_string(content: bytes) -> bytes:
 def tls_alpn_challenge_certificate(name: str, key_authorization: str) -> tuple[bytes, bytes]:
     """A self-signed certificate that answers tls-alpn-01 for ``name`` (RFC 8737).
 
-    Returns ``(cert_pem, key_pem)``. The validator checks that the only SAN is ``name`` and that
-    the critical acmeIdentifier extension holds SHA-256 of the key authorization; a fresh
-    P-256 key each time keeps it unrelated to any real certificate key.
+    Returns ``(cert_pem, key_pem)``. The validator checks that the only SAN is ``name`` (an
+    iPAddress for an address, RFC 8738 section 6) and that the critical acmeIdentifier
+    extension holds SHA-256 of the key authorization; a fresh P-256 key each time keeps it
+    unrelated to any real certificate key.
     """
     key = ec.generate_private_key(ec.SECP256R1())
     digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
-    subject = (
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]) if len(name) <= _CN_MAX else x509.Name([])
-    )
+    subject = _subject(name)
     now = _dt.datetime.now(_dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
@@ -179,7 +193,7 @@ def tls_alpn_challenge_certificate(name: str, key_authorization: str) -> tuple[b
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _CLOCK_SKEW)
         .not_valid_after(now + _CHALLENGE_VALIDITY)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(_alt_names([name]), critical=False)
         .add_extension(
             x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, _der_octet_string(digest)), critical=True
         )

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from ._policy import Route
+from ._proxy_protocol import Network, NotProxyHeader, Source, is_trusted, parse_proxy_header, starts_proxy_header
 from ._tls import HANDSHAKE_FAILURE, PROTOCOL_VERSION, TLS12_SUITE_IDS, UNRECOGNIZED_NAME_ALERT, fatal_alert
 
 if TYPE_CHECKING:
@@ -277,13 +278,16 @@ class TlsFront:
         self._old: set[_HelloReader] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ssl_protocol: Callable[..., asyncio.BufferedProtocol] = asyncio.sslproto.SSLProtocol
+        #: Balancers whose connections start with a PROXY header (none: no connection may).
+        self.trusted_proxies = options.trusted_proxies
 
     async def serve(self, listener: socket.socket) -> None:
         """Accept on ``listener`` until cancelled."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._ssl_protocol = ssl_protocol_class(loop)
-        server = await loop.create_server(functools.partial(_HelloReader, self), sock=listener, backlog=1024)
+        reader = _ProxiedHelloReader if self.trusted_proxies else _HelloReader
+        server = await loop.create_server(functools.partial(reader, self), sock=listener, backlog=1024)
         sweeper = loop.create_task(self._sweep())
         try:
             await server.serve_forever()
@@ -318,11 +322,12 @@ class TlsFront:
         if hello.refusal is not None:  # TLS 1.1 or older, or no suite in common: say so
             self._reject(transport, hello.refusal)
             return
-        route, name, context = self._manager.route(hello.server_name, hello.alpn)
+        local = None if hello.server_name is not None else _local_address(transport)
+        route, name, context = self._manager.route(hello.server_name, hello.alpn, local)
         if context is not None:
-            self._start_tls(transport, context, data, name)
+            self._start_tls(transport, context, data, name, reader.source)
             return
-        if route is not Route.LOAD and route is not Route.CHALLENGE:
+        if route is Route.REFUSE or route is Route.HELD:
             self._reject(transport)
             return
         transport.pause_reading()
@@ -336,6 +341,8 @@ class TlsFront:
         try:
             if route is Route.CHALLENGE:
                 context = await self._manager.challenges.context(name)
+            elif route is Route.ASK and not await self._manager.may_serve(name):
+                context = None  # counted as asked
             else:
                 context = await self._manager.context_for(name, wait=self._options.first_contact_wait)
                 self._manager.handshakes["served" if context is not None else "pending"] += 1
@@ -348,17 +355,22 @@ class TlsFront:
         if context is None:
             self._reject(transport)
             return
-        self._start_tls(transport, context, data, name)
+        self._start_tls(transport, context, data, name, reader.source)
         transport.resume_reading()
 
-    def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext, data: bytes, name: str) -> None:
+    def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext, data: bytes, name: str,
+                   source: Source | None = None) -> None:
         """Turn the plain transport into TLS, replaying the ClientHello bytes already read.
 
         ``name`` is the name the connection was routed by; it is here for a front whose
         application needs it (pass-through: the PROXY header), and costs nothing otherwise.
+        ``source`` is the client's address a trusted balancer's PROXY header carried.
         """
+        application = self._protocol_factory()
+        if source is not None:
+            self._carry(application, source)
         tls = self._ssl_protocol(
-            self._loop, self._protocol_factory(), context, None,
+            self._loop, application, context, None,
             server_side=True, ssl_handshake_timeout=self._options.handshake_timeout,
         )
         transport.set_protocol(tls)
@@ -370,6 +382,11 @@ class TlsFront:
             buffer[:size] = view[:size]
             tls.buffer_updated(size)
             view = view[size:]
+
+    @staticmethod
+    def _carry(application: asyncio.BaseProtocol, source: Source) -> None:
+        """Tell the connection's application the client's address from a PROXY header."""
+        application.peer = source[0]  # type: ignore[attr-defined]
 
     @staticmethod
     def _reject(transport: asyncio.Transport, alert: bytes = UNRECOGNIZED_NAME_ALERT) -> None:
@@ -386,6 +403,9 @@ class _HelloReader(asyncio.Protocol):
     """A connection's first protocol: collects the ClientHello, then hands over to the front."""
 
     __slots__ = ("_data", "_front", "_transport", "_wanted", "task")
+
+    #: The client's address from a PROXY header (see :class:`_ProxiedHelloReader`).
+    source: Source | None = None
 
     def __init__(self, front: TlsFront) -> None:
         self._front = front
@@ -436,6 +456,106 @@ class _HelloReader(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+
+class _ProxiedHelloReader(_HelloReader):
+    """The first protocol of a listener behind trusted balancers: from them a PROXY header
+    must come before the ClientHello; from anyone else it is refused (a ClientHello must
+    come first, and a header is no ClientHello). Bounded by the same hello timeout."""
+
+    __slots__ = ("_awaiting_header", "source")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.source = None
+        self._awaiting_header = is_trusted(transport.get_extra_info("peername"), self._front.trusted_proxies)
+
+    def data_received(self, data: bytes | bytearray) -> None:
+        if self._awaiting_header:
+            buffered = self._data + data if self._data else data
+            try:
+                parsed = parse_proxy_header(buffered)
+            except NotProxyHeader as exc:
+                log.debug("dropping a connection from a trusted proxy: %s", exc)
+                self.abort()
+                return
+            if parsed is None:
+                self._data = bytearray(buffered)
+                return
+            length, self.source = parsed
+            self._awaiting_header = False
+            self._data = b""
+            data = bytes(buffered[length:])
+            if not data:
+                return
+        super().data_received(data)
+
+
+class ProxyHeaderReader(asyncio.Protocol):
+    """The first protocol of a plain listener behind trusted balancers: from them it reads the
+    PROXY header, from anyone else it refuses one, then hands the connection to the protocol
+    ``factory`` makes, with the carried address as its ``peer``. A connection that has not
+    got that far within ``timeout`` seconds is dropped."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], trusted: tuple[Network, ...], timeout: float) -> None:
+        self._factory = factory
+        self._trusted = trusted
+        self._timeout = timeout
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._data = bytearray()
+        self._required = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._required = is_trusted(transport.get_extra_info("peername"), self._trusted)
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        assert self._transport is not None
+        self._data += data
+        try:
+            if self._required:
+                parsed = parse_proxy_header(self._data)
+                if parsed is None:
+                    return
+                length, source = parsed
+            else:
+                claimed = starts_proxy_header(self._data)
+                if claimed is None:
+                    return
+                if claimed:
+                    raise NotProxyHeader("a PROXY header from a peer not trusted to send one")
+                length, source = 0, None
+        except NotProxyHeader as exc:
+            log.debug("dropping a connection: %s", exc)
+            self._transport.abort()
+            return
+        self._hand_over(length, source)
+
+    def _hand_over(self, length: int, source: Source | None) -> None:
+        assert self._transport is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        application = self._factory()
+        if source is not None:
+            application.peer = source[0]  # type: ignore[attr-defined]
+        self._transport.set_protocol(application)
+        application.connection_made(self._transport)
+        rest = bytes(self._data[length:])
+        self._data = bytearray()
+        if rest and not self._transport.is_closing():
+            application.data_received(rest)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _local_address(transport: asyncio.Transport) -> str | None:
+    """The address a client connected to: for a client without SNI, the name it asks for."""
+    sockname = transport.get_extra_info("sockname")
+    return sockname[0] if isinstance(sockname, tuple) else None
 
 
 def ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.BufferedProtocol]:

@@ -1,9 +1,10 @@
 """The CAs autocert orders from, in the order they are tried, each with its own settings.
 
-A CA's options (contact, trust anchors, profile, order budget) belong to the account autocert
-holds there, so they travel with its directory rather than sitting beside a list of URLs: a
-second CA may want another contact or no profile at all. The command line gives every CA the
-same options; a configuration file can give each its own.
+A CA's options (contact, trust anchors, profile, order budget, External Account Binding)
+belong to the account autocert holds there, so they travel with its directory rather than
+sitting beside a list of URLs: a second CA may want another contact, other EAB credentials or
+no profile at all. The command line gives every CA the same options; a configuration file's
+``[[issuer]]`` tables give each its own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from ._config import check_ca_bundle
+from ._config import ExternalAccount, check_ca_bundle
 from ._errors import ConfigError
 
 __all__ = ["DIRECTORY_ENV", "Issuer", "ca_label", "check_directory", "directories_from", "issuers_for", "parse_directories"]
@@ -42,6 +43,9 @@ class Issuer:
     #: New orders kept under at this CA: (orders, window), None for no budget of our own, or
     #: ``"auto"``: just under Let's Encrypt's limits for its directories, none elsewhere.
     order_limit: tuple[int, timedelta] | None | Literal["auto"] = "auto"
+    #: External Account Binding for registering the account here (the key id and MAC key
+    #: this CA gave). Default None; a CA that requires it refuses to register without it.
+    eab: ExternalAccount | None = None
 
     def __post_init__(self) -> None:
         check_ca_bundle(self.ca_bundle)  # a missing file is caught at start, not at the first order
@@ -54,13 +58,14 @@ def issuers_for(
     ca_bundle: str | None = None,
     profile: str | None = None,
     order_limit: tuple[int, timedelta] | None | Literal["auto"] = "auto",
+    eab: ExternalAccount | None = None,
 ) -> tuple[Issuer, ...]:
     """One issuer per directory, in order, all with the same options (as the command line
     gives them)."""
     directories = (directory,) if isinstance(directory, str) else tuple(directory)
     if not directories:
         raise ConfigError("no ACME directory given")
-    return tuple(Issuer(url, email=email, ca_bundle=ca_bundle, profile=profile, order_limit=order_limit) for url in directories)
+    return tuple(Issuer(url, email=email, ca_bundle=ca_bundle, profile=profile, order_limit=order_limit, eab=eab) for url in directories)
 
 
 def check_directory(url: str, *, option: str = "--directory") -> str:

@@ -11,24 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import ssl
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ._config import LETS_ENCRYPT_DIRECTORY, default_db_url
-from ._errors import AutocertError, InvalidName, IssuanceError, StoreError
+from ._config import LETS_ENCRYPT_DIRECTORY, default_db_url, parse_external_account
+from ._errors import AutocertError, ConfigError, IssuanceError, StoreError
 from ._events import Event, EventBus, log_event
-from ._names import normalize_entry, normalize_name, pattern_for
 from ._issuers import Issuer, issuers_for
-from ._policy import MAX_CAP, RateBudget, Route, budget_for, hold_reason, is_allowed, needs_order, within_cap
+from ._names import is_host_name, is_pattern, normalize_entry, normalize_name
+from ._policy import MAX_CAP, RateBudget, Route, budget_for, certificate_name, challenged_address, hold_reason, needs_order, unnamed_route
+from ._ask import ASK_TIMEOUT, AskGate
+from ._caps import PatternCaps
 from ._scheduler import Scheduler
 from ._status import status_report
 from ._store import Store, StoredCertificate
 from ._timefmt import utcnow
 from ._tls import ACME_TLS_ALPN, DEFAULT_ALPN, ContextCache, build_context, install_alert_flush_fix, new_server_context
-from ._worker import ChallengeBook, Worker
+from ._worker import ChallengeBook, Worker, answerable_types
+
+if TYPE_CHECKING:
+    from ._dns import DnsSettings
 
 log = logging.getLogger("autocert.manager")
 
@@ -40,9 +46,6 @@ _REFUSED: tuple[Route, str, None] = (Route.REFUSE, "", None)
 #: At most this many held-back names are remembered; beyond it the oldest are forgotten (they
 #: are then looked up once more, and remembered again).
 HELD_NAMES_MAX = 100_000
-
-#: Refusals under a capped pattern after the first are logged as one count per this many seconds.
-OVER_CAP_LOG_INTERVAL = 60.0
 
 
 class Manager:
@@ -108,6 +111,23 @@ class Manager:
         other CAs, whose own ``rateLimited`` answers (and ``Retry-After``) are honoured per
         name and per account either way. Renewals the CA exempts (ARI ``replaces``) are never
         counted or held. Raising it past the CA's own gets the account rate-limited.
+    eab:
+        (key id, MAC key) for External Account Binding, the MAC key base64url as the CA gave
+        it, used at every CA of ``directory`` (an :class:`Issuer` carries its own). Default
+        None. A CA that requires it refuses to register an account without it.
+    ask:
+        URL asked ``GET URL?domain=NAME`` about names not on the allowlist (Caddy's on-demand
+        ``ask``): a 2xx allows the name. Default None. The ``sni_callback`` cannot wait for the
+        answer: it refuses a name not yet asked and asks in the background, and the next
+        handshake gets the answer (``serve`` waits for it). Answers are cached, asks merged
+        and bounded (:class:`autocert._ask.AskGate`); allowed names are asked again before
+        each renewal. A slow endpoint slows first contacts; a down one refuses new names.
+    ask_timeout:
+        Seconds an ask may take before the name is refused. Default 2.
+    dns:
+        How dns-01 is answered (:class:`autocert._dns.DnsSettings`: the provider publishing
+        TXT records, where to check them, how long to wait). Default None: no dns-01, and
+        wildcard patterns refuse to start. With it, dns-01 is added last to ``challenge_types``.
     """
 
     def __init__(
@@ -128,10 +148,15 @@ class Manager:
         concurrency: int = 4,
         renew: bool = True,
         budget: RateBudget | Literal["auto"] | None = "auto",
+        eab: tuple[str, str] | None = None,
+        ask: str | None = None,
+        ask_timeout: float = ASK_TIMEOUT,
+        dns: DnsSettings | None = None,
     ) -> None:
         self.db_url = db or default_db_url()
+        self.eab = parse_external_account(*eab) if eab is not None else None
         #: The CAs in the order they are tried; the first is the primary.
-        self.issuers = tuple(issuers or issuers_for(directory, email=email, ca_bundle=ca_bundle, profile=profile))
+        self.issuers = tuple(issuers or issuers_for(directory, email=email, ca_bundle=ca_bundle, profile=profile, eab=self.eab))
         self.directory = self.issuers[0].directory
         self.email = email
         self.agree_tos = agree_tos
@@ -139,12 +164,15 @@ class Manager:
         self.profile = profile
         self.default_name = normalize_name(default_name) if default_name else None
         self.alpn = tuple(alpn)
-        self.challenge_types = tuple(challenge_types)
+        self.dns = dns
+        self.challenge_types = answerable_types(challenge_types, dns)
         self.poll_interval = poll_interval
         self.concurrency = concurrency
         self._budget = budget
         self.budget = budget_for(self.issuers[0], budget)  # the primary's
         self.cache = ContextCache(cache_size)
+        #: The ask endpoint's gate, when there is one; a name it stops allowing stops being served.
+        self.ask = AskGate(ask, timeout=ask_timeout, on_refused=self.cache.discard) if ask else None
         #: What happened to which name (issued, failed, ...), for logs, notifications, status page.
         self.events = EventBus()
         self.events.subscribe(log_event)
@@ -158,23 +186,23 @@ class Manager:
         #: themselves here so every user (the server, the status pages) shares one.
         self.attachments: dict[type, Any] = {}
         self._allowed: frozenset[str] = frozenset()
+        #: The allowed patterns served from one wildcard certificate each.
+        self._wildcards: frozenset[str] = frozenset()
         self._allowlist_version: int | None = None
         self._store: Store | None = None
         self._worker: Worker | None = None
         self._challenges: ChallengeBook | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lookups: dict[str, asyncio.Task[ssl.SSLContext | None]] = {}
-        #: Names admitted under a capped pattern whose order has not finished yet: they count
-        #: against the cap before their attempt is in the database.
-        self._cap_reservations: dict[str, set[str]] = {}
+        self._caps = PatternCaps(lambda: self._loop.time())  # type: ignore[union-attr]
         #: Allowed names that may not be ordered now: (loop time the hold ends, why). Read by
         #: :meth:`route`, so retries of a held name cost what an unknown name costs. Dropped
         #: when the name gets a certificate and whenever the allowlist changes.
         self._held: dict[str, tuple[float, str]] = {}
-        #: Per capped pattern: (loop time of the last log line, refusals since) for the
-        #: one-line-a-minute report of names refused over its cap.
-        self._over_cap_log: dict[str, tuple[float, int]] = {}
         self._watcher: asyncio.Task[None] | None = None
+        #: Set by the database's change notifications (PostgreSQL): the watch refreshes at once.
+        self._changed = asyncio.Event()
+        self._listener_task: asyncio.Task[None] | None = None
         self.schedules_renewals = renew
         self._scheduler: Scheduler | None = None
         self._scheduler_task: asyncio.Task[None] | None = None
@@ -197,23 +225,19 @@ class Manager:
             await store.close()
             raise
         self._store = store
-        self._challenges = ChallengeBook(self._store, self.challenge_types)
-        self._worker = Worker(
-            self._store,
-            issuers=self.issuers,
-            challenges=self._challenges,
-            agree_tos=self.agree_tos,
-            concurrency=self.concurrency,
-            budget=self._budget,
-            on_issued=self._install,
-            events=self.events,
-            trace_configs=self.acme_trace_configs,
-        )
+        self._challenges = ChallengeBook(self._store, self.challenge_types, self.dns)
+        self._worker = Worker(self._store, issuers=self.issuers, challenges=self._challenges, agree_tos=self.agree_tos,
+                              concurrency=self.concurrency, budget=self._budget, on_issued=self._install, events=self.events,
+                              trace_configs=self.acme_trace_configs)
         closed = await self._store.close_abandoned_attempts()
         if closed:
             log.info("closed %d attempt(s) left running by a process that was stopped mid-order", closed)
         marks = await self._store.change_marks()
-        self._allowed = await self._store.allowed_entries()
+        self._allowed, self._wildcards = await self._store.allowed_entries(), await self._store.wildcard_patterns()
+        if self._wildcards and self.dns is None:
+            await self._store.close()
+            raise ConfigError(f"{min(self._wildcards)} is a --wildcard pattern: its certificate needs dns-01; set --dns")
+        await self._challenges.clear_dns_leftovers()
         self._allowlist_version = marks.allowlist_version
         self._last_certificate_id = marks.latest_certificate_id
         self._revocations_seen = marks.revocations
@@ -221,21 +245,27 @@ class Manager:
         if self.default_name:
             await self.context_for(self.default_name, wait=0)
         self._watcher = self._loop.create_task(self._watch(), name="autocert-watch")
+        listener = self._store.change_listener(self._changed.set)
+        if listener is not None:
+            self._listener_task = self._loop.create_task(listener.run(), name="autocert-listen")
         self._revocations_checked = utcnow()
         if self.schedules_renewals:
-            self._scheduler = Scheduler(self._store, self._worker, is_allowed=self.is_allowed)
+            self._scheduler = Scheduler(self._store, self._worker, is_allowed=self.is_allowed,
+                                        recheck=None if self.ask is None else lambda name: self.may_serve(name, fresh=True))
             self._scheduler_task = self._loop.create_task(self._scheduler.run(), name="autocert-scheduler")
 
     async def stop(self) -> None:
         if not self._started:
             return
         self._started = False
-        tasks = [t for t in [self._watcher, self._scheduler_task, *self._lookups.values()] if t is not None]
+        tasks = [t for t in [self._watcher, self._listener_task, self._scheduler_task, *self._lookups.values()] if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._worker is not None:
             await self._worker.close()
+        if self.ask is not None:
+            await self.ask.close()
         if self._store is not None:
             await self._store.close()
         self._store = self._worker = None
@@ -268,15 +298,24 @@ class Manager:
     # -- allowlist and issuance ------------------------------------------------------------
 
     def is_allowed(self, name: str) -> bool:
-        """Whether ``name`` (already normalised) may get a certificate, from memory."""
-        return is_allowed(name, self._allowed)
+        """Whether ``name`` (normalised) may get a certificate, from memory (a wildcard pattern
+        may; so may a name the ask endpoint allowed)."""
+        return certificate_name(name, self._allowed, self._wildcards) is not None or (self.ask is not None and self.ask.allows(name))
 
-    async def allow(self, *entries: str, cap: int | None = None) -> list[str]:
-        """Allow names or ``*.patterns``; ``cap`` limits how many names a pattern may order."""
+    async def may_serve(self, name: str, *, fresh: bool = False) -> bool:
+        """Whether ``name`` (already normalised) is allowed, asking the ask endpoint about a
+        host name off the allowlist (``fresh``: whatever it said before, as before a renewal)."""
+        if certificate_name(name, self._allowed, self._wildcards) is not None:
+            return True
+        return self.ask is not None and is_host_name(name) and await self.ask.ask(name, fresh=fresh)
+
+    async def allow(self, *entries: str, cap: int | None = None, wildcard: bool = False) -> list[str]:
+        """Allow names or ``*.patterns``; ``cap`` limits how many names a pattern may order;
+        ``wildcard`` serves patterns from one wildcard certificate each (needs ``dns``)."""
         if cap is not None and not 1 <= cap <= MAX_CAP:
             raise ValueError(f"cap {cap}: must be between 1 and {MAX_CAP}")
         normalised = [normalize_entry(entry) for entry in entries]
-        added = await self.store.allow(normalised, cap=cap)
+        added = await self.store.allow(normalised, cap=cap, wildcard=wildcard)
         await self._refresh_allowlist()
         return added
 
@@ -293,9 +332,9 @@ class Manager:
         certificate is returned and nothing is ordered, unless ``force``. So running the same
         command twice (or again after an interruption) never orders twice.
         """
-        name = normalize_name(name)
-        if not self.is_allowed(name):
-            raise IssuanceError(name, "not allowed: add it with `autocert allow` first")
+        name = certificate_name(entry := normalize_entry(name), self._allowed, self._wildcards) or entry
+        if not await self.may_serve(name):
+            raise IssuanceError(name, "not allowed: add it with `autocert allow` first" + (" --wildcard" if is_pattern(name) else ""))
         if not force:
             current = await self.store.current_certificate(name)
             if current is not None and not needs_order(current.not_after, current.renew_at, utcnow()):
@@ -312,7 +351,7 @@ class Manager:
         if names is None:
             candidates = await self.store.current_certificates() if force else await self.store.renewals_due(now, limit=1_000_000)
         else:
-            wanted = [normalize_name(name) for name in names]
+            wanted = [normalize_entry(name) for name in names]
             candidates = await self.store.current_certificates(wanted)
             missing = set(wanted) - {c.name for c in candidates}
             if missing:
@@ -320,7 +359,7 @@ class Manager:
         due = [c.name for c in candidates if force or c.renew_at <= now]
         results: dict[str, StoredCertificate | BaseException] = {}
         for name in due:
-            if not self.is_allowed(name):
+            if not await self.may_serve(name, fresh=True):
                 results[name] = IssuanceError(name, "no longer allowed; not renewed")
         pending = [name for name in due if name not in results]
         outcomes = await asyncio.gather(*(self.worker.issue(name) for name in pending), return_exceptions=True)
@@ -329,7 +368,7 @@ class Manager:
 
     async def revoke(self, name: str, reason: int = 0) -> StoredCertificate:
         """Revoke the current certificate of ``name`` at the CA; every server stops serving it."""
-        name = normalize_name(name)
+        name = normalize_entry(name)
         certificate = await self.store.current_certificate(name)
         if certificate is None:
             raise IssuanceError(name, "has no certificate to revoke")
@@ -353,28 +392,37 @@ class Manager:
         context.sni_callback = self._sni_callback
         return context
 
-    def route(self, server_name: str | None, alpn: Sequence[str] = ()) -> tuple[Route, str, ssl.SSLContext | None]:
+    def route(self, server_name: str | None, alpn: Sequence[str] = (), local_address: str | None = None) -> tuple[Route, str, ssl.SSLContext | None]:
         """Decide a handshake from memory alone: the route, the normalised name and the context
-        to serve (when there is one). Counts ``served``, ``challenge`` and ``unknown_name``;
-        a ``LOAD`` is counted by the caller once it knows how the load ended.
-
-        The one decision behind both SNI paths; it never waits and never touches the database.
+        to serve (when there is one); without SNI, the ``local_address`` a client connected to
+        names it. Counts ``served``, ``challenge``, ``unknown_name`` and ``asked``; a ``LOAD``
+        is counted by the caller once it knows how the load ended. The one decision behind
+        both SNI paths; it never waits and never touches the database.
         """
-        name = (server_name or self.default_name or "").rstrip(".").lower()
-        if not name or not self._started or not is_allowed(name, self._allowed):
-            self.handshakes["unknown_name"] += 1
-            return _REFUSED
+        name = (server_name or unnamed_route(local_address, self.default_name, self._allowed)).rstrip(".").lower()
+        served_as = certificate_name(name, self._allowed, self._wildcards) if name and self._started else None
+        if served_as is None and self._started and ACME_TLS_ALPN in alpn and (address := challenged_address(name, self._allowed)):
+            name = served_as = address  # tls-alpn-01 for an address: its reverse-DNS name is the SNI
+        if served_as is None:
+            answer = self.ask.answer(name) if self.ask is not None and name and self._started else False
+            if answer is None:
+                self.handshakes["asked"] += 1
+                return Route.ASK, name, None
+            if not answer:
+                self.handshakes["unknown_name"] += 1
+                return _REFUSED
+            served_as = name
         if ACME_TLS_ALPN in alpn:
             self.handshakes["challenge"] += 1
             return Route.CHALLENGE, name, self._challenges.cached_context(name)  # type: ignore[union-attr]
-        context = self.cache.get(name)
+        context = self.cache.get(served_as)
         if context is None:
-            held = self._held.get(name)
+            held = self._held.get(served_as)
             if held is not None:
                 if held[0] > self._loop.time():  # type: ignore[union-attr]
                     self.handshakes["held"] += 1
                     return Route.HELD, name, None
-                del self._held[name]
+                del self._held[served_as]
             return Route.LOAD, name, None
         self.handshakes["served"] += 1
         return Route.SERVE, name, context
@@ -387,7 +435,9 @@ class Manager:
         if route is Route.LOAD:
             # Embedded mode cannot hold a handshake open: refuse this one, the next is served.
             self.handshakes["pending"] += 1
-            self._lookup(name)
+            self._lookup(certificate_name(name, self._allowed, self._wildcards) or name)
+        elif route is Route.ASK:  # likewise: the next handshake gets the answer
+            self.ask.ask_soon(name)  # type: ignore[union-attr]
         return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
 
     async def context_for(self, name: str, *, wait: float = 0.0) -> ssl.SSLContext | None:
@@ -395,8 +445,12 @@ class Manager:
 
         Waits at most ``wait`` seconds for a first issuance; issuance goes on after that.
         """
-        if not self.is_allowed(name):
-            return None
+        served_as = certificate_name(name, self._allowed, self._wildcards)
+        if served_as is None:
+            if self.ask is None or not self.ask.allows(name):
+                return None
+            served_as = name
+        name = served_as
         context = self.cache.get(name)
         if context is not None:
             return context
@@ -422,14 +476,14 @@ class Manager:
             log.warning("could not get a certificate for %s: %s", name, task.exception())
 
     async def _load_or_issue(self, name: str) -> ssl.SSLContext | None:
-        if not _is_host_name(name):
-            return None  # e.g. a literal "*.example.com" SNI, or a bad label under a pattern
+        if not is_host_name(name) and name not in self._wildcards:
+            return None  # e.g. a bad label under a pattern
         now = utcnow()
         certificate = await self.store.current_certificate(name)
         if certificate is None or certificate.not_after <= now:
             if await self._held_by_state(name, now):
                 return None
-            if not await self._within_pattern_cap(name):
+            if not await self._caps.admit(name, self._allowed, self.store):
                 self._hold(name, None, "cap")
                 return None
             try:
@@ -438,8 +492,6 @@ class Manager:
                 # Failed, or held back by a budget: the worker stored when to try again.
                 await self._held_by_state(name, utcnow())
                 raise
-            finally:
-                self._release_cap_reservation(name)
         return await self._install(certificate)
 
     async def _held_by_state(self, name: str, now: datetime) -> bool:
@@ -463,51 +515,6 @@ class Manager:
         while len(self._held) > HELD_NAMES_MAX:
             del self._held[next(iter(self._held))]
 
-    async def _within_pattern_cap(self, name: str) -> bool:
-        """A name allowed only through a capped pattern may be ordered while the pattern has
-        room (names already ordered under it keep their place). Checked off the handshake
-        path. Names admitted here are reserved until their order ends, so concurrent first
-        contacts in one process cannot overshoot; several processes on one database still can,
-        by the few names that start ordering in the same instant."""
-        pattern = pattern_for(name)
-        if name in self._allowed or pattern is None:
-            return True
-        cap = await self.store.pattern_cap(pattern)
-        if cap is None:
-            return True
-        used = await self.store.names_under(pattern)
-        # No await from here on: the check and the reservation happen as one step.
-        reserved = self._cap_reservations.setdefault(pattern, set())
-        if within_cap(name, cap, used, reserved):
-            reserved.add(name)
-            return True
-        self._log_over_cap(name, pattern, cap)
-        return False
-
-    def _log_over_cap(self, name: str, pattern: str, cap: int) -> None:
-        """The first name refused under a pattern is logged; after it, one count a minute, so
-        a flood of made-up labels cannot fill the log."""
-        assert self._loop is not None
-        now = self._loop.time()
-        logged = self._over_cap_log.get(pattern)
-        if logged is None:
-            log.warning("%s: the pattern %s has reached its cap of %d names; not ordering", name, pattern, cap)
-            self._over_cap_log[pattern] = (now, 0)
-        elif now - logged[0] >= OVER_CAP_LOG_INTERVAL:
-            log.warning("%d more names refused under %s in the last %.0f s: it has reached its cap of %d names",
-                        logged[1] + 1, pattern, now - logged[0], cap)
-            self._over_cap_log[pattern] = (now, 0)
-        else:
-            self._over_cap_log[pattern] = (logged[0], logged[1] + 1)
-
-    def _release_cap_reservation(self, name: str) -> None:
-        pattern = pattern_for(name)
-        reserved = self._cap_reservations.get(pattern) if pattern is not None else None
-        if reserved is not None:
-            reserved.discard(name)
-            if not reserved:
-                del self._cap_reservations[pattern]  # type: ignore[arg-type]
-
     async def _install(self, certificate: StoredCertificate) -> ssl.SSLContext | None:
         """Hot-insert a certificate: the next handshake for its name gets it."""
         if certificate.revoked_at is not None or not self.is_allowed(certificate.name):
@@ -527,10 +534,10 @@ class Manager:
         if version == self._allowlist_version:
             return
         self._allowlist_version = version
-        allowed = await self.store.allowed_entries()
+        allowed, self._wildcards = await self.store.allowed_entries(), await self.store.wildcard_patterns()
         # A cap may have been raised or a name removed: let held names be looked at again.
         self._held.clear()
-        self._over_cap_log.clear()
+        self._caps.allowlist_changed()
         if allowed != self._allowed:
             added, removed = sorted(allowed - self._allowed), sorted(self._allowed - allowed)
             self._allowed = allowed
@@ -561,7 +568,10 @@ class Manager:
         """
         failing_since: float | None = None
         while True:
-            await asyncio.sleep(self.poll_interval)
+            # A notification (PostgreSQL) cuts the wait short; without one, this is the poll.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self.poll_interval)
+            self._changed.clear()
             try:
                 marks = await self.store.change_marks()  # one small query a second when nothing changes
                 await self._refresh_allowlist(marks.allowlist_version)
@@ -588,10 +598,3 @@ class Manager:
                 log.warning("the database is reachable again after %.0f s", asyncio.get_running_loop().time() - failing_since)
                 failing_since = None
 
-
-def _is_host_name(name: str) -> bool:
-    """Whether an SNI name is a name we could ever order: only its normal form qualifies."""
-    try:
-        return normalize_name(name) == name
-    except InvalidName:
-        return False

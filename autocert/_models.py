@@ -24,8 +24,10 @@ __all__ = [
     "AllowedRow",
     "AttemptRow",
     "Base",
+    "CapClaimRow",
     "CertificateRow",
     "ChallengeRow",
+    "DnsRecordRow",
     "NameRow",
     "NameStateRow",
     "UTCDateTime",
@@ -107,6 +109,8 @@ class AllowedRow(Base):
     added_at: Mapped[datetime] = mapped_column(default=utcnow)
     # For a pattern: how many distinct names under it may be ordered (None: no limit).
     cap: Mapped[int | None] = mapped_column(Integer)
+    # For a pattern: served from one wildcard certificate (dns-01) instead of one per name.
+    wildcard: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class AllowlistVersionRow(Base):
@@ -257,11 +261,38 @@ class NameRow(Base):
 
 
 class ChallengeRow(Base):
-    """A pending http-01 answer, shared so that any instance behind the name can serve it."""
+    """A pending challenge answer (http-01 by token, tls-alpn-01 by name), shared so that any
+    instance the CA reaches can serve it."""
 
     __tablename__ = "challenges"
 
     token: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
-    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
     key_authorization: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    challenge_type: Mapped[str] = mapped_column(String(16), default="http-01", server_default="http-01")
+
+
+class CapClaimRow(Base):
+    """A place under a capped pattern, taken by a name in the same transaction that checked
+    the cap: servers racing for the last place cannot both get it."""
+
+    __tablename__ = "cap_claims"
+
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    pattern: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
+    claimed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DnsRecordRow(Base):
+    """A dns-01 TXT record published and not yet cleared, so that a process killed mid-order
+    leaves no record behind: the next start clears what its dead owner published."""
+
+    __tablename__ = "dns_records"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fqdn: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    value: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    owner: Mapped[str] = mapped_column(String(NAME_LENGTH))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

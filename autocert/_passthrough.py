@@ -28,7 +28,7 @@ import ssl
 from typing import TYPE_CHECKING, Final, cast
 
 from ._front import TlsFront
-from ._proxy_protocol import proxy_header
+from ._proxy_protocol import Source, proxy_header
 from ._tls import ACME_TLS_ALPN
 
 if TYPE_CHECKING:
@@ -59,9 +59,14 @@ class PassthroughFront(TlsFront):
         self.relays: set[_Client] = set()
         self._routed_name = ""
 
-    def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext, data: bytes, name: str) -> None:
+    def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext, data: bytes, name: str,
+                   source: Source | None = None) -> None:
         self._routed_name = name  # read by _new_client, which the base calls before returning
-        super()._start_tls(transport, context, data, name)
+        super()._start_tls(transport, context, data, name, source)
+
+    @staticmethod
+    def _carry(application: asyncio.BaseProtocol, source: Source) -> None:
+        cast(_Client, application).source = source
 
     def _new_client(self) -> _Client:
         return _Client(self, self._routed_name)
@@ -183,7 +188,7 @@ def _close(transport: asyncio.Transport | _Sink) -> None:
 class _Client(_Side):
     """The client end, the application protocol under the loop's TLS; it runs the relay."""
 
-    __slots__ = ("connecting", "front", "idle_checks", "name", "timer")
+    __slots__ = ("connecting", "front", "idle_checks", "name", "source", "timer")
 
     def __init__(self, front: PassthroughFront, name: str) -> None:
         super().__init__()
@@ -192,6 +197,8 @@ class _Client(_Side):
         self.connecting: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.idle_checks = 0
+        #: The client's address from a trusted balancer's PROXY header, passed on in ours.
+        self.source: Source | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
@@ -215,7 +222,7 @@ class _Client(_Side):
         assert transport is not None
         header = b""
         if front.proxy_protocol is not None:
-            header = proxy_header(front.proxy_protocol, transport.get_extra_info("peername"), transport.get_extra_info("sockname"),
+            header = proxy_header(front.proxy_protocol, self.source or transport.get_extra_info("peername"), transport.get_extra_info("sockname"),
                                   authority=self.name or None, alpn=alpn)
         loop = asyncio.get_running_loop()
         try:

@@ -19,11 +19,12 @@ from urllib.parse import urlsplit
 
 from ._errors import ACME_ERROR_PREFIX
 from ._issuers import Issuer
-from ._names import pattern_for
+from ._names import address_of_reverse_name, address_of_socket, is_address, pattern_for
 
 __all__ = [
     "BUDGET_RECHECK",
     "account_budget_hold",
+    "ask_answer",
     "EXPIRING_SOON",
     "MAX_CAP",
     "Backoff",
@@ -38,6 +39,8 @@ __all__ = [
     "ari_next_check",
     "budget_for",
     "budget_with_order_limit",
+    "certificate_name",
+    "challenged_address",
     "default_budget",
     "exempt_from_budgets",
     "expires_soon",
@@ -53,11 +56,13 @@ __all__ = [
     "needs_order",
     "next_attempt_after_failure",
     "order_budget_hold",
+    "order_profile",
     "rate_limit_hold",
     "renewal_time",
     "retry_delay",
     "time_in_window",
     "tries_next_ca",
+    "unnamed_route",
     "within_cap",
 ]
 
@@ -68,11 +73,40 @@ __all__ = [
 
 def is_allowed(name: str, allowed_entries: Collection[str]) -> bool:
     """Whether the normalised ``name`` is on the allowlist, exactly or by the one pattern
-    (``*.base``, one label) that can cover it: two set look-ups, whatever the list's size."""
+    (``*.base``, one label) that can cover it: two set look-ups, whatever the list's size.
+    (:func:`certificate_name` with every pattern counted as a wildcard says the same.)"""
+    return certificate_name(name, allowed_entries, allowed_entries) is not None
+
+
+def certificate_name(name: str, allowed_entries: Collection[str], wildcards: Collection[str]) -> str | None:
+    """The name of the certificate that serves ``name``: its own, the wildcard certificate
+    of the pattern covering it when that pattern is in ``wildcards``, or None when ``name``
+    is not allowed. An exact entry keeps its own certificate even under a wildcard pattern;
+    a pattern names a certificate only when it is a wildcard entry. At most three set
+    look-ups, and no allocation beyond :func:`pattern_for`'s, as it runs on every handshake."""
     if name in allowed_entries:
-        return True
+        return name if not name.startswith("*.") or name in wildcards else None
     pattern = pattern_for(name)
-    return pattern is not None and pattern in allowed_entries
+    if pattern is None or pattern not in allowed_entries:
+        return None
+    return pattern if pattern in wildcards else name
+
+
+def unnamed_route(local_address: str | None, default_name: str | None, allowed_entries: Collection[str]) -> str:
+    """The name a client that sent no SNI is served: the address it connected to when that is
+    allowed (its IP certificate, RFC 8738), else the default name, else "" (refused). Only
+    exact entries allow addresses, so an unknown one costs a cached parse and a set look-up."""
+    address = address_of_socket(local_address) if local_address else None
+    if address is not None and address in allowed_entries:
+        return address
+    return default_name or ""
+
+
+def challenged_address(server_name: str, allowed_entries: Collection[str]) -> str | None:
+    """The allowed address a tls-alpn-01 validation is for, when ``server_name`` is its
+    reverse-DNS name (RFC 8738 section 6: SNI cannot carry an address), else None."""
+    address = address_of_reverse_name(server_name)
+    return address if address is not None and address in allowed_entries else None
 
 
 #: The largest cap a pattern may have: the database stores it as a 32-bit integer.
@@ -105,6 +139,34 @@ class Route(enum.Enum):
     #: Allowed, but held back (backoff, parked, over its pattern's cap or a budget) and known
     #: to be so from memory: alert ``unrecognized_name`` without touching the database.
     HELD = "held"
+    #: Not on the allowlist, and the ask endpoint has no answer for it in memory: ask it
+    #: (off the handshake's synchronous path), then refuse or go on as ``LOAD``.
+    ASK = "asked"
+
+
+#: How long an ask endpoint's answer stands when it sends no ``Cache-Control: max-age``: an
+#: allowed name is asked again after an hour (and before each renewal), a refused one after
+#: five minutes, and a failed ask (timeout, connection error) after ten seconds, so that an
+#: endpoint's hiccup neither refuses a name for long nor lets a flood hammer it.
+ASK_ALLOWED_TTL = 3600.0
+ASK_REFUSED_TTL = 300.0
+ASK_FAILED_TTL = 10.0
+
+
+def ask_answer(status: int | None, cache_control: str | None) -> tuple[bool, float]:
+    """An ask endpoint's answer as (allowed, seconds it stands). Any 2xx allows (Caddy's
+    rule); every other status, and no answer at all (``status`` None), refuses. The answer's
+    own ``max-age`` wins over the defaults; ``no-store``/``no-cache`` mean ask every time."""
+    allowed = status is not None and 200 <= status < 300
+    if status is None:
+        return False, ASK_FAILED_TTL
+    for directive in (cache_control or "").lower().split(","):
+        key, _, value = directive.strip().partition("=")
+        if key in ("no-store", "no-cache"):
+            return allowed, 0.0
+        if key == "max-age" and value.strip().strip('"').isdigit():
+            return allowed, float(value.strip().strip('"'))
+    return allowed, ASK_ALLOWED_TTL if allowed else ASK_REFUSED_TTL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +250,22 @@ def hold_reason(state: Backoff | None, now: datetime) -> HoldReason | None:
 #: (the process was killed): a CA validates within minutes of being asked, and an order's
 #: lease lasts five. Such answers are swept.
 STALE_CHALLENGE_AGE = timedelta(hours=1)
+
+
+#: The profile an IP address certificate is ordered under, when the CA offers it and the user
+#: chose none: Let's Encrypt issues certificates for addresses only with it (160 hours).
+ADDRESS_PROFILE = "shortlived"
+
+
+def order_profile(configured: str | None, names: Collection[str], offered: Collection[str]) -> str | None:
+    """The ACME profile to order ``names`` under: the user's (or the one the certificate
+    being renewed had), else :data:`ADDRESS_PROFILE` for an address where the CA offers it,
+    else None (the CA's default)."""
+    if configured is not None:
+        return configured
+    if ADDRESS_PROFILE in offered and any(is_address(name) for name in names):
+        return ADDRESS_PROFILE
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

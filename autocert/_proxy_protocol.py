@@ -1,4 +1,5 @@
-"""PROXY protocol headers (HAProxy's specification, versions 1 and 2), as a sender writes them.
+"""PROXY protocol headers (HAProxy's specification, versions 1 and 2): written for
+pass-through upstreams, and read from trusted balancers in front of ``serve``.
 
 A pass-through upstream sees connections from autocert, not from the client. The header that
 starts each upstream connection tells it the client's address and port (the source) and the
@@ -19,7 +20,9 @@ import ipaddress
 import struct
 from typing import Final
 
-__all__ = ["PP2_TYPE_ALPN", "PP2_TYPE_AUTHORITY", "V2_SIGNATURE", "proxy_header"]
+__all__ = [
+    "PP2_TYPE_ALPN", "PP2_TYPE_AUTHORITY", "V2_SIGNATURE", "NotProxyHeader", "is_trusted", "parse_proxy_header", "proxy_header", "starts_proxy_header",
+]
 
 #: The 12 bytes every version 2 header starts with.
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -95,3 +98,98 @@ def _ip_and_port(address: object) -> tuple[Address, int] | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip, port
+
+
+# -- the receiving side -----------------------------------------------------------------------
+
+#: A version 1 header is one line of at most 107 bytes (the specification's bound).
+_V1_MAX = 107
+_V1_PREFIX: Final = b"PROXY "
+_V2_HEADER = struct.Struct(">BBH")
+
+Source = tuple[str, int]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class NotProxyHeader(ValueError):
+    """The bytes can never become a PROXY header; the connection should be dropped."""
+
+
+def parse_proxy_header(data: bytes | bytearray) -> tuple[int, Source | None] | None:
+    """Read the PROXY header (version 1 or 2) at the start of ``data``.
+
+    Returns None while more bytes are needed, else the header's length and the client's
+    address and port it carries (None for ``UNKNOWN``, ``LOCAL`` and address families other
+    than TCP over IP: the connection is then the balancer's own). Raises
+    :class:`NotProxyHeader` for anything else.
+    """
+    if data[:1] == b"P":
+        return _parse_v1(data)
+    if data[:1] == b"\r":
+        return _parse_v2(data)
+    if data:
+        raise NotProxyHeader("no PROXY header")
+    return None
+
+
+def _parse_v1(data: bytes | bytearray) -> tuple[int, Source | None] | None:
+    end = data.find(b"\r\n", 0, _V1_MAX)
+    if end < 0:
+        if len(data) >= _V1_MAX or not _V1_PREFIX.startswith(bytes(data[:6])):
+            raise NotProxyHeader("malformed PROXY v1 header")
+        return None
+    if not data.startswith(_V1_PREFIX):
+        raise NotProxyHeader("malformed PROXY v1 header")
+    fields = bytes(data[6:end]).split(b" ")
+    if fields[0] == b"UNKNOWN":
+        return end + 2, None
+    if len(fields) != 5 or fields[0] not in (b"TCP4", b"TCP6"):
+        raise NotProxyHeader("malformed PROXY v1 header")
+    try:
+        source = ipaddress.ip_address(fields[1].decode("ascii"))
+        ipaddress.ip_address(fields[2].decode("ascii"))
+        port = int(fields[3])
+        int(fields[4])
+    except (UnicodeDecodeError, ValueError):
+        raise NotProxyHeader("malformed PROXY v1 header") from None
+    if source.version != (4 if fields[0] == b"TCP4" else 6) or not 0 <= port <= 65535:
+        raise NotProxyHeader("malformed PROXY v1 header")
+    return end + 2, (str(source), port)
+
+
+def _parse_v2(data: bytes | bytearray) -> tuple[int, Source | None] | None:
+    if len(data) < 16:
+        if not V2_SIGNATURE.startswith(bytes(data[:12])):
+            raise NotProxyHeader("malformed PROXY v2 header")
+        return None
+    if data[:12] != V2_SIGNATURE:
+        raise NotProxyHeader("malformed PROXY v2 header")
+    version_command, family, length = _V2_HEADER.unpack_from(data, 12)
+    if version_command >> 4 != 2 or version_command & 0x0F > 1:
+        raise NotProxyHeader("unsupported PROXY v2 version or command")
+    end = 16 + length
+    if len(data) < end:
+        return None
+    if version_command & 0x0F == 0:  # LOCAL: the balancer's own connection (a health check)
+        return end, None
+    if family == _V2_TCP4 and length >= 12:
+        return end, (str(ipaddress.IPv4Address(bytes(data[16:20]))), data[24] << 8 | data[25])
+    if family == _V2_TCP6 and length >= 36:
+        return end, (str(ipaddress.IPv6Address(bytes(data[16:32]))), data[48] << 8 | data[49])
+    return end, None
+
+
+def starts_proxy_header(data: bytes | bytearray) -> bool | None:
+    """Whether ``data`` starts with a PROXY header's signature (None: too short to tell)."""
+    head = bytes(data[:12])
+    if head.startswith(_V1_PREFIX) or head == V2_SIGNATURE:
+        return True
+    if (len(head) < 6 and _V1_PREFIX.startswith(head)) or (len(head) < 12 and V2_SIGNATURE.startswith(head)):
+        return None
+    return False
+
+
+def is_trusted(peer: object, networks: tuple[Network, ...]) -> bool:
+    """Whether a socket's peer address (as ``getpeername`` gives it) is in ``networks``."""
+    found = _ip_and_port(peer)
+    return found is not None and any(found[0] in network for network in networks)

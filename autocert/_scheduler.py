@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from ._policy import ARI_ERROR_RETRY, STALE_CHALLENGE_AGE, ari_next_check, hold_reason, time_in_window
@@ -36,6 +36,7 @@ class Scheduler:
         worker: Worker,
         *,
         is_allowed: Callable[[str], bool],
+        recheck: Callable[[str], Awaitable[bool]] | None = None,
         clock: Callable[[], datetime] = utcnow,
         max_sleep: float = 60.0,
         min_sleep: float = 1.0,
@@ -45,6 +46,9 @@ class Scheduler:
         self._store = store
         self._worker = worker
         self._is_allowed = is_allowed
+        #: Asked instead of ``is_allowed`` when set: whether a name may still be renewed,
+        #: asking the ask endpoint again about names off the allowlist.
+        self._recheck = recheck
         self._clock = clock
         self._max_sleep = max_sleep
         self._min_sleep = min_sleep
@@ -89,7 +93,7 @@ class Scheduler:
         started: list[str] = []
         for certificate in await self._store.renewals_due(now, self._batch):
             name = certificate.name
-            if not self._allowed(name):
+            if not await self._allowed(name):
                 continue
             if hold_reason(await self._store.name_state(name), now) is not None:
                 continue  # the last renewal failed: its backoff decides, or it is parked
@@ -97,7 +101,7 @@ class Scheduler:
             self._start(name)
             started.append(name)
         for state in await self._store.retries_due(now, self._batch):
-            if state.name in started or not self._allowed(state.name):
+            if state.name in started or not await self._allowed(state.name):
                 continue
             current = await self._store.current_certificate(state.name)
             if current is not None and current.renew_at > now:
@@ -150,9 +154,10 @@ class Scheduler:
         if removed:
             log.info("removed %d http-01 answer(s) left by an order that did not finish", removed)
 
-    def _allowed(self, name: str) -> bool:
-        """The zombie breaker: a name removed from the allowlist is not renewed (said once)."""
-        if self._is_allowed(name):
+    async def _allowed(self, name: str) -> bool:
+        """The zombie breaker: a name removed from the allowlist (or refused by the ask
+        endpoint) is not renewed (said once)."""
+        if self._is_allowed(name) if self._recheck is None else await self._recheck(name):
             self._skipped_disallowed.discard(name)
             return True
         if name not in self._skipped_disallowed:

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from ._config import ServeOptions, bind_listeners, check_admin_binding, tcp_upstream
-from ._front import TlsFront
+from ._front import ProxyHeaderReader, TlsFront
 from ._http import HttpServer
 from ._http.exchange import Handler
 from ._http.pages import confirmation_handler, redirect_handler
@@ -97,7 +98,10 @@ async def listeners(
             redirects = http_server(http_handler(manager, options), options, tls=False)
             servers.append(redirects)
             sock = sockets.pop("http")
-            plain = await loop.create_server(redirects, sock=sock, backlog=1024)
+            factory: Callable[[], asyncio.BaseProtocol] = redirects
+            if options.trusted_proxies:
+                factory = functools.partial(ProxyHeaderReader, redirects, options.trusted_proxies, options.hello_timeout)
+            plain = await loop.create_server(factory, sock=sock, backlog=1024)
             if announce:
                 _announce("http", sock)
         if "admin" in sockets:

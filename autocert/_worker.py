@@ -16,7 +16,7 @@ import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal, NoReturn
 
 import aiohttp
@@ -45,11 +45,14 @@ from ._tls import ACME_TLS_ALPN, build_context
 
 if TYPE_CHECKING:
     from ._acme import AcmeClient, RenewalInfo
+    from ._dns import Dns01, DnsSettings
 
 log = logging.getLogger("autocert.worker")
 
-#: How long an order may hold its lease before another process may take the name over.
-LEASE_SECONDS = 300.0
+#: How long an order may hold its lease before another process may take the name over: how
+#: long a name waits when the process ordering it dies on another host (one on the same host
+#: is noticed at once). ``AUTOCERT_LEASE_SECONDS`` changes it; it must outlast the slowest order.
+LEASE_SECONDS = float(os.environ.get("AUTOCERT_LEASE_SECONDS") or 300.0)
 
 
 def new_owner_id() -> str:
@@ -82,56 +85,126 @@ def owner_is_dead(owner: str) -> bool:
     return False
 
 
-class ChallengeBook:
-    """Challenge answers for the current orders, reachable by every listener.
+def answerable_types(challenge_types: Sequence[str], dns: DnsSettings | None) -> tuple[str, ...]:
+    """The challenge types to answer, in order: those asked for, and dns-01 last whenever a
+    DNS provider is configured (wildcard names have no other, and the CA offers plain names
+    http-01 or tls-alpn-01 first). dns-01 asked for without a provider is refused."""
+    if "dns-01" in challenge_types and dns is None:
+        raise ValueError("dns-01 needs a DNS provider (--dns) to publish the TXT records with")
+    return tuple(challenge_types) + (("dns-01",) if dns is not None and "dns-01" not in challenge_types else ())
 
-    http-01 tokens go to the database so any instance sharing it (or a ``serve`` already
-    holding port 80 while the CLI orders) can answer; tls-alpn-01 certificates stay in this
-    process, which owns the TLS listener that the CA connects to.
+
+class _AccountBudget:
+    """The account's order budget for one order, decided from the orders the database counts
+    in the transaction that starts the attempt (:meth:`Store.start_attempt_within`)."""
+
+    def __init__(self, budget: RateBudget, *, now: datetime, renewing: bool, ca_has_renewal_info: bool, renewals_due: int) -> None:
+        self._budget = budget
+        self._now = now
+        self._renewing = renewing
+        self._ca_has_renewal_info = ca_has_renewal_info
+        self._renewals_due = renewals_due
+        self.since = now - budget.order_window
+        self.new_names_only = ca_has_renewal_info
+        #: Until when and why the order is held, once :meth:`room` said there is none.
+        self.hold: tuple[datetime, str] | None = None
+
+    def room(self, counted_orders: int) -> bool:
+        self.hold = account_budget_hold(self._budget, renewing=self._renewing, exempt=False,
+                                        ca_has_renewal_info=self._ca_has_renewal_info, counted_orders=counted_orders,
+                                        renewals_due=self._renewals_due, now=self._now)
+        return self.hold is None
+
+
+class ChallengeBook:
+    """Challenge answers for the current orders, reachable by every listener of every instance.
+
+    Answers go to the database, so that whichever instance sharing it the CA reaches (or a
+    ``serve`` already holding the port while the CLI orders) can give them: http-01 tokens
+    are served from there as they are, and tls-alpn-01 key authorizations are turned into a
+    challenge certificate by the instance the validation reaches.
     """
 
-    def __init__(self, store: Store, challenge_types: Sequence[str]) -> None:
+    #: At most this many tls-alpn-01 contexts are kept; beyond it the oldest are dropped.
+    MAX_CONTEXTS = 1024
+
+    def __init__(self, store: Store, challenge_types: Sequence[str], dns: DnsSettings | None = None) -> None:
         self._store = store
         self.challenge_types: Sequence[str] = tuple(challenge_types)
-        #: Pending tls-alpn-01 certificates by name: (certificate PEM, key PEM).
-        self.tls_alpn: dict[str, tuple[bytes, bytes]] = {}
-        #: The context built for each pending certificate, with the PEM it was built from.
-        self._contexts: dict[str, tuple[bytes, ssl.SSLContext]] = {}
+        #: dns-01 answers, published through the configured provider (None: dns-01 not offered).
+        self.dns: Dns01 | None = None
+        if dns is not None:
+            from ._dns import Dns01  # dnspython is loaded only when dns-01 is configured
+
+            self.dns = Dns01(dns, store, new_owner_id())
+        #: Key authorizations of the tls-alpn-01 challenges this process presented, by name.
+        self._own: dict[str, str] = {}
+        #: The tls-alpn-01 context built for each name, with the key authorization it carries.
+        self._contexts: dict[str, tuple[str, ssl.SSLContext]] = {}
 
     def cached_context(self, name: str) -> ssl.SSLContext | None:
-        """The tls-alpn-01 context for ``name`` if it is pending and already built (no waiting)."""
-        pending = self.tls_alpn.get(name)
-        built = self._contexts.get(name) if pending is not None else None
-        if built is None or built[0] != pending[0]:  # type: ignore[index]
+        """The tls-alpn-01 context for ``name`` if this process presented its challenge and the
+        context is built (no waiting); a challenge another instance presented is read from the
+        database by :meth:`context`."""
+        own = self._own.get(name)
+        built = self._contexts.get(name)
+        if own is None or built is None or built[0] != own:
             return None
         return built[1]
 
     async def context(self, name: str) -> ssl.SSLContext | None:
         """The tls-alpn-01 context for ``name``, served only to ``acme-tls/1`` clients while
-        its challenge is pending; built off the event loop on first use."""
-        context = self.cached_context(name)
-        pending = self.tls_alpn.get(name)
-        if context is not None or pending is None:
-            return context
-        cert_pem, key_pem = pending
-        context = await asyncio.to_thread(build_context, cert_pem, key_pem, (ACME_TLS_ALPN,))
-        self._contexts[name] = (cert_pem, context)
+        its challenge is pending (presented here or by any instance on the database); built
+        off the event loop."""
+        key_authorization = self._own.get(name) or await self._store.tls_alpn_challenge(name)
+        if key_authorization is None:
+            self._contexts.pop(name, None)
+            return None
+        built = self._contexts.get(name)
+        if built is not None and built[0] == key_authorization:
+            return built[1]
+        context = await asyncio.to_thread(_tls_alpn_context, name, key_authorization)
+        self._contexts.pop(name, None)
+        self._contexts[name] = (key_authorization, context)
+        while len(self._contexts) > self.MAX_CONTEXTS:
+            del self._contexts[next(iter(self._contexts))]
         return context
 
     async def present(self, name: str, challenge_type: str, token: str, key_authorization: str) -> None:
-        if challenge_type == "http-01":
-            await self._store.put_challenge(token, name, key_authorization)
-        elif challenge_type == "tls-alpn-01":
-            self.tls_alpn[name] = await asyncio.to_thread(tls_alpn_challenge_certificate, name, key_authorization)
-        else:
+        if challenge_type == "dns-01" and self.dns is not None:
+            await self.dns.present(name, token, key_authorization)
+            return
+        if challenge_type not in ("http-01", "tls-alpn-01"):
             raise AcmeError(f"challenge type {challenge_type} is not supported")
+        await self._store.put_challenge(token, name, key_authorization, challenge_type)
+        if challenge_type == "tls-alpn-01":
+            self._own[name] = key_authorization
+            await self.context(name)  # ready before the CA connects
 
     async def cleanup(self, name: str, challenge_type: str, token: str) -> None:
-        if challenge_type == "http-01":
-            await self._store.delete_challenge(token)
-        else:
-            self.tls_alpn.pop(name, None)
+        if challenge_type == "dns-01":
+            if self.dns is not None:
+                await self.dns.cleanup(token)
+            return
+        if challenge_type == "tls-alpn-01":
+            self._own.pop(name, None)
             self._contexts.pop(name, None)
+        await self._store.delete_challenge(token)
+
+    async def clear_dns_leftovers(self) -> None:
+        """Clear dns-01 records a process that died mid-order left published: its owner is
+        gone from this host, or it is older than any order may run (a lease's length twice)."""
+        if self.dns is None:
+            return
+        stale = utcnow() - timedelta(seconds=2 * LEASE_SECONDS)
+        cleared = await self.dns.clear_leftovers(lambda record: owner_is_dead(record.owner) or record.created_at < stale)
+        if cleared:
+            log.info("cleared %d dns-01 record(s) left by a process stopped mid-order", cleared)
+
+
+def _tls_alpn_context(name: str, key_authorization: str) -> ssl.SSLContext:
+    cert_pem, key_pem = tls_alpn_challenge_certificate(name, key_authorization)
+    return build_context(cert_pem, key_pem, (ACME_TLS_ALPN,))
 
 
 class _MovedOn(Exception):
@@ -142,9 +215,13 @@ class _MovedOn(Exception):
         self.reason = reason
 
 
-#: A budget that stops an order at one CA: until when, why, and whether it holds the whole
-#: account there (then the next CA is tried) or only this name.
-_Hold = tuple[datetime, str, bool]
+class _Held(Exception):
+    """A budget stops an order at one CA before it is placed: until when, why, and whether it
+    holds the whole account there (then the next CA is tried) or only this name."""
+
+    def __init__(self, until: datetime, why: str, *, whole_account: bool) -> None:
+        super().__init__(why)
+        self.until, self.why, self.whole_account = until, why, whole_account
 
 
 class Worker:
@@ -255,29 +332,39 @@ class Worker:
             following = self.cas[index + 1] if index + 1 < len(self.cas) else None
             if index:
                 await self._store.try_lease(name, self.owner, LEASE_SECONDS)  # each CA gets a whole lease
-            hold = await self._budget_hold(ca, name, previous)
-            if hold is not None:
-                until, why, whole_account = hold
-                held = min(held or (until, why), (until, why))
-                if following is None or not whole_account:
-                    await self._hold_back(name, *held)
-                log.warning("CA %s holds new orders until %s (%s), trying %s", ca.label, until.isoformat(), why, following.label)
-                continue
             try:
-                return await self._order(ca, name, previous, last=following is None)
+                budget = await self._check_budget(ca, name, previous)
+                return await self._order(ca, name, previous, budget, last=following is None)
+            except _Held as hold:
+                held = min(held or (hold.until, hold.why), (hold.until, hold.why))
+                if following is None or not hold.whole_account:
+                    await self._hold_back(name, *held)
+                log.warning("CA %s holds new orders until %s (%s), trying %s", ca.label, hold.until.isoformat(), hold.why,
+                            following.label)
             except _MovedOn as moved:
                 assert following is not None
                 log.warning("CA %s failed (%s), trying %s", ca.label, moved.reason, following.label)
         raise AssertionError("the last CA either issues or raises")
 
-    async def _order(self, ca: CaAccount, name: str, previous: StoredCertificate | None, *, last: bool) -> StoredCertificate:
+    async def _order(self, ca: CaAccount, name: str, previous: StoredCertificate | None, budget: _AccountBudget | None, *,
+                     last: bool) -> StoredCertificate:
         renewing = previous is not None
         # Only the CA that issued the certificate knows it: a renewal there keeps its profile and
         # names it in ARI's ``replaces``; another CA gets its own profile and a plain order.
         at_issuer = previous is not None and previous.directory == ca.directory
         profile = previous.profile if at_issuer and previous.profile else ca.issuer.profile  # type: ignore[union-attr]
         replaces = renewal_replaces(previous) if at_issuer else None
-        attempt_id = await self._store.start_attempt(name, ca.directory)
+        if budget is None:
+            attempt_id = await self._store.start_attempt(name, ca.directory)
+        else:
+            # Counted in the transaction that starts the attempt: instances sharing the database
+            # keep one budget per CA between them.
+            started_id = await self._store.start_attempt_within(name, ca.directory, since=budget.since,
+                                                                 new_names_only=budget.new_names_only, room=budget.room)
+            if started_id is None:
+                assert budget.hold is not None
+                raise _Held(*budget.hold, whole_account=True)
+            attempt_id = started_id
         started = asyncio.get_running_loop().time()
         log.info("issuing %s from %s", name, ca.directory)
         client: AcmeClient | None = None
@@ -329,7 +416,7 @@ class Worker:
             renew_at=renewal_time(info.not_before, info.not_after),
             directory=ca.directory,
             order_url=issued.order_url,
-            profile=profile,
+            profile=issued.profile,
         )
         await self._store.finish_attempt(attempt_id, "valid")
         elapsed = asyncio.get_running_loop().time() - started
@@ -412,11 +499,13 @@ class Worker:
         log.warning("issuing %s failed: %s", name, error)
         self._events.emit(Event("failed", name, "failed", error=_problem_text(error), previous="renewing" if renewing else "issuing"))
 
-    async def _budget_hold(self, ca: CaAccount, name: str, previous: StoredCertificate | None) -> _Hold | None:
+    async def _check_budget(self, ca: CaAccount, name: str, previous: StoredCertificate | None) -> _AccountBudget | None:
         """Whether an order at ``ca`` must be held back (without contacting it) because it
         would break a rate limit: the budget kept for that CA, and an account-wide limit the CA
-        itself answered with. Renewals the CA exempts are neither counted nor held; when the
-        budget binds, renewals go before new names."""
+        itself answered with (:class:`_Held` raised). Renewals the CA exempts are neither
+        counted nor held; when the budget binds, renewals go before new names. The order budget
+        at that CA is returned rather than checked here: it is counted in the transaction that
+        starts the attempt."""
         budget, held_until = ca.budget, ca.held_until
         now = utcnow()
         if budget is None and (held_until is None or held_until <= now):
@@ -432,21 +521,17 @@ class Worker:
         sends_replaces = previous is not None and previous.directory == ca.directory and renewal_replaces(previous) is not None
         exempt = exempt_from_budgets(renewing=renewing, sends_replaces=sends_replaces, ca_has_renewal_info=ca_has_renewal_info)
         if held_until is not None and held_until > now and not exempt:
-            return held_until, "the CA rate-limited this account", True
+            raise _Held(held_until, "the CA rate-limited this account", whole_account=True)
         if budget is None:
             return None
-        failures = await self._store.failures_since(name, now - budget.failure_window, directory=ca.directory)
-        hold = failure_budget_hold(budget, failures)
+        hold = failure_budget_hold(budget, await self._store.failures_since(name, now - budget.failure_window, directory=ca.directory))
         if hold is not None:
-            return (*hold, False)
+            raise _Held(*hold, whole_account=False)
         if exempt:
             return None
-        orders = await self._store.orders_since(ca.directory, now - budget.order_window, new_names_only=ca_has_renewal_info)
         counts_renewals = not renewing and not ca_has_renewal_info
         due = await self._store.count_renewals_due(now + budget.order_window) if counts_renewals else 0
-        hold = account_budget_hold(budget, renewing=renewing, exempt=exempt, ca_has_renewal_info=ca_has_renewal_info,
-                                   counted_orders=orders, renewals_due=due, now=now)
-        return None if hold is None else (*hold, True)
+        return _AccountBudget(budget, now=now, renewing=renewing, ca_has_renewal_info=ca_has_renewal_info, renewals_due=due)
 
     async def _hold_back(self, name: str, until: datetime, why: str) -> NoReturn:
         state = await self._store.name_state(name)
@@ -479,6 +564,8 @@ class Worker:
             state = await self._store.name_state(name)
             if state is None or not lease_held(state.lease_owner, state.lease_until, utcnow()):
                 break
+            if state.lease_owner is not None and owner_is_dead(state.lease_owner):
+                return None  # killed mid-order on this host: the caller takes the lease over
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
         certificate = await self._store.current_certificate(name)

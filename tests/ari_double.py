@@ -8,6 +8,8 @@ it). newOrder payloads are recorded so a test can see ``replaces``, and the doub
 orders that carry ``replaces`` with 409, as a CA does for an already replaced certificate, or
 refuse new orders with 429 ``rateLimited`` and a ``Retry-After``, as a CA over its limits does,
 or with any other status and problem (a CA in trouble answering 500 ``serverInternal``).
+It can also add challenge objects to every authorization, as a CA offering types a client
+does not know (``dns-persist-01``) does.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class AriDouble:
     #: refused so, without a ``Retry-After``, as by a CA that is failing.
     order_error: tuple[int, str] | None = None
     profiles: dict[str, str] | None = None
+    #: Challenge objects put in front of the ones Pebble offers in every authorization.
+    extra_challenges: list[dict[str, Any]] = field(default_factory=list)
+    #: How many authorizations got them.
+    authorizations_extended: int = 0
     orders: list[dict[str, Any]] = field(default_factory=list)
     renewal_info_requests: list[str] = field(default_factory=list)
 
@@ -133,6 +139,11 @@ class AriDouble:
                 if self.profiles is not None:
                     directory.setdefault("meta", {})["profiles"] = self.profiles
                 content = json.dumps(directory).encode()
+            elif self.extra_challenges and upstream.status == 200 and request.path.startswith("/authZ/"):
+                authorization = json.loads(content)
+                authorization["challenges"] = [*self.extra_challenges, *authorization.get("challenges", [])]
+                self.authorizations_extended += 1
+                content = json.dumps(authorization).encode()
             drop = {"content-length", "transfer-encoding", "content-encoding", "connection"}
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in drop}
             return web.Response(status=upstream.status, body=content, headers=out_headers)

@@ -32,11 +32,13 @@ def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pebble]:
 
 @pytest.fixture
 def pebble_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Pebble]]:
-    """Start extra Pebbles with their own environment, e.g. ``pebble_factory(PEBBLE_WFE_NONCEREJECT="50")``."""
+    """Start extra Pebbles with their own environment, e.g. ``pebble_factory(PEBBLE_WFE_NONCEREJECT="50")``,
+    and extra config keys (``pebble_factory(config={"externalAccountBindingRequired": True})``)
+    and optionally their own DNS server (``dns_server="127.0.0.1:PORT"``)."""
     started: list[Pebble] = []
 
-    def start(**env: str) -> Pebble:
-        instance = Pebble(env, workdir=tmp_path_factory.mktemp("pebble"))
+    def start(config: dict[str, object] | None = None, dns_server: str | None = None, **env: str) -> Pebble:
+        instance = Pebble(env, workdir=tmp_path_factory.mktemp("pebble"), config=config, dns_server=dns_server)
         started.append(instance)
         instance.start()
         return instance

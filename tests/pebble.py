@@ -73,8 +73,15 @@ def wait_for(condition: Callable[[], bool], *, timeout: float, what: str, interv
 class Pebble:
     """One Pebble + challtestsrv pair; use as a context manager or call start()/stop()."""
 
-    def __init__(self, env: Mapping[str, str] | None = None, *, workdir: Path | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, *, workdir: Path | None = None,
+                 config: Mapping[str, Any] | None = None, dns_server: str | None = None) -> None:
         self.extra_env: dict[str, str] = dict(env or {})
+        #: Extra keys for the ``pebble`` section of its config file, e.g.
+        #: ``{"externalAccountBindingRequired": True, "externalAccountMACKeys": {KID: KEY}}``.
+        self.extra_config: dict[str, Any] = dict(config or {})
+        #: The DNS server (``HOST:PORT``) Pebble's validator resolves through; default this
+        #: instance's challtestsrv. A test with an authoritative server of its own names it here.
+        self.dns_server = dns_server
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="pebble-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +143,7 @@ class Pebble:
             self._wait_until_up(self._challtestsrv, self._challtestsrv_log, self._challtestsrv_answers, "challtestsrv")
             env = {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_AUTHZREUSE": "0", **self.extra_env}
             self._pebble = self._spawn(
-                [PEBBLE, "-config", str(config), "-dnsserver", f"127.0.0.1:{self.dns_port}"],
+                [PEBBLE, "-config", str(config), "-dnsserver", self.dns_server or f"127.0.0.1:{self.dns_port}"],
                 self._pebble_log,
                 env=env,
             )
@@ -188,6 +195,14 @@ class Pebble:
     def clear_a(self, host: str) -> None:
         self._challtestsrv_post("/clear-a", {"host": host})
 
+    def txt_records(self, host: str) -> list[str]:
+        """The TXT values challtestsrv's DNS answers for ``host`` now (asked over UDP)."""
+        import dns.message
+        import dns.query
+
+        answer = dns.query.udp(dns.message.make_query(host, "TXT"), "127.0.0.1", port=self.dns_port, timeout=5)
+        return [b"".join(rdata.strings).decode() for rrset in answer.answer for rdata in rrset if rrset.rdtype == 16]
+
     def logs(self) -> str:
         """Both processes' output so far, for failure messages."""
         return (
@@ -220,6 +235,7 @@ class Pebble:
                 "tlsPort": self.tlsalpn01_port,
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": False,
+                **self.extra_config,
             }
         }
         path = self.workdir / "pebble-config.json"

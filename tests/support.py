@@ -67,16 +67,18 @@ class ServeProcess:
     """``autocert serve`` in a child process, listening where Pebble validates challenges."""
 
     def __init__(self, db: str, pebble: Pebble, workdir: Path, *, extra: Sequence[str] = (), env: dict[str, str] | None = None,
-                 https_port: int | None = None, http_port: int | None = None, admin_port: int | None = None) -> None:
+                 https_port: int | None = None, http_port: int | None = None, admin_port: int | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.db = db
+        self.host = host
         self.https_port = https_port or pebble.tlsalpn01_port
         self.http_port = http_port or pebble.http01_port
         self.admin_port = admin_port or free_port()
         self.argv = [
             sys.executable, "-m", "autocert", "--db", db, "serve",
-            "--https", f"127.0.0.1:{self.https_port}",
-            "--http", f"127.0.0.1:{self.http_port}",
-            "--admin", f"127.0.0.1:{self.admin_port}",
+            "--https", f"{host}:{self.https_port}",
+            "--http", f"{host}:{self.http_port}",
+            "--admin", f"{host}:{self.admin_port}",
             *acme_args(pebble), *extra,
         ]
         self.env = cli_env(env)
@@ -154,23 +156,23 @@ def client_context(cafile: str | None, alpn: Sequence[str] | None = None) -> ssl
 
 
 def handshake(port: int, server_name: str | None, *, cafile: str | None = None, alpn: Sequence[str] | None = None,
-              timeout: float = 30) -> x509.Certificate:
+              timeout: float = 30, host: str = "127.0.0.1") -> x509.Certificate:
     """Make a real TLS handshake and return the certificate the server presented."""
     context = client_context(cafile, alpn)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+    with socket.create_connection((host, port), timeout=timeout) as raw:
         with context.wrap_socket(raw, server_hostname=server_name) as tls:
             der = tls.getpeercert(binary_form=True)
             assert der is not None
             return x509.load_der_x509_certificate(der)
 
 
-def served_certificate(port: int, server_name: str, cafile: str, *, timeout: float = 60) -> x509.Certificate:
+def served_certificate(port: int, server_name: str, cafile: str, *, timeout: float = 60, host: str = "127.0.0.1") -> x509.Certificate:
     """Retry handshakes until the server presents a certificate that verifies (bounded)."""
     result: list[x509.Certificate] = []
 
     def attempt() -> bool:
         try:
-            result.append(handshake(port, server_name, cafile=cafile, timeout=10))
+            result.append(handshake(port, server_name, cafile=cafile, timeout=10, host=host))
             return True
         except (ssl.SSLError, OSError):
             return False

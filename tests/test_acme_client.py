@@ -122,6 +122,22 @@ def test_make_csr_long_first_name_and_bad_input() -> None:
         make_csr(b"not a key", ["a.example.com"])
 
 
+def test_an_address_goes_in_the_san_as_an_ip_address_and_never_in_the_cn() -> None:
+    """RFC 8738: an ``ip`` identifier is matched against iPAddress SANs; a CN holding an
+    address would be an identifier the order does not have."""
+    csr = x509.load_der_x509_csr(make_csr(generate_private_key(), ["2001:db8::1", "a.example.com"]))
+    san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("2001:db8::1")]
+    assert san.get_values_for_type(x509.DNSName) == ["a.example.com"]
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME) == []
+
+    cert_pem, _ = tls_alpn_challenge_certificate("203.0.113.7", "token.thumbprint")
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    assert list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value) == [
+        x509.IPAddress(ipaddress.ip_address("203.0.113.7"))]
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) == []
+
+
 def _self_signed(serial: int, names: Sequence[str], not_before: dt.datetime, not_after: dt.datetime) -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     issuer = x509.Name([
@@ -158,7 +174,7 @@ def test_parse_certificate_chain_describes_the_leaf() -> None:
         issuer="CN=Test Issuer,O=Test\\, Inc.",
         not_before=start,
         not_after=end,
-        names=("a.example.com", "b.example.com"),
+        names=("a.example.com", "b.example.com", "127.0.0.1"),
     )
     assert info.not_before.tzinfo is not None and info.not_before.utcoffset() == dt.timedelta(0)
     assert leaf_certificate_der(leaf + other) == x509.load_pem_x509_certificate(leaf).public_bytes(
@@ -239,6 +255,17 @@ async def test_issue_tls_alpn01(pebble: Pebble, tmp_path: Path) -> None:
     assert issued.info.names == (name,)
     assert responder.handshakes >= 1
     assert responder.presented == responder.cleaned and responder.contexts == {}
+    verify_chain(issued.chain_pem, pebble.root_pem(), tmp_path)
+
+
+async def test_issue_for_an_ipv6_address_over_http01(pebble: Pebble, tmp_path: Path) -> None:
+    """An ``ip`` identifier: the CA connects to the address itself, no DNS involved."""
+    async with Http01Responder(pebble.http01_port, host="::1") as responder, await registered_client(pebble) as client:
+        issued = await client.issue(["::1"], generate_private_key(), responder)
+    assert issued.info.names == ("::1",) and responder.hits >= 1
+    san = leaf_of(issued).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("::1")]
+    assert san.get_values_for_type(x509.DNSName) == []
     verify_chain(issued.chain_pem, pebble.root_pem(), tmp_path)
 
 
@@ -558,3 +585,14 @@ async def test_profile_and_replaces_when_the_directory_offers_them() -> None:
             "profile": "shortlived",
             "replaces": "aki.serial",
         }
+
+
+async def test_an_address_is_ordered_as_an_ip_identifier() -> None:
+    order = {"status": "pending", "identifiers": [{"type": "ip", "value": "203.0.113.7"}],
+             "authorizations": [], "finalize": ""}
+    async with ScriptedCA() as ca:
+        ca.script["/order"] = [(201, {"Location": ca.url("/order/1")}, order)]
+        async with AcmeClient(ca.url("/dir"), generate_private_key(), account_url=ca.url("/acct/1")) as client:
+            await client.new_order(["203.0.113.7", "a.example.com"])
+        assert ca.requests[-1][2] == {"identifiers": [{"type": "ip", "value": "203.0.113.7"},
+                                                      {"type": "dns", "value": "a.example.com"}]}

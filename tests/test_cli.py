@@ -77,15 +77,16 @@ def test_status_json_shape_for_a_pending_name(db: str) -> None:
 
 
 BAD_INPUTS = [
-    (["allow", "192.0.2.1"], "IP address"),
-    (["allow", "ok.example.test", "[2001:db8::1]"], "IP address"),
+    (["allow", "192.0.2.256"], "malformed IPv4 address"),
+    (["allow", "ok.example.test", "[2001:db8:::1]"], "malformed IPv6 address"),
+    (["allow", "*.0.2.1"], "not IP addresses"),
     (["allow", "a..example.test"], "empty label"),
     (["allow", "x" * 64 + ".example.test"], "63"),
     (["allow", ".".join(["a" * 60] * 5)], "253"),
     (["allow", "bad_char!.example.test"], ""),
     (["allow", "*.*.example.test"], ""),
     (["disallow", "a..b"], "empty label"),
-    (["status", "192.0.2.1"], "IP address"),
+    (["status", "192.0.2.1.5"], "malformed IPv4 address"),
     (["issue", "not-allowed.example.test", "--http", "127.0.0.1:1", "--directory", "https://127.0.0.1:1/dir"], "not allowed"),
     (["issue", "ok.example.test", "--wait", "soon"], "--wait"),
     (["serve", "--https", "nonsense"], "--https"),

@@ -9,6 +9,7 @@ listener certificate script works, and Debian's Pebble accepts the compose Pebbl
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -102,6 +103,33 @@ def option(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
 
 
+def host_path(service: dict[str, Any], path: str) -> Path:
+    """The repository file a bind mount puts at ``path`` in the container."""
+    for kind, source, target in mounts(service):
+        if kind == "bind" and (PurePosixPath(path) == PurePosixPath(target) or PurePosixPath(target) in PurePosixPath(path).parents):
+            return REPO / source / PurePosixPath(path).relative_to(target)
+    raise AssertionError(f"{path} is not bind-mounted from the repository")
+
+
+def settings(name: str) -> argparse.Namespace:
+    """What an autocert service runs with: its command, over its config file as mounted."""
+    from autocert._cli import parse_arguments
+
+    service = services()[name]
+    args = argv(service.get("command"))
+    if "--config" in args:
+        index = args.index("--config") + 1
+        args[index] = str(host_path(service, args[index]))
+    return parse_arguments(args)
+
+
+def primary_issuer(args: argparse.Namespace) -> dict[str, str]:
+    """The first CA the service orders from: its config file's first [[issuer]] table (read
+    as the file says it: the trust anchors it names exist only inside the container)."""
+    assert args.config_file is not None and args.config_file.issuers, "the CA is set in the config file"
+    return args.config_file.issuers[0]
+
+
 def built_services() -> list[str]:
     return [name for name, service in services().items() if "build" in service]
 
@@ -166,6 +194,14 @@ def test_paths_in_commands_are_provided_by_a_mount_or_the_image() -> None:
                 assert host.exists(), f"{name}: {arg} comes from {host}, which does not exist"
 
 
+def test_paths_in_the_config_file_are_mounted_too() -> None:
+    service = services()["autocert"]
+    ca_bundle = primary_issuer(settings("autocert"))["ca_bundle"]
+    assert ca_bundle.startswith("/")
+    targets = [PurePosixPath(target) for _kind, _source, target in mounts(service)]
+    assert any(target in PurePosixPath(ca_bundle).parents for target in targets), "ca_bundle is not mounted"
+
+
 def test_dockerfile_commands_run_files_they_copy() -> None:
     for name in built_services():
         _context, dockerfile = build_of(services()[name])  # type: ignore[misc]
@@ -192,17 +228,18 @@ def test_autocert_commands_parse_and_point_at_the_other_services() -> None:
     from autocert._cli import build_parser
 
     found = services()
-    serve = argv(found["autocert"]["command"])
-    args = build_parser().parse_args(serve)
+    args = settings("autocert")
     assert args.command == "serve"
-    assert option(serve, "--upstream") == "http://app:8000"
+    assert args.config_file is not None, "serve's settings live in the mounted config file"
+    assert args.upstream == "http://app:8000"
     app_cmd = json.loads(dict(dockerfile_instructions(REPO / "examples/app/Dockerfile"))["CMD"])
     assert option(app_cmd, "--port") == "8000", "the app must listen where --upstream points"
-    assert option(serve, "--directory").startswith("https://pebble:")
-    assert option(serve, "--ca-bundle") == "/certs/ca.pem"
+    issuer = primary_issuer(args)
+    assert issuer["directory"].startswith("https://pebble:")
+    assert issuer["ca_bundle"] == "/certs/ca.pem" and args.agree_tos and issuer["email"]
     postgres = found["postgres"]["environment"]
     expected_db = f"postgresql://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}@postgres:5432/{postgres['POSTGRES_DB']}"
-    assert option(serve, "--db") == expected_db
+    assert args.db == expected_db
 
     allow = argv(found["autocert-allow"]["command"])
     allow_args = build_parser().parse_args(allow)
@@ -213,10 +250,10 @@ def test_autocert_commands_parse_and_point_at_the_other_services() -> None:
 def test_pebble_validates_where_autocert_listens() -> None:
     found = services()
     config = json.loads((REPO / "examples/compose/pebble-config.json").read_text())["pebble"]
-    serve = argv(found["autocert"]["command"])
-    assert int(option(serve, "--http").rsplit(":", 1)[1]) == config["httpPort"]
-    assert int(option(serve, "--https").rsplit(":", 1)[1]) == config["tlsPort"]
-    assert option(serve, "--directory") == f"https://pebble:{config['listenAddress'].rsplit(':', 1)[1]}/dir"
+    serve = settings("autocert")
+    assert int(serve.http.rsplit(":", 1)[1]) == config["httpPort"]
+    assert int(serve.https.rsplit(":", 1)[1]) == config["tlsPort"]
+    assert primary_issuer(serve)["directory"] == f"https://pebble:{config['listenAddress'].rsplit(':', 1)[1]}/dir"
 
     autocert_ip = found["autocert"]["networks"]["acme"]["ipv4_address"]
     challtestsrv = argv(found["challtestsrv"]["command"])

@@ -269,7 +269,20 @@ def test_systemd_unit_is_valid_and_hardened(tmp_path: Path) -> None:
     for key, value in expected.items():
         assert directives.get(key) == [value], f"{key}={value} expected, found {directives.get(key)}"
     (exec_start,) = directives["ExecStart"]
-    assert exec_start.split()[0].endswith("/autocert") and exec_start.split()[1] == "serve"
+    program, *arguments = exec_start.split()
+    assert program.endswith("/autocert")
+    # The settings file arrives as a credential; the example file is what the comments install.
+    (credential,) = directives["LoadCredential"]
+    name, source = credential.split(":")
+    assert arguments[:2] == ["--config", f"%d/{name}"] and source == "/etc/autocert/autocert.toml"
+    assert f"examples/autocert.toml {source}" in text
+    from autocert._cli import parse_arguments
+
+    from autocert._cli_manager import issuers_from_args
+
+    args = parse_arguments([arguments[0], str(EXAMPLES / "autocert.toml"), *arguments[2:]])
+    (issuer,) = issuers_from_args(args)
+    assert args.command == "serve" and args.upstream and args.agree_tos and issuer.directory and issuer.email
     default_drain = ServeOptions(https=None, http=None, admin=None).shutdown_timeout
     assert seconds(directives["TimeoutStopSec"][0]) > default_drain, "systemd must give serve time to drain"
 

@@ -180,6 +180,35 @@ async def test_a_rate_limited_primary_holds_no_order_at_the_next_ca(pebble: Pebb
         assert status["next_attempt_at"] is None and status["last_error"] is None
 
 
+async def test_an_order_budget_counted_in_the_database_is_kept_per_ca(pebble: Pebble, pebble_factory, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The primary's budget (one order an hour) is counted from the attempts recorded against
+    its directory, in the transaction that starts the attempt; the next CA's orders are not
+    counted there, and the primary is not contacted once its budget is spent."""
+    second = pebble_factory()
+    caplog.set_level(logging.WARNING, logger="autocert.worker")
+    with AriDouble(pebble) as primary:
+        issuers = [Issuer(primary.directory_url, ca_bundle=pebble.ca_bundle, order_limit=(1, timedelta(hours=1))),
+                   Issuer(second.directory_url, ca_bundle=second.ca_bundle, order_limit=(1, timedelta(hours=1)))]
+        manager = Manager(db=f"sqlite:///{tmp_path / 'budget.db'}", issuers=issuers, agree_tos=True, renew=False)
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(manager)
+            for port in dict.fromkeys((pebble.http01_port, second.http01_port)):
+                options = ServeOptions(https=None, http=Listen("127.0.0.1", port), admin=None)
+                await stack.enter_async_context(listeners(manager, options, {"http": listening_socket(options.http)}, announce=False))  # type: ignore[arg-type]
+            await manager.allow("b1.example.test", "b2.example.test", "b3.example.test")
+            assert (await manager.issue("b1.example.test")).directory == primary.directory_url
+            assert (await manager.issue("b2.example.test")).directory == second.directory_url
+            ordered_at_primary = {identifier["value"] for order in primary.orders for identifier in order["identifiers"]}
+            assert ordered_at_primary == {"b1.example.test"}, "the primary's spent budget held the order without contacting it"
+            assert await history(manager, "b2.example.test") == [(second.directory_url, "valid")]
+            assert f"CA {ca_label(primary.directory_url)} holds new orders until" in caplog.text
+            with pytest.raises(IssuanceError, match="held back"):
+                await manager.issue("b3.example.test")  # both budgets spent: held, nothing placed
+            assert await history(manager, "b3.example.test") == []
+            assert "b3.example.test" not in {identifier["value"] for order in primary.orders for identifier in order["identifiers"]}
+            assert await manager.store.orders_since(primary.directory_url, datetime.now(UTC) - timedelta(hours=1)) == 1
+
+
 async def test_a_validation_failure_is_not_tried_at_the_next_ca(pebble: Pebble, pebble_factory, tmp_path: Path) -> None:
     """Nothing answers http-01 where the primary validates: the name's fault, not the CA's."""
     second = pebble_factory()

@@ -6,6 +6,9 @@ import pytest
 
 from autocert._errors import InvalidName
 from autocert._names import (
+    address_of_reverse_name,
+    address_of_socket,
+    is_address,
     is_pattern,
     normalize_entry,
     normalize_name,
@@ -40,6 +43,14 @@ MAX_NAME = ".".join([LONG_LABEL] * 3 + ["b" * 61])
         (f"{LONG_LABEL}.example", f"{LONG_LABEL}.example"),
         (MAX_NAME, MAX_NAME),
         (MAX_NAME + ".", MAX_NAME),
+        # IP addresses (RFC 8738), in one canonical spelling
+        ("203.0.113.7", "203.0.113.7"),
+        (" 127.0.0.1 ", "127.0.0.1"),
+        ("2001:DB8:0:0::1", "2001:db8::1"),
+        ("[2001:db8::1]", "2001:db8::1"),
+        ("::1", "::1"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),  # IPv4-mapped: the IPv4 address itself
+        ("2001:0db8:0000:0000:0000:0000:0000:0001", "2001:db8::1"),
     ],
 )
 def test_normalize_name_accepts(raw: str, expected: str) -> None:
@@ -56,13 +67,15 @@ def test_normalize_name_accepts(raw: str, expected: str) -> None:
         ("a..b", "empty label"),
         (".example.com", "empty label"),
         ("example.com..", "empty label"),
-        ("1.2.3.4", "IP address"),
-        ("1.2.3.4.", "IP address"),
-        ("::1", "IP address"),
-        ("2001:db8::1", "IP address"),
-        ("[::1]", "IP address"),
-        ("[2001:db8::1]", "IP address"),
+        ("1.2.3.4.", "malformed IPv4 address"),
+        ("1.2.3.256", "malformed IPv4 address"),
+        ("1.2.3", "malformed IPv4 address"),
+        ("01.2.3.4", "malformed IPv4 address"),
+        ("2001:db8:::1", "malformed IPv6 address"),
+        ("2001:db8::g", "malformed IPv6 address"),
+        ("fe80::1%eth0", "zone index"),
         ("[example.com]", "brackets"),
+        ("[1.2.3.4]", "brackets"),
         ("127.1", "IPv4"),
         ("example.123", "IPv4"),
         ("example.com:443", "':'"),
@@ -125,12 +138,14 @@ def test_normalize_entry_accepts(raw: str, expected: str) -> None:
         ("a*.example.com", "wildcard"),
         ("a.*.example.com", "wildcard"),
         ("example.*", "wildcard"),
-        ("*.1.2.3.4", "IP address"),
+        ("*.1.2.3.4", "not IP addresses"),
+        ("*.1.2.3", "not IP addresses"),
+        ("*.::1", "not IP addresses"),
         ("*.a..example", "empty label"),
         ("*." + MAX_NAME, "over the 253-octet limit"),
         ("*.under_score.example", "not valid IDNA"),
         ("", "empty name"),
-        ("1.2.3.4", "IP address"),
+        ("1.2.3.4.5", "malformed IPv4 address"),
     ],
 )
 def test_normalize_entry_rejects(raw: str, reason: str) -> None:
@@ -160,3 +175,37 @@ def test_is_pattern(entry: str, expected: bool) -> None:
 )
 def test_pattern_for(name: str, expected: str | None) -> None:
     assert pattern_for(name) == expected
+
+
+def test_an_address_is_an_allowlist_entry_in_its_canonical_form() -> None:
+    assert normalize_entry("2001:DB8::0:1") == "2001:db8::1"
+    assert normalize_entry("203.0.113.7") == "203.0.113.7"
+    assert [is_address(n) for n in ("203.0.113.7", "2001:db8::1", "a1.example", "1a.example", "localhost")] == [
+        True, True, False, False, False]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("7.113.0.203.in-addr.arpa", "203.0.113.7"),
+        ("1.0.0.127.in-addr.arpa", "127.0.0.1"),
+        ("1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa", "2001:db8::1"),
+        ("1" + ".0" * 31 + ".ip6.arpa", "::1"),
+        ("113.0.203.in-addr.arpa", None),  # a network, not an address
+        ("7.113.0.256.in-addr.arpa", None),
+        ("1.0.ip6.arpa", None),
+        ("10.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa", None),
+        ("example.com", None),
+    ],
+)
+def test_address_of_reverse_name(name: str, expected: str | None) -> None:
+    assert address_of_reverse_name(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [("127.0.0.1", "127.0.0.1"), ("::ffff:127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("fe80::1%lo", "fe80::1"), ("", None)],
+)
+def test_address_of_socket(host: str, expected: str | None) -> None:
+    """A dual-stack listener reports IPv4 clients' local address IPv4-mapped: the same name."""
+    assert address_of_socket(host) == expected

@@ -19,6 +19,8 @@ from autocert._policy import (
     account_budget_hold,
     ari_next_check,
     budget_with_order_limit,
+    certificate_name,
+    challenged_address,
     default_budget,
     exempt_from_budgets,
     failure_budget_hold,
@@ -28,8 +30,10 @@ from autocert._policy import (
     name_status,
     next_attempt_after_failure,
     order_budget_hold,
+    order_profile,
     rate_limit_hold,
     renewal_time,
+    unnamed_route,
     within_cap,
 )
 
@@ -57,6 +61,17 @@ class State:
 )
 def test_is_allowed_exactly_or_by_the_one_label_pattern(entry: str, name: str, expected: bool) -> None:
     assert is_allowed(name, {entry}) is expected
+
+
+def test_a_wildcard_pattern_serves_the_names_under_it_from_its_own_certificate() -> None:
+    entries, wildcards = {"*.w.example", "own.w.example", "*.p.example"}, {"*.w.example"}
+    assert certificate_name("a.w.example", entries, wildcards) == "*.w.example"
+    assert certificate_name("own.w.example", entries, wildcards) == "own.w.example"  # an exact entry keeps its own
+    assert certificate_name("a.p.example", entries, wildcards) == "a.p.example"  # a plain pattern: one per name
+    assert certificate_name("*.w.example", entries, wildcards) == "*.w.example"
+    assert certificate_name("*.p.example", entries, wildcards) is None  # only a wildcard pattern is a certificate
+    assert certificate_name("a.b.w.example", entries, wildcards) is None
+    assert certificate_name("w.example", entries, wildcards) is None
 
 
 def test_a_cap_counts_names_ordered_and_names_reserved() -> None:
@@ -231,3 +246,32 @@ def test_where_renewals_count_they_go_before_new_names() -> None:
     assert expired == 0
     assert renewals > 3_000 * 3
     assert issued_new > 0
+
+
+def test_addresses_are_ordered_short_lived_where_the_ca_offers_it() -> None:
+    """Let's Encrypt issues IP address certificates only under ``shortlived``; a profile the
+    user chose (or the renewed certificate had) always wins."""
+    offered = {"classic": "90 days", "shortlived": "160 hours"}
+    assert order_profile(None, ["203.0.113.7"], offered) == "shortlived"
+    assert order_profile(None, ["2001:db8::1"], offered) == "shortlived"
+    assert order_profile("classic", ["203.0.113.7"], offered) == "classic"
+    assert order_profile(None, ["shop.example.com"], offered) is None
+    assert order_profile(None, ["203.0.113.7"], {"classic": "90 days"}) is None
+    assert order_profile(None, ["203.0.113.7"], {}) is None
+
+
+def test_a_client_without_sni_is_served_the_address_it_connected_to() -> None:
+    allowed = {"203.0.113.7", "2001:db8::1", "shop.example.com"}
+    assert unnamed_route("203.0.113.7", None, allowed) == "203.0.113.7"
+    assert unnamed_route("::ffff:203.0.113.7", None, allowed) == "203.0.113.7"
+    assert unnamed_route("2001:db8::1", "shop.example.com", allowed) == "2001:db8::1"
+    assert unnamed_route("198.51.100.1", "shop.example.com", allowed) == "shop.example.com"
+    assert unnamed_route("198.51.100.1", None, allowed) == ""
+    assert unnamed_route(None, None, allowed) == ""
+
+
+def test_tls_alpn_01_for_an_address_arrives_under_its_reverse_name() -> None:
+    allowed = {"203.0.113.7", "*.example.com"}
+    assert challenged_address("7.113.0.203.in-addr.arpa", allowed) == "203.0.113.7"
+    assert challenged_address("8.113.0.203.in-addr.arpa", allowed) is None, "not allowed"
+    assert challenged_address("shop.example.com", allowed) is None

@@ -16,16 +16,16 @@ PACKAGE = Path(autocert.__file__).parent
 # Imports flow one way: a module may import only modules of its own layer or below. A
 # subpackage (``_store``, ``_acme``) counts as one module; its files may import each other.
 LAYERS = {
-    "_errors": 0, "_names": 0, "_config": 0, "_sealing": 0, "_timefmt": 0, "_version": 0, "_models": 0, "_crypto": 0, "_events": 0, "_signals": 0,
+    "_errors": 0, "_names": 0, "_config": 0, "_config_file": 0, "_sealing": 0, "_timefmt": 0, "_version": 0, "_models": 0, "_crypto": 0, "_events": 0, "_signals": 0,
     "_proxy_protocol": 0, "_issuers": 0,
     "_policy": 1, "_notify": 1, "_tls": 1,
     "_store": 2,
-    "_acme": 3, "_status": 3,
+    "_acme": 3, "_status": 3, "_ask": 3, "_caps": 3, "_dns": 3,
     "_worker": 4, "_scheduler": 4, "_ca": 4,
     "_manager": 5,
     "_front": 6, "web": 6, "_http": 6, "_proxy": 6, "_passthrough": 6, "_monitor": 6, "_metrics": 6,
     "_server": 7,
-    "_cli": 8, "_console": 7, "__main__": 9, "__init__": 9,
+    "_cli": 8, "_cli_manager": 8, "_console": 7, "__main__": 9, "__init__": 9,
 }
 
 

@@ -525,3 +525,21 @@ async def test_a_ca_rate_limit_holds_the_name_or_the_account_and_exempt_renewals
             renewed = (await manager.renew(["kept.example.test"], force=True))["kept.example.test"]
             assert not isinstance(renewed, BaseException), renewed
             assert "replaces" in double.orders[-1], "a renewal naming what it replaces is exempt"
+
+
+async def test_an_address_is_ordered_short_lived_where_the_ca_offers_it(pebble, tmp_path: Path) -> None:
+    """Let's Encrypt issues IP address certificates only under ``shortlived``: without a
+    configured profile an address gets it (names keep the CA's default), and it is stored,
+    so renewals keep it too."""
+    from ari_double import AriDouble
+
+    db = f"sqlite:///{tmp_path / 'address-profile.db'}"
+    with AriDouble(pebble, profiles={"classic": "90 days", "shortlived": "160 hours"}) as double:
+        async with running_manager(pebble, db, renew=False) as manager:
+            manager.worker.directory = double.directory_url
+            await manager.allow("127.0.0.1", "plain.example.test")
+            issued = await manager.issue("127.0.0.1")
+            assert double.orders[-1]["identifiers"] == [{"type": "ip", "value": "127.0.0.1"}]
+            assert double.orders[-1]["profile"] == "shortlived" and issued.profile == "shortlived"
+            plain = await manager.issue("plain.example.test")
+            assert "profile" not in double.orders[-1] and plain.profile is None

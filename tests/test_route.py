@@ -33,6 +33,26 @@ async def test_one_decision_for_every_handshake(tmp_path: Path) -> None:
         assert dict(manager.handshakes) == {"served": 2, "unknown_name": 4, "challenge": 1}
 
 
+async def test_an_address_is_routed_by_where_the_client_connected(tmp_path: Path) -> None:
+    """No SNI: the local address, when allowed, names the certificate (RFC 8738); tls-alpn-01
+    for it arrives under its reverse-DNS name. Refusals stay in memory."""
+    manager = Manager(db=f"sqlite:///{tmp_path / 'address.db'}", directory="https://127.0.0.1:9/dir", renew=False,
+                      default_name="shop.example.test")
+    async with manager:
+        await manager.allow("127.0.0.1", "::1", "shop.example.test")
+        assert manager.route(None, (), "127.0.0.1") == (Route.LOAD, "127.0.0.1", None)
+        assert manager.route(None, (), "::ffff:127.0.0.1") == (Route.LOAD, "127.0.0.1", None), "dual-stack socket"
+        assert manager.route(None, (), "::1") == (Route.LOAD, "::1", None)
+        assert manager.route(None, (), "127.0.0.2") == (Route.LOAD, "shop.example.test", None), "else the default name"
+        assert manager.route("shop.example.test", (), "127.0.0.1")[1] == "shop.example.test", "SNI decides when sent"
+        challenge = manager.route("1.0.0.127.in-addr.arpa", ("acme-tls/1",), "127.0.0.1")
+        assert challenge == (Route.CHALLENGE, "127.0.0.1", None)
+        assert manager.route("1.0.0.127.in-addr.arpa", ("http/1.1",))[0] is Route.REFUSE, "only a validation"
+        assert manager.route("2.0.0.127.in-addr.arpa", ("acme-tls/1",))[0] is Route.REFUSE, "not allowed"
+        await manager.disallow("shop.example.test")
+        assert manager.route(None, (), "127.0.0.2")[0] is Route.REFUSE
+
+
 async def test_a_held_back_name_is_refused_from_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Backoff, parked and over-cap names: after one look at the database, every retry is
     refused from memory, as cheaply as an unknown name, until their state changes."""

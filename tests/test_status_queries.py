@@ -371,6 +371,9 @@ async def test_every_write_keeps_the_index_what_a_rebuild_makes(database_url: st
             lambda: store.set_next_attempt("fresh.z.example", None),
             lambda: store.save_pending_order("order.z.example", DIRECTORY, "https://o/1", b"key"),
             lambda: store.release_lease("n1-none.x.example", "someone"),
+            lambda: store.allow(["*.wild.example"], wildcard=True),  # a wildcard pattern is a name of its own
+            lambda: store.allow(["*.x.example"], wildcard=True),  # so is a pattern made one
+            lambda: store.disallow(["*.wild.example"]),
         ]
         for step in steps:
             await step()
@@ -380,7 +383,8 @@ async def test_every_write_keeps_the_index_what_a_rebuild_makes(database_url: st
         names = {row[0] for row in kept}
         assert "pending-only.x.example" not in names, "an entry without history leaves with its entry"
         assert "n0-none.x.example" in names, "one with history stays"
-        assert {live, "new.x.example", "fresh.z.example", "order.z.example"} <= names
+        assert {live, "new.x.example", "fresh.z.example", "order.z.example", "*.x.example"} <= names
+        assert "*.wild.example" not in names and "*.p.example" not in names
     finally:
         await store.close()
 
@@ -394,6 +398,11 @@ async def test_a_database_from_before_the_index_gets_it_filled(database_url: str
             await session.execute(text("UPDATE alembic_version SET version_num = '0007'"))
             await session.execute(text("DROP TABLE names"))
             await session.execute(text("DROP INDEX ix_name_states_lease_until"))
+            await session.execute(text("DROP TABLE dns_records"))  # and before 0010's wildcards
+            await session.execute(text("ALTER TABLE allowed DROP COLUMN wildcard"))
+            await session.execute(text("DROP TABLE cap_claims"))  # and before 0009's shared challenges
+            await session.execute(text("DROP INDEX ix_challenges_name"))
+            await session.execute(text("ALTER TABLE challenges DROP COLUMN challenge_type"))
     finally:
         await store.close()
     reopened = await Store.open(database_url)

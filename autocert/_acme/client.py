@@ -21,7 +21,17 @@ import josepy as jose
 from acme import messages
 
 from autocert._crypto import CertificateInfo, leaf_certificate_der, make_csr, parse_certificate_chain
-from autocert._errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REPLACED, AcmeError
+from autocert._config import ExternalAccount
+from autocert._errors import (
+    PROBLEM_ACCOUNT_DOES_NOT_EXIST,
+    PROBLEM_ALREADY_REPLACED,
+    PROBLEM_EXTERNAL_ACCOUNT_REQUIRED,
+    PROBLEM_MALFORMED,
+    PROBLEM_UNAUTHORIZED,
+    AcmeError,
+)
+from autocert._names import is_address
+from autocert._policy import order_profile
 
 from .transport import AcmeTransport, decode_json, problem_error
 
@@ -31,6 +41,9 @@ log = logging.getLogger("autocert.acme_client")
 
 
 _PEM_CHAIN = "application/pem-certificate-chain"
+
+#: How a missing External Account Binding is reported, naming the settings that provide it.
+EAB_REQUIRED = "requires External Account Binding: set --eab-kid and --eab-hmac-key (the key id and MAC key the CA gave you)"
 
 
 class ChallengeResponder(Protocol):
@@ -58,6 +71,8 @@ class IssuedCertificate:
     chain_pem: bytes
     order_url: str
     info: CertificateInfo
+    profile: str | None = None
+    """The profile the order asked for (None: the CA's default)."""
 
 
 @dataclass(frozen=True)
@@ -136,14 +151,17 @@ class AcmeClient:
         """The CA's directory, fetched once: its URLs do not change while we run."""
         return await self._transport.directory()
 
-    async def register(self, email: str | None, agree_tos: bool) -> str:
+    async def register(self, email: str | None, agree_tos: bool, eab: ExternalAccount | None = None) -> str:
         """Create the account for our key, or find the existing one; returns the account URL.
 
         The CA answers 200 and the existing account's Location when the key is known, so this is
-        safe to call at every start.
+        safe to call at every start. ``eab`` binds the new account to one the CA issued out of
+        band (RFC 8555 section 7.3.4), for CAs that require it.
         """
         directory = await self.directory()
         url = await self._transport.resource("newAccount")
+        if eab is None and directory.meta.external_account_required:
+            raise AcmeError(f"the CA at {self.directory_url} {EAB_REQUIRED}")
         tos = directory.meta.terms_of_service
         if tos and not agree_tos:
             existing = await self._find_account(url)
@@ -158,7 +176,12 @@ class AcmeClient:
             payload["contact"] = [f"mailto:{email}"]
         if agree_tos:
             payload["termsOfServiceAgreed"] = True
-        resp = await self._transport.post(url, payload, use_kid=False)
+        if eab is not None:
+            payload["externalAccountBinding"] = self._transport.external_account_binding(eab, directory)
+        try:
+            resp = await self._transport.post(url, payload, use_kid=False)
+        except AcmeError as exc:
+            raise _account_error(exc, eab) from exc
         self._transport.account_url = account_url = resp.location
         log.debug("account %s (%s)", account_url, "existing" if resp.status == 200 else "new")
         return account_url
@@ -189,7 +212,7 @@ class AcmeClient:
             raise ValueError("an order needs at least one name")
         directory = await self.directory()
         url = await self._transport.resource("newOrder")
-        payload: dict[str, Any] = {"identifiers": [{"type": "dns", "value": n} for n in unique]}
+        payload: dict[str, Any] = {"identifiers": [_identifier_json(n) for n in unique]}
         if profile is not None:
             offered = directory.meta.profiles or {}
             if profile not in offered:
@@ -340,6 +363,7 @@ class AcmeClient:
         """
         started = time.monotonic()
         csr = make_csr(key_pem, names)
+        profile = order_profile(profile, names, (await self.directory()).meta.profiles or {})
         resumed = await self._resumable_order(resume_url) if resume_url else None
         if resumed is not None:
             order_url, order = resume_url, resumed  # type: ignore[assignment]
@@ -365,7 +389,7 @@ class AcmeClient:
         except ValueError as exc:
             raise AcmeError(f"the CA returned an unreadable certificate: {exc}") from exc
         log.debug("issued %s for %s in %.3fs", info.serial, ", ".join(names), time.monotonic() - started)
-        return IssuedCertificate(chain_pem=chain, order_url=order_url, info=info)
+        return IssuedCertificate(chain_pem=chain, order_url=order_url, info=info, profile=profile)
 
     async def _resumable_order(self, order_url: str) -> messages.Order | None:
         try:
@@ -394,6 +418,12 @@ def _status(order: messages.Order) -> str | None:
     return order.status.name if order.status is not None else None
 
 
+def _identifier_json(name: str) -> dict[str, str]:
+    """An order's identifier for a normalised name: ``ip`` for an address (RFC 8738)."""
+    kind = messages.IDENTIFIER_IP if is_address(name) else messages.IDENTIFIER_FQDN
+    return {"type": kind.name, "value": name}
+
+
 def _identifier(authz: Mapping[str, Any]) -> str:
     ident = authz.get("identifier")
     if not isinstance(ident, Mapping) or not isinstance(ident.get("value"), str):
@@ -402,8 +432,11 @@ def _identifier(authz: Mapping[str, Any]) -> str:
 
 
 def _choose_challenge(authz: Mapping[str, Any], preferred: Sequence[str], name: str) -> Mapping[str, Any]:
-    offered = [c for c in authz.get("challenges") or () if isinstance(c, Mapping)]
-    by_type = {c.get("type"): c for c in offered}
+    """Our most preferred type among those offered. CAs add new types (``dns-persist-01``)
+    whose objects may lack a token or carry other fields: a type we do not answer is never
+    looked into, only named if nothing else is usable."""
+    offered = [c for c in authz.get("challenges") or () if isinstance(c, Mapping) and isinstance(c.get("type"), str)]
+    by_type = {c["type"]: c for c in offered}
     for ctype in preferred:
         challenge = by_type.get(ctype)
         if challenge is not None:
@@ -414,6 +447,18 @@ def _choose_challenge(authz: Mapping[str, Any], preferred: Sequence[str], name: 
         f"no usable challenge for {name}: the CA offers {', '.join(map(str, by_type)) or 'none'}, "
         f"we answer {', '.join(preferred) or 'none'}"
     )
+
+
+def _account_error(exc: AcmeError, eab: ExternalAccount | None) -> AcmeError:
+    """A refused registration, said in terms of the options when External Account Binding is
+    what the CA wants: the raw problem (``externalAccountRequired``, ``unauthorized``) does not
+    tell an operator which setting to change."""
+    if exc.problem_type == PROBLEM_EXTERNAL_ACCOUNT_REQUIRED:
+        return AcmeError(f"the CA {EAB_REQUIRED} ({exc.detail})", problem_type=exc.problem_type, status=exc.status)
+    if eab is not None and exc.problem_type in (PROBLEM_UNAUTHORIZED, PROBLEM_MALFORMED):
+        return AcmeError(f"the CA refused the External Account Binding for key id {eab.kid!r}: check --eab-kid and "
+                         f"--eab-hmac-key ({exc.detail})", problem_type=exc.problem_type, status=exc.status)
+    return exc
 
 
 def _authorization_error(authz: Mapping[str, Any], name: str, ctype: str | None) -> AcmeError:

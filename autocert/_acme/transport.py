@@ -27,6 +27,7 @@ from acme import jws, messages
 from cryptography.hazmat.primitives import hashes
 from multidict import CIMultiDictProxy
 
+from autocert._config import ExternalAccount
 from autocert._version import __version__
 from autocert._errors import PROBLEM_BAD_NONCE, AcmeError
 
@@ -204,6 +205,11 @@ class AcmeTransport:
                 except (jose.DeserializationError, TypeError) as exc:
                     raise AcmeError(f"malformed ACME directory at {self.directory_url}: {exc}") from exc
         return self._directory
+
+    def external_account_binding(self, eab: ExternalAccount, directory: messages.Directory) -> dict[str, Any]:
+        """The inner JWS that binds our account key to the CA's key id: our public key signed
+        with the MAC key, for the newAccount URL."""
+        return messages.ExternalAccountBinding.from_data(self._key.public_key(), eab.kid, eab.hmac_key, directory)
 
     async def resource(self, name: str) -> str:
         """The URL the directory gives for ``name`` (``newOrder``, ``revokeCert``, ...)."""

@@ -169,8 +169,9 @@ class HttpConnection(asyncio.Protocol):
             transport.close()
             return
         server.connections.add(self)
-        peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        if not self.peer:  # else a trusted balancer's PROXY header said who the client is
+            peer = transport.get_extra_info("peername")
+            self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.deadline = server.now + server.header_timeout
 
     def data_received(self, data: bytes) -> None:

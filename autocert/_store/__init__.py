@@ -5,7 +5,8 @@ This package is the only code that writes SQL. It hands out frozen dataclasses
 :class:`Store` is one class made of a part per aggregate, each over the shared base in
 :mod:`.engine` (engine, sessions, key sealer, lifecycle and migrations): :mod:`.allowlist`,
 :mod:`.accounts`, :mod:`.certificates` (with pending orders), :mod:`.attempts` (with
-backoff and leases) and :mod:`.challenges`; :mod:`.names` keeps the status index those
+backoff and leases), :mod:`.challenges` and :mod:`.dns_records`; :mod:`.listener` hears
+PostgreSQL's change notifications; :mod:`.names` keeps the status index those
 writes summarise, and :mod:`.status` answers status pages and counts from it, with
 predicates that :mod:`.rules` derives from the state rules.
 
@@ -17,6 +18,13 @@ Writes
 
     - ``allow`` and ``disallow`` change the entries and move the allowlist version, so a
       server that sees the new version (``change_marks``) sees the whole change.
+    - On PostgreSQL, ``allow``, ``disallow``, ``save_certificate`` and ``mark_revoked`` send
+      ``NOTIFY autocert_changes`` in their transaction: listeners (``change_listener``) hear
+      of a change only once it is committed, and never of one rolled back.
+    - ``claim_under_cap`` checks a pattern's cap and takes the name's place under it, and
+      ``start_attempt_within`` counts the account's orders and starts the attempt, each in
+      one transaction serialised with its kind (a row lock on the pattern, an advisory lock
+      on PostgreSQL; the write lock on SQLite): instances racing never pass a cap or budget.
     - ``finish_attempt`` closes the attempt and updates the name's failure count and last
       error (a success also clears the backoff); finishing an attempt twice raises
       :class:`StoreError` instead of counting a failure twice. The time of the next try is
@@ -101,6 +109,7 @@ from .allowlist import AllowlistMixin
 from .attempts import AttemptsMixin
 from .certificates import CertificatesMixin
 from .challenges import ChallengesMixin
+from .dns_records import DnsRecordsMixin
 from .status import SORTS, NameStatus, Position, StatusBatch, StatusCounts, StatusMixin, StatusPage, StatusQuery
 from .engine import StoreBase, async_url, head_revision, migrations_path
 from .records import (
@@ -109,6 +118,7 @@ from .records import (
     Attempt,
     CertificateTimes,
     ChangeMarks,
+    DnsRecord,
     ExpiryOverview,
     NameState,
     StoredCertificate,
@@ -120,6 +130,7 @@ __all__ = [
     "Attempt",
     "CertificateTimes",
     "ChangeMarks",
+    "DnsRecord",
     "ExpiryOverview",
     "NameState",
     "NameStatus",
@@ -137,5 +148,5 @@ __all__ = [
 ]
 
 
-class Store(AllowlistMixin, AccountsMixin, CertificatesMixin, AttemptsMixin, ChallengesMixin, StatusMixin, StoreBase):
+class Store(AllowlistMixin, AccountsMixin, CertificatesMixin, AttemptsMixin, ChallengesMixin, DnsRecordsMixin, StatusMixin, StoreBase):
     """Async access to autocert's database; create it with :meth:`open`, end with :meth:`close`."""

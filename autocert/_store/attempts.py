@@ -3,15 +3,16 @@ process at a time order a name, and the history that rate budgets and status pag
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Select, func, or_, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from .._errors import StoreError
 from .._timefmt import utcnow
-from .engine import _aware, _chunks
+from .engine import _BUDGET_LOCK_KEY, _aware, _chunks
 from .names import NamesMixin
 from .records import Attempt, NameState, _attempt, _attempts, _certificates, _is_current, _name_state, _name_states
 
@@ -27,16 +28,38 @@ class AttemptsMixin(NamesMixin):
 
     async def start_attempt(self, name: str, directory: str) -> int:
         """Record that an order for ``name`` is starting; returns the attempt id."""
+        async with self._writing() as session:
+            return await self._start_attempt(session, name, directory)
+
+    async def start_attempt_within(
+        self, name: str, directory: str, *, since: datetime, new_names_only: bool, room: Callable[[int], bool]
+    ) -> int | None:
+        """:meth:`start_attempt` only if ``room`` says the account's order budget has room
+        for it, given the orders counted as :meth:`orders_since` counts them; None (and
+        nothing written) when it has none.
+
+        The count and the insert are one transaction, serialised with every other budgeted
+        start (an advisory lock on PostgreSQL, SQLite's write lock), so servers sharing the
+        database keep one budget between them instead of each passing it by a few orders.
+        """
+        async with self._writing() as session:
+            if self.dialect == "postgresql":
+                await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _BUDGET_LOCK_KEY})
+            counted = int((await session.execute(self._orders_since(directory, since, new_names_only))).scalar_one())
+            if not room(counted):
+                return None
+            return await self._start_attempt(session, name, directory)
+
+    async def _start_attempt(self, session: AsyncSession, name: str, directory: str) -> int:
         stmt = (
             self._insert(_attempts)
             .values(name=name, directory=directory, started_at=utcnow(), result="running")
             .returning(_attempts.c.id)
         )
-        async with self._writing() as session:
-            attempt_id = int((await session.execute(stmt)).scalar_one())
-            await self._know(session, [name])
-            await self._count_attempt(session, name)
-            return attempt_id
+        attempt_id = int((await session.execute(stmt)).scalar_one())
+        await self._know(session, [name])
+        await self._count_attempt(session, name)
+        return attempt_id
 
     async def finish_attempt(
         self,
@@ -141,6 +164,11 @@ class AttemptsMixin(NamesMixin):
         ``new_names_only`` leaves out renewals (orders for a name that already had a
         certificate when they started), which a CA with renewal information exempts.
         """
+        async with self._reading() as session:
+            return int((await session.execute(self._orders_since(directory, since, new_names_only))).scalar_one())
+
+    @staticmethod
+    def _orders_since(directory: str, since: datetime, new_names_only: bool) -> Select[Any]:
         stmt = (
             select(func.count())
             .select_from(_attempts)
@@ -153,8 +181,7 @@ class AttemptsMixin(NamesMixin):
                 .exists()
             )
             stmt = stmt.where(~earlier)
-        async with self._reading() as session:
-            return int((await session.execute(stmt)).scalar_one())
+        return stmt
 
     async def failures_since(self, name: str, since: datetime, *, directory: str | None = None) -> list[datetime]:
         """Start times of ``name``'s failed attempts since ``since`` (at ``directory`` only,

@@ -77,6 +77,7 @@ class CertificatesMixin(NamesMixin):
             )
             await self._know(session, [name])
             await self._refresh_certificates(session, [name])
+            await self._announce_change(session)
         return self._unsealed(_certificate(row))
 
     async def save_pending_order(self, name: str, directory: str, order_url: str, key_pem: bytes) -> None:
@@ -235,4 +236,6 @@ class CertificatesMixin(NamesMixin):
         async with self._writing() as session:
             revoked = (await session.execute(stmt)).scalars().all()
             await self._refresh_certificates(session, revoked)
+            if revoked:
+                await self._announce_change(session)
             return bool(revoked)

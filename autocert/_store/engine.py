@@ -12,7 +12,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing, suppress
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import (
 
 from .._errors import ConfigError, StoreError
 from .._sealing import KeySealer
+from .listener import CHANNEL, ChangeListener
 from .records import Account, StoredCertificate, _accounts, _certificates
 
 log = logging.getLogger("autocert.store")
@@ -58,6 +59,7 @@ SQLITE_BUSY_TIMEOUT = 30.0
 # Advisory lock keys (PostgreSQL): fixed numbers, so every instance contends for the same lock.
 _MIGRATION_LOCK_KEY = 0x6175746F63657274  # "autocert"
 _CERTIFICATE_LOCK_KEY = _MIGRATION_LOCK_KEY + 1
+_BUDGET_LOCK_KEY = _MIGRATION_LOCK_KEY + 3
 
 # Keep statements well under the bound-parameter limits of SQLite (32766) and asyncpg (32767).
 _CHUNK = 500
@@ -428,6 +430,19 @@ class StoreBase:
                 yield session
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"database {self.url}: {_short_error(exc)}") from exc
+
+    async def _announce_change(self, session: AsyncSession) -> None:
+        """Wake every listening server at commit (PostgreSQL; see :mod:`.listener`)."""
+        if self.dialect == "postgresql":
+            await session.execute(text(f"NOTIFY {CHANNEL}"))
+
+    def change_listener(self, on_change: Callable[[], None]) -> ChangeListener | None:
+        """A listener calling ``on_change`` whenever another process (or this one) changes the
+        allowlist or stores or revokes a certificate; None on SQLite, which must poll."""
+        if self.dialect != "postgresql":
+            return None
+        dsn = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return ChangeListener(dsn, on_change, shown_url=self.url)
 
     def _insert(self, table: Table) -> Any:
         """The dialect's INSERT, which is the one offering ON CONFLICT."""

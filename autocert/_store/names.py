@@ -116,9 +116,10 @@ class NamesMixin(StoreBase):
     async def _count_attempt(self, session: Executor, name: str) -> None:
         await session.execute(update(_names).where(_names.c.name == name).values(attempts=_names.c.attempts + 1))
 
-    async def _allowlist_added(self, session: Executor, entries: Sequence[str]) -> None:
-        """Entries were added: exact names become listed (and known), names under a pattern allowed."""
-        exact = [entry for entry in entries if not entry.startswith(PATTERN_PREFIX)]
+    async def _allowlist_added(self, session: Executor, entries: Sequence[str], *, wildcard: bool = False) -> None:
+        """Entries were added: exact names become listed (and known), names under a pattern
+        allowed; a wildcard pattern is known itself, as its certificate's name."""
+        exact = [entry for entry in entries if wildcard or not entry.startswith(PATTERN_PREFIX)]
         for chunk in _chunks(exact):
             rows = [{"name": name, "listed": True, "allowed": True, "attempts": 0, "failures": 0} for name in chunk]
             stmt = self._insert(_names).values(rows)
@@ -129,8 +130,9 @@ class NamesMixin(StoreBase):
                 await session.execute(update(_names).where(under, ~_names.c.allowed).values(allowed=True))
 
     async def _allowlist_removed(self, session: Executor, entries: Sequence[str]) -> None:
-        """Entries were removed: names lose them, and a name left with no reason to be known goes."""
-        exact = [entry for entry in entries if not entry.startswith(PATTERN_PREFIX)]
+        """Entries were removed: names lose them, and a name left with no reason to be known goes.
+        Patterns are removed as names as well: a wildcard pattern has a row of its own."""
+        exact = list(entries)
         for pattern in entries:
             under = _under(pattern) if pattern.startswith(PATTERN_PREFIX) else None
             if under is not None:
@@ -170,7 +172,7 @@ class NamesMixin(StoreBase):
         await self._lock_names(session, exclusive=True)
         await session.execute(delete(_names))
         known = (
-            select(_allowed.c.entry.label("name")).where(~_allowed.c.entry.startswith(PATTERN_PREFIX, autoescape=True))
+            select(_allowed.c.entry.label("name")).where(~_allowed.c.entry.startswith(PATTERN_PREFIX, autoescape=True) | _allowed.c.wildcard)
             .union(select(_certificates.c.name), select(_attempts.c.name), select(_name_states.c.name))
             .subquery()
         )

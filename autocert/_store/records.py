@@ -17,8 +17,10 @@ from .._models import (
     AllowedRow,
     AllowlistVersionRow,
     AttemptRow,
+    CapClaimRow,
     CertificateRow,
     ChallengeRow,
+    DnsRecordRow,
     NameRow,
     NameStateRow,
 )
@@ -31,6 +33,8 @@ _attempts: Table = AttemptRow.__table__  # type: ignore[assignment]
 _name_states: Table = NameStateRow.__table__  # type: ignore[assignment]
 _challenges: Table = ChallengeRow.__table__  # type: ignore[assignment]
 _names: Table = NameRow.__table__  # type: ignore[assignment]
+_cap_claims: Table = CapClaimRow.__table__  # type: ignore[assignment]
+_dns_records: Table = DnsRecordRow.__table__  # type: ignore[assignment]
 
 
 def _is_current() -> ColumnElement[bool]:
@@ -68,6 +72,18 @@ class AllowedEntry:
     entry: str
     added_at: datetime
     cap: int | None = None
+    wildcard: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DnsRecord:
+    """A dns-01 TXT record this or another process published and has not cleared yet."""
+
+    id: int
+    fqdn: str
+    value: str
+    owner: str
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
