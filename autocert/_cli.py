@@ -18,23 +18,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._config import (
-    LETS_ENCRYPT_DIRECTORY,
     ListenError,
     ServeOptions,
     WORKER_ENV,
     bind_listeners,
     bind_worker_listeners,
     check_admin_binding,
-    check_ca_bundle,
     close_sockets,
-    default_db_url,
     parse_alpn,
     parse_listen,
     parse_listeners,
     parse_on_off,
     parse_positive_float,
-    parse_external_account,
-    parse_order_limit,
     parse_positive_int,
     parse_proxy_protocol,
     parse_upstream,
@@ -45,9 +40,10 @@ from ._config import (
     tcp_upstream,
 )
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
+from ._cli_manager import db_url, issuers_from_args, manager_from_args, primary_directory
 from ._parser import REVOCATION_REASONS, env, parse_arguments
 from ._names import is_pattern, normalize_entry, normalize_name
-from ._policy import MAX_CAP, STATES, budget_with_order_limit
+from ._policy import MAX_CAP, STATES
 from ._signals import STOP_SIGNALS, expect_stop_signals, release_stop_signals, stop_requested
 from ._timefmt import isoformat
 from ._console import emit_json, print_status, print_table, setup_logging
@@ -55,7 +51,6 @@ from ._console import emit_json, print_status, print_table, setup_logging
 if TYPE_CHECKING:  # imported where used: `serve` binds its ports before loading the server
     import asyncio  # and its `--workers` supervisor runs without an event loop
 
-    from ._dns import DnsSettings
     from ._manager import Manager
     from ._store import Store
 
@@ -69,10 +64,6 @@ class UsageError(AutocertError):
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def db_url(args: argparse.Namespace) -> str:
-    return getattr(args, "db", None) or env("AUTOCERT_DB") or default_db_url()
 
 
 def wants_json(args: argparse.Namespace) -> bool:
@@ -170,9 +161,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
             raise UsageError(f"--state {state}: unknown state; use one of {', '.join(STATES)}")
     limit = parse_positive_int(args.limit, option="--limit") if args.limit is not None else None
     names = normalise_all(args.names, patterns=True) if args.names else None
-    config = args.config_file
-    from_file = config and ((config.issuers[:1] or [{}])[0].get("directory") or config.options.get("directory"))
-    directory = env("AUTOCERT_DIRECTORY") or from_file or LETS_ENCRYPT_DIRECTORY
+    directory = primary_directory(args)
     from ._status import parse_query, status_chunks, status_report
 
     async with open_store(args) as store:
@@ -194,43 +183,6 @@ async def _once(items: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any
 #: Names per chunk of ``autocert status``: the table's columns are sized from the first one
 #: when it is all there is, else from the database's longest name and largest attempt count.
 STATUS_CHUNK = 1000
-
-
-def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str], **extra: Any) -> Manager:
-    from ._manager import Manager
-
-    extra.setdefault("renew", False)  # one-shot commands do only what they were asked
-    if args.order_limit is not None:
-        extra["budget"] = budget_with_order_limit(args.directory, parse_order_limit(args.order_limit))
-    eab = parse_external_account(args.eab_kid, args.eab_hmac_key)
-    return Manager(
-        db=db_url(args),
-        eab=(eab.kid, eab.hmac_key) if eab else None,
-        ask=args.ask or None,
-        ask_timeout=parse_seconds_above_zero(args.ask_timeout, option="--ask-timeout"),
-        dns=dns_settings(args),
-        directory=args.directory,
-        email=args.email,
-        agree_tos=args.agree_tos,
-        ca_bundle=check_ca_bundle(args.ca_bundle),
-        profile=args.profile,
-        challenge_types=challenge_types,
-        **extra,
-    )
-
-
-def dns_settings(args: argparse.Namespace) -> DnsSettings | None:
-    """``--dns``, ``--dns-resolver`` and ``--dns-timeout`` as the manager takes them."""
-    timeout = parse_seconds_above_zero(args.dns_timeout, option="--dns-timeout")
-    if not args.dns:
-        for option, given in (("--dns-resolver", args.dns_resolver), ("--prefer-dns", args.prefer_dns)):
-            if given:
-                raise UsageError(f"{option} needs --dns: a provider to publish dns-01 records with")
-        return None
-    from ._dns import DnsLookup, DnsSettings, parse_provider, parse_resolvers
-
-    lookup = DnsLookup(parse_resolvers(args.dns_resolver))
-    return DnsSettings(parse_provider(args.dns, lookup), lookup, timeout=timeout)
 
 
 async def cmd_issue(args: argparse.Namespace) -> int:
@@ -406,9 +358,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         challenge_types.append("tls-alpn-01")
     cache_size = parse_positive_int(args.cache_size, option="--cache-size")
     default_name = normalize_name(args.default_name) if args.default_name else None
-    check_ca_bundle(args.ca_bundle)
-    if args.order_limit is not None:
-        parse_order_limit(args.order_limit)
+    issuers_from_args(args)  # a bad directory, trust-anchor file, order limit or EAB pair stops us before binding
     return ServeSettings(options, challenge_types, cache_size, default_name, parse_workers(args.workers))
 
 

@@ -1,10 +1,14 @@
 """The config file (``--config FILE``): one more source for the command line's own options.
 
 A TOML file names every long option by its name with ``_`` for ``-`` (``first_contact_wait =
-10``), lists for repeatable options, and ``[[issuer]]`` tables for the ACME settings of a CA.
-Its values become the defaults of the options they name, so the one parser still checks and
-converts every value, and the order of precedence falls out: the file gives way to an
-option's environment variable, which gives way to the option on the command line.
+10``), lists for repeatable options, and ``[[issuer]]`` tables for the CAs to order from, in
+the order they are tried, each with its own ACME settings. Its top-level values become the
+defaults of the options they name, so the one parser still checks and converts every value,
+and the order of precedence falls out: the file gives way to an option's environment
+variable, which gives way to the option on the command line. The tables are turned into the
+list of CAs after parsing (``_cli_manager.issuers_from_args``), where a ``--directory`` or
+``AUTOCERT_DIRECTORY`` replaces them and an ACME option given on the command line or in the
+environment applies to every CA over them.
 
 ``tomllib`` reports no positions for keys, so an unknown key or a value of the wrong type is
 reported with the line found by scanning the text for the key.
@@ -31,8 +35,8 @@ NOT_IN_FILE = ("help", "version", "config")
 
 @dataclass
 class ConfigFile:
-    """A parsed config file. ``issuers`` stays a list, in the file's order: only the first
-    is used for now."""
+    """A parsed config file. ``issuers`` are the ``[[issuer]]`` tables in the file's order:
+    the CAs, the first of them the primary."""
 
     path: str
     text: str
@@ -79,8 +83,15 @@ def load_config_file(path: str) -> ConfigFile:
                 raise config.error(key, f"not a setting of an [[issuer]] table (those are {', '.join(ISSUER_KEYS)})", index)
             if not isinstance(value, str):
                 raise config.error(key, "expected a string", index)
+            if key in data:
+                # A top-level value applies to every CA; one CA's own would be a second answer.
+                raise config.error(key, f"given both at the top level and in the {_ordinal(index)} [[issuer]] table; keep one", index)
     config.options, config.issuers = data, issuers
     return config
+
+
+def _ordinal(index: int) -> str:
+    return ("first", "second", "third")[index] if index < 3 else f"{index + 1}th"
 
 
 def option_actions(parser: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
@@ -105,15 +116,11 @@ def _walk(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 
 
 def apply_config_file(parser: argparse.ArgumentParser, config: ConfigFile, env_names: Collection[str]) -> None:
-    """Make the file's values the defaults of the options they name, except where the
-    option's environment variable (one of ``env_names``) is set: it wins over the file."""
+    """Make the file's top-level values the defaults of the options they name, except where
+    the option's environment variable (one of ``env_names``) is set: it wins over the file.
+    The ``[[issuer]]`` tables are left to the code that puts the CAs together."""
     actions = option_actions(parser)
-    values = dict(config.options)
-    for key, value in (config.issuers[0] if config.issuers else {}).items():
-        if key in values:
-            raise config.error(key, "given both at the top level and in the first [[issuer]] table; keep one", 0)
-        values[key] = value
-    for key, value in values.items():
+    for key, value in config.options.items():
         if key not in actions:
             raise config.error(key, "unknown option (a file takes the long options of the command line, with _ for -)")
         default = _converted(config, key, value, actions[key][0])

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from ._issuers import ca_label
 from ._timefmt import isoformat
 
 
@@ -70,7 +71,7 @@ STATE_COLOURS = {
 }
 
 
-STATUS_HEADERS = ["NAME", "STATE", "DAYS LEFT", "NOT AFTER", "RENEW AT", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"]
+STATUS_HEADERS = ["NAME", "STATE", "DAYS LEFT", "NOT AFTER", "RENEW AT", "ATTEMPTS", "NEXT ATTEMPT", "CA", "LAST ERROR"]
 
 
 TIME_WIDTH = len("2026-05-01 12:00Z")
@@ -131,7 +132,8 @@ async def print_status(chunks: AsyncIterator[list[dict[str, Any]]], *, as_json: 
 
 def _status_cells(item: dict[str, Any], now: datetime) -> list[str]:
     return [item["name"], item["state"], days_left(item["not_after"], now), short_time(item["not_after"]), short_time(item["renew_at"]),
-            str(item["attempts"]), short_time(item["next_attempt_at"]), item["last_error"] or "-"]
+            str(item["attempts"]), short_time(item["next_attempt_at"]), ca_label(item["ca"]) if item["ca"] else "-",
+            item["last_error"] or "-"]
 
 
 def _status_line(cells: list[str], widths: list[int], paint: bool) -> str:

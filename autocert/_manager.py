@@ -18,11 +18,12 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._config import LETS_ENCRYPT_DIRECTORY, check_ca_bundle, default_db_url, parse_external_account
+from ._config import LETS_ENCRYPT_DIRECTORY, default_db_url, parse_external_account
 from ._errors import AutocertError, ConfigError, IssuanceError, StoreError
 from ._events import Event, EventBus, log_event
+from ._issuers import Issuer, issuers_for
 from ._names import is_host_name, is_pattern, normalize_entry, normalize_name
-from ._policy import MAX_CAP, RateBudget, Route, certificate_name, challenged_address, default_budget, hold_reason, needs_order, unnamed_route
+from ._policy import MAX_CAP, RateBudget, Route, budget_for, certificate_name, challenged_address, hold_reason, needs_order, unnamed_route
 from ._ask import ASK_TIMEOUT, AskGate
 from ._caps import PatternCaps
 from ._scheduler import Scheduler
@@ -58,8 +59,14 @@ class Manager:
         and set ``AUTOCERT_SECRET`` to encrypt keys at rest. Servers that should share
         certificates and leases must name the same database (PostgreSQL across hosts).
     directory:
-        ACME directory URL of the CA. Default Let's Encrypt production, whose rate limits
-        are real: test against a staging or local CA first.
+        ACME directory URL of the CA, or several: every order starts at the first and moves
+        to the next at once when the CA, not the name, is why it failed (unreachable, 5xx,
+        rate-limited). Default Let's Encrypt production, whose rate limits are real: test
+        against a staging or local CA first.
+    issuers:
+        The CAs as :class:`autocert._issuers.Issuer` settings, each with its own email,
+        ca_bundle, profile and order limit, instead of ``directory`` and the options that
+        apply to every CA in it. Default None.
     email:
         Contact address for the ACME account. Default none; the CA then cannot reach you.
     agree_tos:
@@ -106,7 +113,8 @@ class Manager:
         counted or held. Raising it past the CA's own gets the account rate-limited.
     eab:
         (key id, MAC key) for External Account Binding, the MAC key base64url as the CA gave
-        it. Default None. A CA that requires it refuses to register an account without it.
+        it, used at every CA of ``directory`` (an :class:`Issuer` carries its own). Default
+        None. A CA that requires it refuses to register an account without it.
     ask:
         URL asked ``GET URL?domain=NAME`` about names not on the allowlist (Caddy's on-demand
         ``ask``): a 2xx allows the name. Default None. The ``sni_callback`` cannot wait for the
@@ -125,8 +133,9 @@ class Manager:
     def __init__(
         self,
         db: str | None = None,
-        directory: str = LETS_ENCRYPT_DIRECTORY,
+        directory: str | Sequence[str] = LETS_ENCRYPT_DIRECTORY,
         *,
+        issuers: Sequence[Issuer] | None = None,
         email: str | None = None,
         agree_tos: bool = False,
         ca_bundle: str | None = None,
@@ -145,10 +154,13 @@ class Manager:
         dns: DnsSettings | None = None,
     ) -> None:
         self.db_url = db or default_db_url()
-        self.directory = directory
+        self.eab = parse_external_account(*eab) if eab is not None else None
+        #: The CAs in the order they are tried; the first is the primary.
+        self.issuers = tuple(issuers or issuers_for(directory, email=email, ca_bundle=ca_bundle, profile=profile, eab=self.eab))
+        self.directory = self.issuers[0].directory
         self.email = email
         self.agree_tos = agree_tos
-        self.ca_bundle = check_ca_bundle(ca_bundle)
+        self.ca_bundle = ca_bundle
         self.profile = profile
         self.default_name = normalize_name(default_name) if default_name else None
         self.alpn = tuple(alpn)
@@ -156,8 +168,8 @@ class Manager:
         self.challenge_types = answerable_types(challenge_types, dns)
         self.poll_interval = poll_interval
         self.concurrency = concurrency
-        self.budget = default_budget(directory) if budget == "auto" else budget
-        self.eab = parse_external_account(*eab) if eab is not None else None
+        self._budget = budget
+        self.budget = budget_for(self.issuers[0], budget)  # the primary's
         self.cache = ContextCache(cache_size)
         #: The ask endpoint's gate, when there is one; a name it stops allowing stops being served.
         self.ask = AskGate(ask, timeout=ask_timeout, on_refused=self.cache.discard) if ask else None
@@ -214,21 +226,9 @@ class Manager:
             raise
         self._store = store
         self._challenges = ChallengeBook(self._store, self.challenge_types, self.dns)
-        self._worker = Worker(
-            self._store,
-            directory=self.directory,
-            challenges=self._challenges,
-            email=self.email,
-            agree_tos=self.agree_tos,
-            ca_bundle=self.ca_bundle,
-            profile=self.profile,
-            eab=self.eab,
-            concurrency=self.concurrency,
-            budget=self.budget,
-            on_issued=self._install,
-            events=self.events,
-            trace_configs=self.acme_trace_configs,
-        )
+        self._worker = Worker(self._store, issuers=self.issuers, challenges=self._challenges, agree_tos=self.agree_tos,
+                              concurrency=self.concurrency, budget=self._budget, on_issued=self._install, events=self.events,
+                              trace_configs=self.acme_trace_configs)
         closed = await self._store.close_abandoned_attempts()
         if closed:
             log.info("closed %d attempt(s) left running by a process that was stopped mid-order", closed)

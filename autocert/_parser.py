@@ -6,20 +6,18 @@ file, default. Checking the values is left to :mod:`autocert._config` and the co
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._config import LETS_ENCRYPT_DIRECTORY, parse_bool_env
+from ._cli_manager import DirectoryAction
+from ._config import parse_bool_env
 from ._config_file import apply_config_file, load_config_file
+from ._issuers import DIRECTORY_ENV
 from ._version import __version__
 
 __all__ = ["ENV_NAMES", "REVOCATION_REASONS", "build_parser", "config_path", "env", "env_flag", "parse_arguments"]
-
-log = logging.getLogger("autocert")
-
 
 #: The environment variables options are read from, recorded as the parser is built (plus
 #: those read later: the database, and the listeners, whose variables hold comma-separated
@@ -70,17 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
                              " (env AUTOCERT_CONFIG)")
 
     acme = argparse.ArgumentParser(add_help=False)
-    acme.add_argument("--directory", default=env("AUTOCERT_DIRECTORY", LETS_ENCRYPT_DIRECTORY), help="ACME directory URL")
-    acme.add_argument("--ca-bundle", default=env("AUTOCERT_CA_BUNDLE"), help="PEM trusted for the ACME server")
-    acme.add_argument("--email", default=env("AUTOCERT_EMAIL"), help="ACME account contact")
+    ENV_NAMES.add(DIRECTORY_ENV)  # read when the CAs are put together (a comma list)
+    acme.add_argument("--directory", action=DirectoryAction, metavar="URL",
+                      help="ACME directory URL; repeat it for CAs to fall back on, tried in order (env AUTOCERT_DIRECTORY, "
+                           "comma-separated; default: the config file's [[issuer]] tables, else Let's Encrypt)")
+    acme.add_argument("--ca-bundle", default=env("AUTOCERT_CA_BUNDLE"), help="PEM trusted for the ACME server(s), at every CA")
+    acme.add_argument("--email", default=env("AUTOCERT_EMAIL"), help="ACME account contact, at every CA")
     acme.add_argument("--agree-tos", action="store_true", default=env_flag("AUTOCERT_AGREE_TOS"), help="accept the CA's terms")
     acme.add_argument("--profile", default=env("AUTOCERT_PROFILE"), help="ACME certificate profile")
     acme.add_argument("--order-limit", default=env("AUTOCERT_ORDER_LIMIT"), metavar="N/DURATION",
-                      help="new orders per account kept under, e.g. 300/3h, or none (default: Let's Encrypt's limits for its directories, else none)")
+                      help="new orders per account kept under at each CA, e.g. 300/3h, or none (default: Let's Encrypt's limits for its directories, else none)")
     acme.add_argument("--eab-kid", default=env("AUTOCERT_EAB_KID"), metavar="KID",
-                      help="External Account Binding key id, for CAs that require it (with --eab-hmac-key)")
+                      help="External Account Binding key id, for CAs that require it (with --eab-hmac-key), at every CA")
     acme.add_argument("--eab-hmac-key", default=env("AUTOCERT_EAB_HMAC_KEY"), metavar="KEY",
-                      help="External Account Binding MAC key, base64url as the CA gave it (with --eab-kid)")
+                      help="External Account Binding MAC key, base64url as the CA gave it (with --eab-kid), at every CA")
     acme.add_argument("--ask", default=env("AUTOCERT_ASK"), metavar="URL",
                       help="for names not on the allowlist, GET URL?domain=NAME: a 2xx allows the name (Caddy's on-demand ask)")
     acme.add_argument("--ask-timeout", default=env("AUTOCERT_ASK_TIMEOUT", "2"), metavar="SECONDS",
@@ -189,8 +190,6 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     config = load_config_file(path) if path else None
     if config is not None:
         apply_config_file(parser, config, ENV_NAMES)
-        if len(config.issuers) > 1:
-            log.warning("%s: %d [[issuer]] tables; only the first is used", path, len(config.issuers))
     args = parser.parse_args(argv)
     args.config_file = config
     return args

@@ -17,6 +17,8 @@ from datetime import datetime, timedelta
 from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
+from ._errors import ACME_ERROR_PREFIX
+from ._issuers import Issuer
 from ._names import address_of_reverse_name, address_of_socket, is_address, pattern_for
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "RateBudget",
     "Route",
     "ari_next_check",
+    "budget_for",
     "budget_with_order_limit",
     "certificate_name",
     "challenged_address",
@@ -59,6 +62,7 @@ __all__ = [
     "renewal_time",
     "retry_delay",
     "time_in_window",
+    "tries_next_ca",
     "unnamed_route",
     "within_cap",
 ]
@@ -266,6 +270,30 @@ def order_profile(configured: str | None, names: Collection[str], offered: Colle
 
 
 # ---------------------------------------------------------------------------------------------
+# Which CA: when an order moves on to the next one
+
+#: ACME problems that say the name itself failed validation (its DNS, its server, its CAA
+#: records, a name the CA's policy refuses). Another CA would fail it the same way, and each
+#: try burns a failed-validation limit there, so such an order is not placed at the next CA.
+NAME_PROBLEMS = frozenset(
+    ACME_ERROR_PREFIX + problem
+    for problem in ("unauthorized", "dns", "connection", "incorrectResponse", "tls", "caa", "rejectedIdentifier")
+)
+
+
+def tries_next_ca(problem_type: str | None) -> bool:
+    """Whether an order that could not be completed at one CA is placed at the next at once.
+
+    ``problem_type`` is the CA's ACME problem, or None when there was none to read: the CA
+    was unreachable or timed out, answered 5xx or something unusable. Everything but the
+    name's own fault (:data:`NAME_PROBLEMS`) is the CA's trouble, and another CA may well
+    issue: ``serverInternal``, ``rateLimited`` (limits are per CA), ``badNonce`` retried to
+    exhaustion, an unusable directory, a profile or challenge type it does not offer.
+    """
+    return problem_type not in NAME_PROBLEMS
+
+
+# ---------------------------------------------------------------------------------------------
 # Budgets: limits kept below the CA's, so the account never gets locked out
 
 
@@ -301,6 +329,18 @@ def budget_with_order_limit(directory: str, limit: tuple[int, timedelta] | None)
         return None
     base = default_budget(directory) or RateBudget(failures_per_name=None)
     return replace(base, orders=limit[0], order_window=limit[1])
+
+
+def budget_for(issuer: Issuer, budget: RateBudget | None | Literal["auto"] = "auto") -> RateBudget | None:
+    """The budget kept at one CA: ``budget`` when one is set for every CA (None: none), else
+    the issuer's own ``order_limit`` (see :func:`budget_with_order_limit`), whose ``"auto"`` is
+    the default for its directory. Each CA's budget is counted apart, so a primary over its
+    budget holds no order back at the next CA."""
+    if budget != "auto":
+        return budget
+    if issuer.order_limit == "auto":
+        return default_budget(issuer.directory)
+    return budget_with_order_limit(issuer.directory, issuer.order_limit)
 
 
 def exempt_from_budgets(*, renewing: bool, sends_replaces: bool, ca_has_renewal_info: bool) -> bool:

@@ -56,7 +56,9 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._skipped_disallowed: set[str] = set()
         self._challenges_swept: datetime | None = None
-        self._ari_unsupported = False
+        #: Directories of CAs that publish no renewal information (or are no longer configured):
+        #: their certificates keep their lifetime-based ``renew_at``.
+        self._ari_unsupported: set[str] = set()
         self._random = rng or random.Random()
 
     def poke(self) -> None:
@@ -113,14 +115,15 @@ class Scheduler:
         """Fetch the CA's renewal window (RFC 9773) for certificates whose check is due and
         move their ``renew_at`` into it; returns how many were checked.
 
-        Runs here, never on the handshake path. A CA without renewal information is noticed
-        once; the lifetime-based ``renew_at`` then stands.
+        Runs here, never on the handshake path, and asks the CA that issued each certificate.
+        A CA without renewal information is noticed once; the lifetime-based ``renew_at`` of
+        its certificates then stands.
         """
-        if self._ari_unsupported:
-            return 0
         now = self._clock()
         checked = 0
-        for certificate in await self._store.renewal_info_due(now, self._batch):
+        for certificate in await self._store.renewal_info_due(now, self._batch, skip=self._ari_unsupported):
+            if certificate.directory in self._ari_unsupported:
+                continue  # found out earlier in this batch
             try:
                 info = await self._worker.renewal_info(certificate)
             except asyncio.CancelledError:
@@ -130,8 +133,8 @@ class Scheduler:
                 await self._store.set_renewal(certificate.id, renew_at=certificate.renew_at, ari_next_check_at=now + ARI_ERROR_RETRY)
                 continue
             if info is None:
-                self._ari_unsupported = True
-                return checked
+                self._ari_unsupported.add(certificate.directory)
+                continue
             renew_at = time_in_window(info.start, info.end, now, self._random)
             next_check = ari_next_check(now, info.retry_after, self._random)
             await self._store.set_renewal(certificate.id, renew_at=renew_at, ari_next_check_at=next_check)

@@ -100,6 +100,8 @@ def status_item(row: NameStatus, *, ordering: bool, directory: str, now: datetim
         "serial": row.serial,
         "issuer": row.issuer,
         "directory": row.directory if row.expires is not None and row.directory else directory,
+        # The CA that issued the current certificate, whichever of several it was (None without one).
+        "ca": row.directory if row.expires is not None else None,
         "attempts": row.attempts,
         "last_error": row.last_error,
         "next_attempt_at": row.next_attempt_at,

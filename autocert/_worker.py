@@ -9,26 +9,28 @@ ordering again.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import socket
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 import aiohttp
 
-from ._config import ExternalAccount
+from ._ca import CaAccount
 from ._crypto import ari_certificate_id, generate_private_key, tls_alpn_challenge_certificate
 from ._errors import PROBLEM_ACCOUNT_DOES_NOT_EXIST, PROBLEM_ALREADY_REVOKED, PROBLEM_RATE_LIMITED, AcmeError, AutocertError, IssuanceError
 from ._events import Event, EventBus
+from ._issuers import Issuer
 from ._policy import (
     PARK_AFTER,
     RateBudget,
     account_budget_hold,
+    budget_for,
     failure_budget_hold,
     exempt_from_budgets,
     lease_held,
@@ -36,6 +38,7 @@ from ._policy import (
     next_attempt_after_rate_limit,
     rate_limit_hold,
     renewal_time,
+    tries_next_ca,
 )
 from ._store import StoredCertificate, Store
 from ._timefmt import isoformat, utcnow
@@ -206,52 +209,76 @@ def _tls_alpn_context(name: str, key_authorization: str) -> ssl.SSLContext:
     return build_context(cert_pem, key_pem, (ACME_TLS_ALPN,))
 
 
+class _MovedOn(Exception):
+    """An order could not be completed at one CA for the CA's reasons: the next CA gets it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Held(Exception):
+    """A budget stops an order at one CA before it is placed: until when, why, and whether it
+    holds the whole account there (then the next CA is tried) or only this name."""
+
+    def __init__(self, until: datetime, why: str, *, whole_account: bool) -> None:
+        super().__init__(why)
+        self.until, self.why, self.whole_account = until, why, whole_account
+
+
 class Worker:
-    """Orders certificates from one ACME directory and stores them."""
+    """Orders certificates from a list of CAs, the first of them the primary, and stores them.
+
+    Every order starts at the primary, renewals too (whichever CA issued last time), and moves
+    to the next CA at once when the CA is why it could not be completed: unreachable, 5xx,
+    rate-limited, over the budget kept there (see :func:`autocert._policy.tries_next_ca`).
+    A failure that is the name's own is not tried elsewhere.
+    """
 
     def __init__(
         self,
         store: Store,
         *,
-        directory: str,
+        issuers: Sequence[Issuer],
         challenges: ChallengeBook,
-        email: str | None = None,
         agree_tos: bool = False,
-        ca_bundle: str | None = None,
-        profile: str | None = None,
         concurrency: int = 4,
         on_issued: Callable[[StoredCertificate], Awaitable[None] | None] | None = None,
         events: EventBus | None = None,
         trace_configs: Sequence[aiohttp.TraceConfig] = (),
-        budget: RateBudget | None = None,
-        eab: ExternalAccount | None = None,
+        budget: RateBudget | None | Literal["auto"] = "auto",
     ) -> None:
         self._store = store
-        #: The limits kept below the CA's (None: none of our own; the CA's answers decide).
-        self.budget = budget
-        self.directory = directory
+        #: Our account at each CA, in the order they are tried.
+        self.cas = tuple(
+            CaAccount(store, issuer, agree_tos=agree_tos, budget=budget_for(issuer, budget), trace_configs=trace_configs)
+            for issuer in issuers
+        )
+        if not self.cas:
+            raise ValueError("a worker needs at least one CA to order from")
         self._challenges = challenges
-        self._email = email
-        self._agree_tos = agree_tos
-        self._ca_bundle = ca_bundle
-        self._profile = profile
-        self._eab = eab
         self._limit = asyncio.Semaphore(concurrency)
         self._on_issued = on_issued
         self._events = events or EventBus()
-        self._trace_configs = trace_configs  # aiohttp TraceConfigs for the ACME client (metrics)
         self.owner = new_owner_id()
         self._in_flight: dict[str, asyncio.Task[StoredCertificate]] = {}
-        self._client: AcmeClient | None = None
-        #: Whether the CA publishes renewal information; None until its directory is read.
-        self._renewal_info: bool | None = None
-        #: Until when the CA said the whole account may place no new orders (``rateLimited``).
-        self._account_held_until: datetime | None = None
-        #: Orders (and lookups) using each client, and replaced clients still in use: a client
-        #: is never closed under a request.
-        self._client_users: collections.Counter[AcmeClient] = collections.Counter()
-        self._retired: set[AcmeClient] = set()
-        self._client_lock = asyncio.Lock()
+
+    @property
+    def directory(self) -> str:
+        """The primary CA's directory."""
+        return self.cas[0].directory
+
+    @directory.setter
+    def directory(self, directory: str) -> None:
+        """Point the primary at another directory before its first order; its options stay."""
+        primary = self.cas[0]
+        moved = CaAccount(self._store, replace(primary.issuer, directory=directory), agree_tos=primary.agree_tos,
+                          budget=primary.budget, trace_configs=primary.trace_configs)
+        self.cas = (moved, *self.cas[1:])
+
+    def ca_for(self, directory: str) -> CaAccount | None:
+        """The configured CA with this directory (e.g. the one that issued a certificate)."""
+        return next((ca for ca in self.cas if ca.directory == directory), None)
 
     @property
     def in_flight(self) -> frozenset[str]:
@@ -282,64 +309,8 @@ class Worker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        clients = [*self._retired, *([self._client] if self._client is not None else [])]
-        self._client, self._retired = None, set()
-        self._client_users.clear()
-        for client in clients:
-            await client.close()
-
-    async def _acquire(self, *, stale: AcmeClient | None = None) -> AcmeClient:
-        """The account-bound client, marked in use until :meth:`_release`; created once, with
-        the account key stored before first use.
-
-        ``stale`` is a client whose account the CA no longer knows (a test CA restarted, an
-        account deactivated): the first caller replaces it by one that registers the same key
-        again, and every later caller with the same stale client gets that replacement. The
-        stale client is closed only once no order uses it any more.
-        """
-        client = await self._current_client(stale)
-        self._client_users[client] += 1
-        return client
-
-    async def _release(self, client: AcmeClient) -> None:
-        self._client_users[client] -= 1
-        if self._client_users[client] <= 0:
-            del self._client_users[client]
-            if client in self._retired:
-                self._retired.discard(client)
-                await client.close()
-
-    async def _current_client(self, stale: AcmeClient | None) -> AcmeClient:
-        async with self._client_lock:
-            if self._client is not None and self._client is not stale:
-                return self._client
-            if self._client is not None:
-                retired, self._client = self._client, None
-                if self._client_users[retired] > 0:
-                    self._retired.add(retired)  # closed by the last order still using it
-                else:
-                    self._client_users.pop(retired, None)
-                    await retired.close()
-            account = await self._store.get_account(self.directory)
-            if account is None:
-                key_pem = await asyncio.to_thread(generate_private_key)
-                account = await self._store.save_account(self.directory, key_pem, None, self._email)
-            account_url = None if stale is not None else account.url
-            # Imported on first use: the ACME stack (acme, josepy, requests) is a third of
-            # the server's start-up time and is not needed until something is ordered.
-            from ._acme import AcmeClient
-
-            client = AcmeClient(self.directory, account.key_pem, ca_bundle=self._ca_bundle, account_url=account_url,
-                                trace_configs=self._trace_configs)
-            try:
-                if account_url is None:
-                    url = await client.register(self._email, self._agree_tos, self._eab)
-                    await self._store.save_account(self.directory, account.key_pem, url, self._email)
-            except BaseException:
-                await client.close()
-                raise
-            self._client = client
-            return client
+        for ca in self.cas:
+            await ca.close()
 
     async def _issue_once(self, name: str) -> StoredCertificate:
         async with self._limit:
@@ -350,36 +321,63 @@ class Worker:
                 # The other process's lease ran out without a result: it died; order ourselves.
             try:
                 previous = await self._store.current_certificate(name)
-                budget = await self._check_budget(name, previous)
-                return await self._order(name, previous, budget)
+                return await self._order_at_each_ca(name, previous)
             finally:
                 await self._store.release_lease(name, self.owner)
 
-    async def _order(self, name: str, previous: StoredCertificate | None, budget: _AccountBudget | None = None) -> StoredCertificate:
+    async def _order_at_each_ca(self, name: str, previous: StoredCertificate | None) -> StoredCertificate:
+        """Try the CAs in order until one issues, one fails for the name's own reasons, or the
+        last one fails. A CA whose budget holds the whole account is passed over without
+        contacting it; when every CA holds the order, it waits for the first to free up."""
+        held: tuple[datetime, str] | None = None
+        for index, ca in enumerate(self.cas):
+            following = self.cas[index + 1] if index + 1 < len(self.cas) else None
+            if index:
+                await self._store.try_lease(name, self.owner, LEASE_SECONDS)  # each CA gets a whole lease
+            try:
+                budget = await self._check_budget(ca, name, previous)
+                return await self._order(ca, name, previous, budget, last=following is None)
+            except _Held as hold:
+                held = min(held or (hold.until, hold.why), (hold.until, hold.why))
+                if following is None or not hold.whole_account:
+                    await self._hold_back(name, *held)
+                log.warning("CA %s holds new orders until %s (%s), trying %s", ca.label, hold.until.isoformat(), hold.why,
+                            following.label)
+            except _MovedOn as moved:
+                assert following is not None
+                log.warning("CA %s failed (%s), trying %s", ca.label, moved.reason, following.label)
+        raise AssertionError("the last CA either issues or raises")
+
+    async def _order(self, ca: CaAccount, name: str, previous: StoredCertificate | None, budget: _AccountBudget | None, *,
+                     last: bool) -> StoredCertificate:
         renewing = previous is not None
-        # A renewal keeps the profile its certificate was ordered with.
-        profile = previous.profile if previous is not None and previous.profile else self._profile
+        # Only the CA that issued the certificate knows it: a renewal there keeps its profile and
+        # names it in ARI's ``replaces``; another CA gets its own profile and a plain order.
+        at_issuer = previous is not None and previous.directory == ca.directory
+        profile = previous.profile if at_issuer and previous.profile else ca.issuer.profile  # type: ignore[union-attr]
+        replaces = renewal_replaces(previous) if at_issuer else None
         if budget is None:
-            attempt_id = await self._store.start_attempt(name, self.directory)
+            attempt_id = await self._store.start_attempt(name, ca.directory)
         else:
-            started_id = await self._store.start_attempt_within(name, self.directory, since=budget.since,
+            # Counted in the transaction that starts the attempt: instances sharing the database
+            # keep one budget per CA between them.
+            started_id = await self._store.start_attempt_within(name, ca.directory, since=budget.since,
                                                                  new_names_only=budget.new_names_only, room=budget.room)
             if started_id is None:
                 assert budget.hold is not None
-                await self._hold_back(name, *budget.hold)
-            attempt_id = cast(int, started_id)
+                raise _Held(*budget.hold, whole_account=True)
+            attempt_id = started_id
         started = asyncio.get_running_loop().time()
-        log.info("issuing %s from %s", name, self.directory)
+        log.info("issuing %s from %s", name, ca.directory)
         client: AcmeClient | None = None
         try:
-            client = await self._acquire()
-            pending = await self._store.pending_order(name, self.directory)
+            client = await ca.acquire()
+            pending = await self._store.pending_order(name, ca.directory)
             key_pem = pending.key_pem if pending else await asyncio.to_thread(generate_private_key)
-            replaces = renewal_replaces(previous)
 
             async def remember(order_url: str) -> None:
                 # Key and order are stored before any challenge or finalisation.
-                await self._store.save_pending_order(name, self.directory, order_url, key_pem)
+                await self._store.save_pending_order(name, ca.directory, order_url, key_pem)
 
             try:
                 issued = await client.issue([name], key_pem, self._challenges, profile=profile, replaces=replaces,
@@ -389,19 +387,24 @@ class Worker:
                     raise
                 log.warning("the CA no longer knows our account; registering the same key again")
                 stale, client = client, None
-                await self._release(stale)
-                client = await self._acquire(stale=stale)
+                await ca.release(stale)
+                client = await ca.acquire(stale=stale)
                 issued = await client.issue([name], key_pem, self._challenges, profile=profile, replaces=replaces,
                                             on_order=remember)
         except (AutocertError, OSError, asyncio.TimeoutError) as exc:
-            await self._record_failure(name, attempt_id, exc, renewing=renewing)
-            raise self._as_issuance_error(name, exc) from exc
+            error = self._as_issuance_error(name, exc)
+            if not last and tries_next_ca(error.problem_type):
+                await self._store.finish_attempt(attempt_id, "failover", error.problem_type, error.detail)
+                self._rate_limit_hold(ca, name, exc)
+                raise _MovedOn(_problem_text(error)) from exc
+            await self._record_failure(ca, name, attempt_id, exc, renewing=renewing)
+            raise error from exc
         except asyncio.CancelledError:
             await asyncio.shield(self._store.finish_attempt(attempt_id, "failed", None, "interrupted"))
             raise
         finally:
             if client is not None:
-                await self._release(client)
+                await ca.release(client)
         info = issued.info
         certificate = await self._store.save_certificate(
             name=name,
@@ -413,7 +416,7 @@ class Worker:
             not_before=info.not_before,
             not_after=info.not_after,
             renew_at=renewal_time(info.not_before, info.not_after),
-            directory=self.directory,
+            directory=ca.directory,
             order_url=issued.order_url,
             profile=issued.profile,
         )
@@ -428,10 +431,12 @@ class Worker:
         return certificate
 
     async def renewal_info(self, certificate: StoredCertificate) -> RenewalInfo | None:
-        """The CA's renewal window for ``certificate``, or None if the CA publishes none."""
-        if not await self._ca_has_renewal_info():
+        """The renewal window the issuing CA gives ``certificate``, or None if that CA
+        publishes none (or is no longer among the configured CAs)."""
+        ca = self.ca_for(certificate.directory)
+        if ca is None or not await ca.has_renewal_info():
             return None
-        client = await self._acquire()
+        client = await ca.acquire()
         try:
             try:
                 certificate_id = ari_certificate_id(certificate.chain_pem)
@@ -439,18 +444,22 @@ class Worker:
                 return None
             return await client.renewal_info(certificate_id)
         finally:
-            await self._release(client)
+            await ca.release(client)
 
     async def revoke(self, certificate: StoredCertificate, reason: int = 0) -> None:
-        """Revoke at the CA, then record it so no server serves the certificate again."""
-        client = await self._acquire()
+        """Revoke at the CA that issued it, then record it so no server serves the certificate again."""
+        ca = self.ca_for(certificate.directory)
+        if ca is None:
+            raise IssuanceError(certificate.name, f"was issued by {certificate.directory}, which is not among the configured "
+                                                  "ACME directories: add it (--directory) to revoke there")
+        client = await ca.acquire()
         try:
             await client.revoke(certificate.chain_pem, reason)
         except AcmeError as exc:
             if exc.problem_type != PROBLEM_ALREADY_REVOKED:
                 raise
         finally:
-            await self._release(client)
+            await ca.release(client)
         await self._store.mark_revoked(certificate.id)
         log.info("revoked %s serial %s", certificate.name, certificate.serial)
 
@@ -460,7 +469,21 @@ class Worker:
             return IssuanceError(name, exc.detail, problem_type=exc.problem_type)
         return IssuanceError(name, str(exc) or type(exc).__name__)
 
-    async def _record_failure(self, name: str, attempt_id: int, exc: BaseException, *, renewing: bool = False) -> None:
+    def _rate_limit_hold(self, ca: CaAccount, name: str, exc: BaseException) -> datetime | None:
+        """What a CA's ``rateLimited`` answer holds: the whole account at that CA (remembered
+        there), or the name until the returned time. None when it was no such answer."""
+        if not isinstance(exc, AcmeError) or exc.problem_type != PROBLEM_RATE_LIMITED:
+            return None
+        limited = rate_limit_hold(exc.detail, exc.retry_after, utcnow())
+        if limited is None:
+            return None
+        until, whole_account = limited
+        if whole_account:
+            ca.hold(until)
+        log.warning("CA %s rate-limited %s until %s", ca.label, "the account" if whole_account else name, until.isoformat())
+        return until
+
+    async def _record_failure(self, ca: CaAccount, name: str, attempt_id: int, exc: BaseException, *, renewing: bool = False) -> None:
         error = self._as_issuance_error(name, exc)
         await self._store.finish_attempt(attempt_id, "failed", error.problem_type, error.detail)
         state = await self._store.name_state(name)
@@ -468,67 +491,51 @@ class Worker:
         now = utcnow()
         recent = len(await self._store.failures_since(name, now - PARK_AFTER))
         next_attempt = next_attempt_after_failure(now, failures, recent)
-        limited = None
-        if isinstance(exc, AcmeError) and exc.problem_type == PROBLEM_RATE_LIMITED:
-            limited = rate_limit_hold(exc.detail, exc.retry_after, now)
-        if limited is not None:
-            until, whole_account = limited
+        until = self._rate_limit_hold(ca, name, exc)
+        if until is not None:
             next_attempt = next_attempt_after_rate_limit(next_attempt, until)
-            if whole_account:
-                self._account_held_until = max(self._account_held_until or until, until)
-            log.warning("the CA rate-limited %s until %s", "the account" if whole_account else name, until.isoformat())
         await self._store.set_next_attempt(name, next_attempt)
         if next_attempt is None:
             # A dead domain: no more attempts of our own; `autocert issue` or `renew --force` still tries.
             log.error("%s has failed for over %d days; parked: no more automatic attempts", name, PARK_AFTER.days)
         log.warning("issuing %s failed: %s", name, error)
-        problem = f"{error.problem_type}: {error.detail}" if error.problem_type else error.detail
-        self._events.emit(Event("failed", name, "failed", error=problem, previous="renewing" if renewing else "issuing"))
+        self._events.emit(Event("failed", name, "failed", error=_problem_text(error), previous="renewing" if renewing else "issuing"))
 
-    async def _check_budget(self, name: str, previous: StoredCertificate | None) -> _AccountBudget | None:
-        """Hold an order back (without contacting the CA) when it would break a rate limit:
-        the budget kept for this CA, and an account-wide limit the CA itself answered with.
-        Renewals the CA exempts are neither counted nor held; when the budget binds,
-        renewals go before new names. The account's order budget is returned rather than
-        checked here: it is counted in the transaction that starts the attempt."""
-        budget, held_until = self.budget, self._account_held_until
+    async def _check_budget(self, ca: CaAccount, name: str, previous: StoredCertificate | None) -> _AccountBudget | None:
+        """Whether an order at ``ca`` must be held back (without contacting it) because it
+        would break a rate limit: the budget kept for that CA, and an account-wide limit the CA
+        itself answered with (:class:`_Held` raised). Renewals the CA exempts are neither
+        counted nor held; when the budget binds, renewals go before new names. The order budget
+        at that CA is returned rather than checked here: it is counted in the transaction that
+        starts the attempt."""
+        budget, held_until = ca.budget, ca.held_until
         now = utcnow()
         if budget is None and (held_until is None or held_until <= now):
             return None
         renewing = previous is not None
         try:
-            ca_has_renewal_info = await self._ca_has_renewal_info()
+            ca_has_renewal_info = await ca.has_renewal_info()
         except (AutocertError, OSError, asyncio.TimeoutError) as exc:
             # Unknown for now: count every order, the safe side of the budget; the order itself
             # meets the same trouble and records it.
-            log.debug("could not read the CA's directory: %s", exc)
+            log.debug("could not read the directory of CA %s: %s", ca.label, exc)
             ca_has_renewal_info = False
-        exempt = exempt_from_budgets(renewing=renewing, sends_replaces=renewal_replaces(previous) is not None,
-                                     ca_has_renewal_info=ca_has_renewal_info)
+        sends_replaces = previous is not None and previous.directory == ca.directory and renewal_replaces(previous) is not None
+        exempt = exempt_from_budgets(renewing=renewing, sends_replaces=sends_replaces, ca_has_renewal_info=ca_has_renewal_info)
         if held_until is not None and held_until > now and not exempt:
-            await self._hold_back(name, held_until, "the CA rate-limited this account")
+            raise _Held(held_until, "the CA rate-limited this account", whole_account=True)
         if budget is None:
             return None
-        hold = failure_budget_hold(budget, await self._store.failures_since(name, now - budget.failure_window))
+        hold = failure_budget_hold(budget, await self._store.failures_since(name, now - budget.failure_window, directory=ca.directory))
         if hold is not None:
-            await self._hold_back(name, *hold)
+            raise _Held(*hold, whole_account=False)
         if exempt:
             return None
         counts_renewals = not renewing and not ca_has_renewal_info
         due = await self._store.count_renewals_due(now + budget.order_window) if counts_renewals else 0
         return _AccountBudget(budget, now=now, renewing=renewing, ca_has_renewal_info=ca_has_renewal_info, renewals_due=due)
 
-    async def _ca_has_renewal_info(self) -> bool:
-        """Whether the CA publishes renewal information (ARI), read once from its directory."""
-        if self._renewal_info is None:
-            client = await self._acquire()
-            try:
-                self._renewal_info = "renewalInfo" in (await client.directory()).to_partial_json()
-            finally:
-                await self._release(client)
-        return self._renewal_info
-
-    async def _hold_back(self, name: str, until: datetime, why: str) -> None:
+    async def _hold_back(self, name: str, until: datetime, why: str) -> NoReturn:
         state = await self._store.name_state(name)
         reason = f"held back until {isoformat(until)} to stay under the CA's rate limits: {why}"
         if state is None or state.next_attempt_at is None or state.next_attempt_at < until:
@@ -571,3 +578,8 @@ class Worker:
             return None
         last_error = state.last_error if state is not None else None
         raise IssuanceError(name, last_error or "the other process ended without a certificate")
+
+
+def _problem_text(error: IssuanceError) -> str:
+    """``"<problem type>: <detail>"``, as the last error and the log show a CA's answer."""
+    return f"{error.problem_type}: {error.detail}" if error.problem_type else error.detail

@@ -24,6 +24,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ._errors import InvalidName, StoreError
+from ._issuers import ca_label
 from ._manager import Manager
 from ._metrics import Metrics
 from ._monitor import ExpiryMonitor
@@ -264,7 +265,7 @@ async def _status_page(request: web.Request) -> web.Response:
         flags=FLAGS,
         events=manager.events.recent(EVENTS_SHOWN),
         now=now,
-        directory=manager.directory,
+        directories=[issuer.directory for issuer in manager.issuers],
     )
     return web.Response(text=text, content_type="text/html")
 
@@ -316,6 +317,7 @@ class StatusRow:
     not_after: datetime | None
     renew_at: datetime | None
     issuer: str | None
+    ca: str | None
     serial: str | None
     attempts: int
     next_attempt_at: datetime | None
@@ -338,6 +340,7 @@ class StatusRow:
             not_after=not_after,
             renew_at=renew_at,
             issuer=item["issuer"],
+            ca=item["ca"],
             serial=item["serial"],
             attempts=int(item["attempts"]),
             next_attempt_at=_parse_time(item["next_attempt_at"]),
@@ -359,6 +362,11 @@ class StatusRow:
         if self.needs_attention:
             classes.append("attention")
         return " ".join(classes)
+
+    @property
+    def ca_label(self) -> str | None:
+        """The host of the CA that issued the certificate: with several CAs, which one it was."""
+        return ca_label(self.ca) if self.ca else None
 
     @property
     def issuer_short(self) -> str | None:
@@ -446,7 +454,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    environment.filters.update(when=_when, utc=_utc, iso=_iso, days=_days)
+    environment.filters.update(when=_when, utc=_utc, iso=_iso, days=_days, ca=ca_label)
     environment.globals.update(states=STATES, link=_link)
     return environment
 

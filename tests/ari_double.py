@@ -6,7 +6,8 @@ whose answers the test sets, and every other request is relayed to Pebble unchan
 Host header is kept, so Pebble builds its URLs for this double and checks JWS URLs against
 it). newOrder payloads are recorded so a test can see ``replaces``, and the double can refuse
 orders that carry ``replaces`` with 409, as a CA does for an already replaced certificate, or
-refuse new orders with 429 ``rateLimited`` and a ``Retry-After``, as a CA over its limits does.
+refuse new orders with 429 ``rateLimited`` and a ``Retry-After``, as a CA over its limits does,
+or with any other status and problem (a CA in trouble answering 500 ``serverInternal``).
 It can also add challenge objects to every authorization, as a CA offering types a client
 does not know (``dns-persist-01``) does.
 """
@@ -48,6 +49,9 @@ class AriDouble:
     #: The same for new orders of one name only (identifier value → detail, Retry-After seconds),
     #: as a limit on certificates per exact set of names does.
     name_rate_limits: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: (HTTP status, problem type after ``urn:ietf:params:acme:error:``): every new order is
+    #: refused so, without a ``Retry-After``, as by a CA that is failing.
+    order_error: tuple[int, str] | None = None
     profiles: dict[str, str] | None = None
     #: Challenge objects put in front of the ones Pebble offers in every authorization.
     extra_challenges: list[dict[str, Any]] = field(default_factory=list)
@@ -119,6 +123,10 @@ class AriDouble:
             if self.refuse_replaces and "replaces" in payload:
                 problem = {"type": "urn:ietf:params:acme:error:alreadyReplaced", "detail": "already replaced"}
                 return web.json_response(problem, status=409, content_type="application/problem+json")
+            if self.order_error is not None:
+                status, problem_type = self.order_error
+                problem = {"type": f"urn:ietf:params:acme:error:{problem_type}", "detail": "the CA is having a bad day"}
+                return web.json_response(problem, status=status, content_type="application/problem+json")
             names = [identifier["value"] for identifier in payload.get("identifiers", [])]
             limit = next((self.name_rate_limits[name] for name in names if name in self.name_rate_limits), self.rate_limit)
             if limit is not None and "replaces" not in payload:

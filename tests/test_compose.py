@@ -123,6 +123,13 @@ def settings(name: str) -> argparse.Namespace:
     return parse_arguments(args)
 
 
+def primary_issuer(args: argparse.Namespace) -> dict[str, str]:
+    """The first CA the service orders from: its config file's first [[issuer]] table (read
+    as the file says it: the trust anchors it names exist only inside the container)."""
+    assert args.config_file is not None and args.config_file.issuers, "the CA is set in the config file"
+    return args.config_file.issuers[0]
+
+
 def built_services() -> list[str]:
     return [name for name, service in services().items() if "build" in service]
 
@@ -189,10 +196,10 @@ def test_paths_in_commands_are_provided_by_a_mount_or_the_image() -> None:
 
 def test_paths_in_the_config_file_are_mounted_too() -> None:
     service = services()["autocert"]
-    args = settings("autocert")
-    assert args.ca_bundle.startswith("/")
+    ca_bundle = primary_issuer(settings("autocert"))["ca_bundle"]
+    assert ca_bundle.startswith("/")
     targets = [PurePosixPath(target) for _kind, _source, target in mounts(service)]
-    assert any(target in PurePosixPath(args.ca_bundle).parents for target in targets), "--ca-bundle is not mounted"
+    assert any(target in PurePosixPath(ca_bundle).parents for target in targets), "ca_bundle is not mounted"
 
 
 def test_dockerfile_commands_run_files_they_copy() -> None:
@@ -227,8 +234,9 @@ def test_autocert_commands_parse_and_point_at_the_other_services() -> None:
     assert args.upstream == "http://app:8000"
     app_cmd = json.loads(dict(dockerfile_instructions(REPO / "examples/app/Dockerfile"))["CMD"])
     assert option(app_cmd, "--port") == "8000", "the app must listen where --upstream points"
-    assert args.directory.startswith("https://pebble:")
-    assert args.ca_bundle == "/certs/ca.pem" and args.agree_tos and args.email
+    issuer = primary_issuer(args)
+    assert issuer["directory"].startswith("https://pebble:")
+    assert issuer["ca_bundle"] == "/certs/ca.pem" and args.agree_tos and issuer["email"]
     postgres = found["postgres"]["environment"]
     expected_db = f"postgresql://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}@postgres:5432/{postgres['POSTGRES_DB']}"
     assert args.db == expected_db
@@ -245,7 +253,7 @@ def test_pebble_validates_where_autocert_listens() -> None:
     serve = settings("autocert")
     assert int(serve.http.rsplit(":", 1)[1]) == config["httpPort"]
     assert int(serve.https.rsplit(":", 1)[1]) == config["tlsPort"]
-    assert serve.directory == f"https://pebble:{config['listenAddress'].rsplit(':', 1)[1]}/dir"
+    assert primary_issuer(serve)["directory"] == f"https://pebble:{config['listenAddress'].rsplit(':', 1)[1]}/dir"
 
     autocert_ip = found["autocert"]["networks"]["acme"]["ipv4_address"]
     challtestsrv = argv(found["challtestsrv"]["command"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from pebble import Pebble
 from support import run_cli
 
 from autocert._cli import run
+from autocert._cli_manager import issuers_from_args
+from autocert._config import ExternalAccount
 from autocert._parser import build_parser, parse_arguments
 from autocert._config_file import ISSUER_KEYS, option_actions
 
@@ -39,13 +42,57 @@ def test_the_file_gives_way_to_the_environment_which_gives_way_to_the_command_li
     assert parse_arguments(["serve"]).idle_timeout == "5"
 
 
-def test_the_first_issuer_table_sets_the_acme_options(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = write(tmp_path, '[[issuer]]\ndirectory = "https://ca.example/dir"\nemail = "ops@example.test"\nprofile = "tlsserver"\n'
-                           '\n[[issuer]]\ndirectory = "https://fallback.example/dir"\n')
-    args = parse_arguments(["--config", path, "issue", "a.example.test"])
-    assert (args.directory, args.email, args.profile) == ("https://ca.example/dir", "ops@example.test", "tlsserver")
-    assert args.config_file.issuers[1]["directory"] == "https://fallback.example/dir", "kept, in order, for CA fallback"
-    assert "only the first is used" in caplog.text
+def test_the_issuer_tables_are_the_cas_in_order_each_with_its_own_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("AUTOCERT_DIRECTORY", "AUTOCERT_EMAIL", "AUTOCERT_PROFILE", "AUTOCERT_CA_BUNDLE", "AUTOCERT_EAB_KID",
+                     "AUTOCERT_EAB_HMAC_KEY", "AUTOCERT_ORDER_LIMIT"):
+        monkeypatch.delenv(variable, raising=False)
+    path = write(tmp_path, 'order_limit = "10/1h"\n\n[[issuer]]\ndirectory = "https://ca.example/dir"\nemail = "ops@example.test"\n'
+                           'profile = "tlsserver"\n\n[[issuer]]\ndirectory = "https://fallback.example/dir"\neab_kid = "kid-2"\n'
+                           'eab_hmac_key = "c2VjcmV0"\n')
+    primary, fallback = issuers_from_args(parse_arguments(["--config", path, "issue", "a.example.test"]))
+    assert (primary.directory, primary.email, primary.profile, primary.eab) == ("https://ca.example/dir", "ops@example.test", "tlsserver", None)
+    assert (fallback.directory, fallback.email, fallback.profile) == ("https://fallback.example/dir", None, None)
+    assert fallback.eab == ExternalAccount("kid-2", "c2VjcmV0"), "each CA registers with its own binding"
+    assert primary.order_limit == fallback.order_limit == (10, timedelta(hours=1)), "a top-level option applies to every CA"
+
+    # An ACME option on the command line (or in the environment) applies to every CA, over the tables.
+    args = parse_arguments(["--config", path, "issue", "a.example.test", "--email", "cli@example.test", "--eab-kid", "kid",
+                            "--eab-hmac-key", "a2V5"])
+    assert [(issuer.email, issuer.eab) for issuer in issuers_from_args(args)] == [("cli@example.test", ExternalAccount("kid", "a2V5"))] * 2
+    monkeypatch.setenv("AUTOCERT_PROFILE", "classic")
+    assert {issuer.profile for issuer in issuers_from_args(parse_arguments(["--config", path, "renew"]))} == {"classic"}
+
+    # --directory (or AUTOCERT_DIRECTORY) replaces the tables, with the options every CA gets.
+    (only,) = issuers_from_args(parse_arguments(["--config", path, "issue", "a.example.test", "--directory", "https://cli.example/dir"]))
+    assert (only.directory, only.email, only.eab) == ("https://cli.example/dir", None, None)
+    monkeypatch.setenv("AUTOCERT_DIRECTORY", "https://env.example/dir,https://env2.example/dir")
+    assert [issuer.directory for issuer in issuers_from_args(parse_arguments(["--config", path, "renew"]))] == [
+        "https://env.example/dir", "https://env2.example/dir"]
+
+
+def test_a_top_level_directory_list_is_replaced_by_the_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AUTOCERT_DIRECTORY", raising=False)
+    path = write(tmp_path, 'directory = ["https://a.example/dir", "https://b.example/dir"]\n')
+    assert parse_arguments(["--config", path, "renew"]).directory == ["https://a.example/dir", "https://b.example/dir"]
+    args = parse_arguments(["--config", path, "renew", "--directory", "https://c.example/dir"])
+    assert args.directory == ["https://c.example/dir"], "not added to the file's list"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('[[issuer]]\ndirectory = "https://a.example/dir"\n[[issuer]]\ndirectory = "https://a.example/dir"\n', "given twice"),
+    ('[[issuer]]\ndirectory = "a.example"\n', "[[issuer]] table 1: directory 'a.example': expected the https:// URL"),
+    ('[[issuer]]\ndirectory = "https://a.example/dir"\n[[issuer]]\ndirectory = "https://b.example/dir"\neab_kid = "k"\n',
+     "[[issuer]] table 2: --eab-kid needs --eab-hmac-key"),
+    ('[[issuer]]\ndirectory = "https://a.example/dir"\nca_bundle = "/nonexistent/ca.pem"\n', "[[issuer]] table 1: --ca-bundle"),
+])
+def test_a_bad_issuer_table_stops_issue_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                                    text: str, expected: str) -> None:
+    monkeypatch.delenv("AUTOCERT_DIRECTORY", raising=False)
+    path = write(tmp_path, text)
+    db = tmp_path / "untouched.db"
+    assert run(["--config", path, "--db", f"sqlite:///{db}", "issue", "a.example.test"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"autocert: error: {path}") and expected in lines[0], lines
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -58,6 +105,7 @@ def test_the_first_issuer_table_sets_the_acme_options(tmp_path: Path, caplog: py
     ('state = [1, 2]\n', ":1: state: expected a list of strings"),
     ('log_format = "xml"\n', ":1: log_format: expected one of text, json"),
     ('email = "a"\n[[issuer]]\nemail = "b"\n', ":3: email: given both at the top level and in the first [[issuer]] table"),
+    ('directory = "u"\n[[issuer]]\nemail = "b"\n[[issuer]]\ndirectory = "v"\n', ":5: directory: given both at the top level and in the second"),
     ('https = "0.0.0.0:443\n', ": not valid TOML: "),
 ])
 def test_a_mistake_is_one_line_naming_the_key_and_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str) -> None:

@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 
 import pytest
-from pebble import Pebble
+from pebble import Pebble, free_port
 from support import acme_args, run_cli
 
 from autocert._cli import run
@@ -72,3 +72,21 @@ def test_half_a_binding_is_bad_usage(given: list[str], expected: str, tmp_path: 
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("autocert: error: ") and expected in lines[0]
     assert not db.exists(), "nothing is written"
+
+
+def test_each_issuer_table_registers_with_its_own_binding(eab_pebble: tuple[Pebble, str], db: str, tmp_path: Path) -> None:
+    """Config file tables as CAs in order: a primary that is down, then the Pebble requiring
+    External Account Binding with the key it gave; the order falls back and registers there."""
+    pebble, key = eab_pebble
+    config = tmp_path / "autocert.toml"
+    config.write_text(f'agree_tos = true\nhttp = "127.0.0.1:{pebble.http01_port}"\nhttps = "none"\n\n'
+                      f'[[issuer]]\ndirectory = "https://127.0.0.1:{free_port()}/dir"\n\n'
+                      f'[[issuer]]\ndirectory = "{pebble.directory_url}"\nca_bundle = "{pebble.ca_bundle}"\n'
+                      f'eab_kid = "{KID}"\neab_hmac_key = "{key}"\n')
+    assert run(["--db", db, "allow", "tables.example.test"]) == 0
+    result = run_cli("issue", "tables.example.test", "--config", str(config), db=db, timeout=90,
+                     env={"AUTOCERT_DIRECTORY": "", "AUTOCERT_EAB_KID": "", "AUTOCERT_EAB_HMAC_KEY": ""})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tables.example.test: valid" in result.stdout
+    assert f"trying {pebble.directory_url.split('/')[2]}" in result.stderr, "the primary was tried first"
+    assert key not in result.stdout + result.stderr

@@ -278,8 +278,11 @@ def test_systemd_unit_is_valid_and_hardened(tmp_path: Path) -> None:
     assert f"examples/autocert.toml {source}" in text
     from autocert._parser import parse_arguments
 
+    from autocert._cli_manager import issuers_from_args
+
     args = parse_arguments([arguments[0], str(EXAMPLES / "autocert.toml"), *arguments[2:]])
-    assert args.command == "serve" and args.upstream and args.agree_tos and args.directory and args.email
+    (issuer,) = issuers_from_args(args)
+    assert args.command == "serve" and args.upstream and args.agree_tos and issuer.directory and issuer.email
     default_drain = ServeOptions(https=(), http=(), admin=None).shutdown_timeout
     assert seconds(directives["TimeoutStopSec"][0]) > default_drain, "systemd must give serve time to drain"
 

@@ -181,7 +181,7 @@ def test_concurrent_first_contacts_share_one_order(pebble, root_ca: str, db: str
 def test_pattern_cap_limits_on_demand_names(pebble, root_ca: str, db: str, tmp_path: Path) -> None:
     assert run_cli("allow", "*.tenants.example.test", "--cap", "2", db=db).returncode == 0
     listed = cli_json("list", db=db)["allowed"]
-    assert listed == [{"name": "*.tenants.example.test", "added_at": listed[0]["added_at"], "cap": 2}]
+    assert listed == [{"name": "*.tenants.example.test", "added_at": listed[0]["added_at"], "cap": 2, "wildcard": False}]
     with ServeProcess(db, pebble, tmp_path) as server:
         for tenant in ("one", "two"):
             handshake(server.https_port, f"{tenant}.tenants.example.test", cafile=root_ca, timeout=60)

@@ -333,7 +333,7 @@ def test_status_table_is_aligned_and_coloured_only_on_a_terminal(fleet: Fleet) -
     piped = run_cli("status", db=fleet.db)
     assert piped.returncode == 0 and "\x1b[" not in piped.stdout
     header, *lines = piped.stdout.splitlines()
-    assert header.split() == ["NAME", "STATE", "DAYS", "LEFT", "NOT", "AFTER", "RENEW", "AT", "ATTEMPTS", "NEXT", "ATTEMPT", "LAST", "ERROR"]
+    assert header.split() == ["NAME", "STATE", "DAYS", "LEFT", "NOT", "AFTER", "RENEW", "AT", "ATTEMPTS", "NEXT", "ATTEMPT", "CA", "LAST", "ERROR"]
     state_column = header.index("STATE")
     assert {line[state_column:].split()[0] for line in lines} == {"valid", "failed"}
     good_line = next(line for line in lines if line.startswith(GOOD))

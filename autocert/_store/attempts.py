@@ -17,7 +17,9 @@ from .leases import lease_until, lease_upsert
 from .names import NamesMixin
 from .records import Attempt, NameState, _attempt, _attempts, _certificates, _is_current, _name_state, _name_states
 
-AttemptResult = Literal["running", "valid", "failed"]
+#: ``failover``: the order could not be completed at this attempt's CA for the CA's reasons and
+#: moved on to the next CA at once; it is no failure of the name's (see ``finish_attempt``).
+AttemptResult = Literal["running", "valid", "failed", "failover"]
 
 
 class AttemptsMixin(NamesMixin):
@@ -70,11 +72,13 @@ class AttemptsMixin(NamesMixin):
         """Close an attempt and update the name's failure count in the same transaction.
 
         ``valid`` resets the backoff (failures, last error, next attempt); ``failed`` adds one
-        failure and records ``"<problem_type>: <detail>"`` as the last error. Finishing an
-        attempt twice raises :class:`StoreError` rather than counting a failure twice.
+        failure and records ``"<problem_type>: <detail>"`` as the last error; ``failover``
+        leaves the name's state alone: the order goes on at the next CA, and only how that
+        ends counts. Finishing an attempt twice raises :class:`StoreError` rather than
+        counting a failure twice.
         """
-        if result not in ("valid", "failed"):
-            raise ValueError(f"an attempt finishes as 'valid' or 'failed', not {result!r}")
+        if result not in ("valid", "failed", "failover"):
+            raise ValueError(f"an attempt finishes as 'valid', 'failed' or 'failover', not {result!r}")
         finish = (
             update(_attempts)
             .where(_attempts.c.id == attempt_id, _attempts.c.result == "running")
@@ -87,6 +91,8 @@ class AttemptsMixin(NamesMixin):
                 exists = (await session.execute(select(_attempts.c.id).where(_attempts.c.id == attempt_id))).first()
                 state = "already finished" if exists else "unknown"
                 raise StoreError(f"attempt {attempt_id} is {state}")
+            if result == "failover":
+                return
             upsert = self._insert(_name_states)
             if result == "valid":
                 upsert = upsert.values(name=name, failures=0).on_conflict_do_update(
@@ -178,13 +184,16 @@ class AttemptsMixin(NamesMixin):
             stmt = stmt.where(~earlier)
         return stmt
 
-    async def failures_since(self, name: str, since: datetime) -> list[datetime]:
-        """Start times of ``name``'s failed attempts since ``since``, oldest first."""
+    async def failures_since(self, name: str, since: datetime, *, directory: str | None = None) -> list[datetime]:
+        """Start times of ``name``'s failed attempts since ``since`` (at ``directory`` only,
+        when given), oldest first."""
         stmt = (
             select(_attempts.c.started_at)
             .where(_attempts.c.name == name, _attempts.c.result == "failed", _attempts.c.started_at >= _aware(since, "since"))
             .order_by(_attempts.c.started_at)
         )
+        if directory is not None:
+            stmt = stmt.where(_attempts.c.directory == directory)
         async with self._reading() as session:
             return list((await session.execute(stmt)).scalars())
 

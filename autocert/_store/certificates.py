@@ -3,10 +3,10 @@ revocation; and the pending order a certificate comes from, kept until it is sto
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import and_, func, select, text, update
 
 from .._timefmt import utcnow
 from .engine import _CERTIFICATE_LOCK_KEY, _CHUNK, _as_bytes, _aware, _chunks
@@ -198,17 +198,19 @@ class CertificatesMixin(NamesMixin):
         async with self._writing() as session:
             await self._refresh_certificates(session, (await session.execute(stmt)).scalars().all())
 
-    async def renewal_info_due(self, before: datetime, limit: int = 100) -> list[StoredCertificate]:
+    async def renewal_info_due(self, before: datetime, limit: int = 100, *, skip: Collection[str] = ()) -> list[StoredCertificate]:
         """Current certificates whose renewal information should be fetched by ``before``:
-        never fetched first, then the longest due. Two index range reads, not one sorted scan."""
+        never fetched first, then the longest due; those issued by a directory in ``skip``
+        (CAs that publish none) are left out. Two index range reads, not one sorted scan."""
         checked = _certificates.c.ari_next_check_at
-        never = select(_certificates).where(_is_current(), checked.is_(None)).order_by(_certificates.c.id).limit(limit)
+        current = and_(_is_current(), _certificates.c.directory.not_in(skip)) if skip else _is_current()
+        never = select(_certificates).where(current, checked.is_(None)).order_by(_certificates.c.id).limit(limit)
         async with self._reading() as session:
             rows = (await session.execute(never)).all()
             if len(rows) < limit:
                 due = (
                     select(_certificates)
-                    .where(_is_current(), checked <= _aware(before, "before"))
+                    .where(current, checked <= _aware(before, "before"))
                     .order_by(checked, _certificates.c.id)
                     .limit(limit - len(rows))
                 )
