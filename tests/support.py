@@ -76,14 +76,18 @@ class ServeProcess:
         self.https_port = https_port or pebble.tlsalpn01_port
         self.http_port = http_port or pebble.http01_port
         self.admin_port = admin_port or free_port()
-        # A listener option in ``extra`` replaces the default one (they add up when repeated).
+        # A listener option or --directory in ``extra`` replaces the default one (they add up
+        # when repeated: several listeners, CAs to fall back on).
         listeners = [(flag, address) for flag, address in (("--https", f"{host}:{self.https_port}"),
                                                             ("--http", f"{host}:{self.http_port}"),
                                                             ("--admin", f"{host}:{self.admin_port}")) if flag not in extra]
+        acme = acme_args(pebble)
+        if "--directory" in extra:
+            del acme[acme.index("--directory"):acme.index("--directory") + 2]
         self.argv = [
             sys.executable, "-m", "autocert", "--db", db, "serve",
             *(arg for pair in listeners for arg in pair),
-            *acme_args(pebble), *extra,
+            *acme, *extra,
         ]
         self.env = cli_env(env)
         self.workdir = workdir

@@ -251,8 +251,8 @@ def test_pebble_validates_where_autocert_listens() -> None:
     found = services()
     config = json.loads((REPO / "examples/compose/pebble-config.json").read_text())["pebble"]
     serve = settings("autocert")
-    assert int(serve.http.rsplit(":", 1)[1]) == config["httpPort"]
-    assert int(serve.https.rsplit(":", 1)[1]) == config["tlsPort"]
+    assert [int(listen.rsplit(":", 1)[1]) for listen in serve.http] == [config["httpPort"]]
+    assert [int(listen.rsplit(":", 1)[1]) for listen in serve.https] == [config["tlsPort"]]
     assert primary_issuer(serve)["directory"] == f"https://pebble:{config['listenAddress'].rsplit(':', 1)[1]}/dir"
 
     autocert_ip = found["autocert"]["networks"]["acme"]["ipv4_address"]

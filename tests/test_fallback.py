@@ -49,8 +49,8 @@ async def fallback_manager(db: str, cas: Sequence[tuple[str, Pebble]], *, unansw
     try:
         async with contextlib.AsyncExitStack() as stack:
             for port in dict.fromkeys(ca.http01_port for _, ca in cas if ca is not unanswered):
-                options = ServeOptions(https=None, http=Listen("127.0.0.1", port), admin=None)
-                await stack.enter_async_context(listeners(manager, options, {"http": listening_socket(options.http)}, announce=False))  # type: ignore[arg-type]
+                options = ServeOptions(https=(), http=(Listen("127.0.0.1", port),), admin=None)
+                await stack.enter_async_context(listeners(manager, options, {"http": [listening_socket(options.http[0])]}, announce=False))
             yield manager
     finally:
         await manager.stop()
@@ -193,8 +193,8 @@ async def test_an_order_budget_counted_in_the_database_is_kept_per_ca(pebble: Pe
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(manager)
             for port in dict.fromkeys((pebble.http01_port, second.http01_port)):
-                options = ServeOptions(https=None, http=Listen("127.0.0.1", port), admin=None)
-                await stack.enter_async_context(listeners(manager, options, {"http": listening_socket(options.http)}, announce=False))  # type: ignore[arg-type]
+                options = ServeOptions(https=(), http=(Listen("127.0.0.1", port),), admin=None)
+                await stack.enter_async_context(listeners(manager, options, {"http": [listening_socket(options.http[0])]}, announce=False))
             await manager.allow("b1.example.test", "b2.example.test", "b3.example.test")
             assert (await manager.issue("b1.example.test")).directory == primary.directory_url
             assert (await manager.issue("b2.example.test")).directory == second.directory_url
