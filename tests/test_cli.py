@@ -92,6 +92,7 @@ BAD_INPUTS = [
     (["serve", "--https", "nonsense"], "--https"),
     (["serve", "--https", "none", "--https", "127.0.0.1:0"], "--https"),
     (["serve", "--http", "127.0.0.1:0,nonsense"], "--http"),
+    (["serve", "--host-check", "maybe", "--https", "127.0.0.1:0", "--http", "none", "--admin", "none"], "--host-check"),
     (["serve", "--admin", "0.0.0.0:0"], "admin-token"),
     (["serve", "--cache-size", "0"], "--cache-size"),
     (["serve", "--workers", "0"], "--workers"),

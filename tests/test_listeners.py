@@ -16,6 +16,8 @@ import pytest
 from support import ServeProcess, eventually, free_port, run_cli, served_certificate
 from test_proxy import Upstream, header_values
 
+from autocert._config import Listen, listening_sockets
+
 NAME = "dual.example.test"
 
 
@@ -110,3 +112,21 @@ def test_several_listeners_from_repeated_options_and_comma_lists(pebble, root_ca
         assert redirect("::1", second_http) == f"https://[::1]:{https}/page", "redirects go to the first https listener's port"
         with pytest.raises(OSError):
             socket.create_connection(("::1", https), timeout=5).close()
+
+
+def test_without_dual_stack_sockets_every_address_is_one_socket_per_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Systems that cannot turn IPV6_V6ONLY off get ``[::]`` as two sockets on one port."""
+    monkeypatch.setattr(socket, "has_dualstack_ipv6", lambda: False)
+    socks = listening_sockets(Listen("::", 0))
+    try:
+        assert [sock.family for sock in socks] == [socket.AF_INET6, socket.AF_INET]
+        assert socks[0].getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        port = socks[0].getsockname()[1]
+        assert socks[1].getsockname() == ("0.0.0.0", port)
+        for sock, address in zip(socks, ("::1", "127.0.0.1")):
+            sock.setblocking(True)
+            with socket.create_connection((address, port), timeout=10):
+                sock.accept()[0].close()
+    finally:
+        for sock in socks:
+            sock.close()
