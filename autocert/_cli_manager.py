@@ -47,16 +47,6 @@ def manager_from_args(args: argparse.Namespace, *, challenge_types: Sequence[str
     )
 
 
-class DirectoryAction(argparse._AppendAction):
-    """``--directory``, repeatable: the directories given replace a config file's (append
-    would add them to the default it set)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
-        if getattr(namespace, self.dest, None) is self.default:
-            setattr(namespace, self.dest, None)
-        super().__call__(parser, namespace, values, option_string)
-
-
 def issuers_from_args(args: argparse.Namespace) -> tuple[Issuer, ...]:
     """The CAs in the order they are tried, each with its settings (see the module's doc);
     anything wrong with one (a URL, a trust-anchor file, half an EAB pair) is a

@@ -11,7 +11,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._cli_manager import DirectoryAction
 from ._config import parse_bool_env
 from ._config_file import apply_config_file, load_config_file
 from ._issuers import DIRECTORY_ENV
@@ -35,10 +34,11 @@ def env_flag(name: str) -> bool:
     return parse_bool_env(name)
 
 
-class ListenersAction(argparse._AppendAction):
-    """``--https`` and ``--http``: repeatable, but the values given replace the config file's
-    list (the parser's default) instead of adding to it, as every other option overrides the
-    file; several listeners are given on the command line or in the file, not in both."""
+class ReplacingAppend(argparse._AppendAction):
+    """A repeatable option (``--https``, ``--http``, ``--directory``) whose values given replace
+    the config file's list (the parser's default) instead of adding to it, as every other
+    option overrides the file: several values are given on the command line or in the file,
+    not in both."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
         given = getattr(namespace, self.dest, None)
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     acme = argparse.ArgumentParser(add_help=False)
     ENV_NAMES.add(DIRECTORY_ENV)  # read when the CAs are put together (a comma list)
-    acme.add_argument("--directory", action=DirectoryAction, metavar="URL",
+    acme.add_argument("--directory", action=ReplacingAppend, metavar="URL",
                       help="ACME directory URL; repeat it for CAs to fall back on, tried in order (env AUTOCERT_DIRECTORY, "
                            "comma-separated; default: the config file's [[issuer]] tables, else Let's Encrypt)")
     acme.add_argument("--ca-bundle", default=env("AUTOCERT_CA_BUNDLE"), help="PEM trusted for the ACME server(s), at every CA")
@@ -86,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="for names not on the allowlist, GET URL?domain=NAME: a 2xx allows the name (Caddy's on-demand ask)")
     acme.add_argument("--ask-timeout", default=env("AUTOCERT_ASK_TIMEOUT", "2"), metavar="SECONDS",
                       help="an ask that takes longer refuses the name (default 2)")
-    acme.add_argument("--http", action=ListenersAction, metavar="HOST:PORT",
+    acme.add_argument("--http", action=ReplacingAppend, metavar="HOST:PORT",
                       help="plain listener HOST:PORT, repeatable, or none (env AUTOCERT_HTTP, commas between several; "
                            "default [::]:80: IPv6 and IPv4)")
-    acme.add_argument("--https", action=ListenersAction, metavar="HOST:PORT",
+    acme.add_argument("--https", action=ReplacingAppend, metavar="HOST:PORT",
                       help="TLS listener HOST:PORT, repeatable, or none (env AUTOCERT_HTTPS, commas between several; "
                            "default [::]:443: IPv6 and IPv4)")
     acme.add_argument("--dns", default=env("AUTOCERT_DNS"), metavar="PROVIDER",
