@@ -22,6 +22,7 @@ import logging
 import socket
 import ssl
 import struct
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -282,6 +283,10 @@ class TlsFront:
         # hello_timeout the older one is aborted, so one timer serves every connection.
         self._young: set[_HelloReader] = set()
         self._old: set[_HelloReader] = set()
+        #: Each connection's application protocol while its TLS handshake may be under way, with
+        #: the plain transport under it: a shutdown lets those handshakes finish (see settle).
+        self._handshakes: weakref.WeakKeyDictionary[asyncio.BaseProtocol, asyncio.Transport] = weakref.WeakKeyDictionary()
+        self._sweeper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ssl_protocol: Callable[..., asyncio.BufferedProtocol] = asyncio.sslproto.SSLProtocol
         #: Balancers whose connections start with a PROXY header (none: no connection may).
@@ -294,17 +299,37 @@ class TlsFront:
         self._ssl_protocol = ssl_protocol_class(loop)
         reader = _ProxiedHelloReader if self.trusted_proxies else _HelloReader
         servers: list[asyncio.Server] = []
-        sweeper = loop.create_task(self._sweep())
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
         try:
             for listener in listeners:
                 servers.append(await loop.create_server(functools.partial(reader, self), sock=listener, backlog=1024))
             await asyncio.gather(*(server.serve_forever() for server in servers))
         finally:
-            sweeper.cancel()
             for server in servers:
                 server.close()
 
+    def _unsettled(self) -> bool:
+        """Whether a connection already accepted is still before or inside its handshake."""
+        if self._young or self._old or self._connections:
+            return True
+        return any(getattr(application, "transport", None) is None and not transport.is_closing()
+                   for application, transport in list(self._handshakes.items()))
+
+    async def settle(self, timeout: float) -> None:
+        """Shutdown, once accepting has stopped: let the connections already accepted send their
+        ClientHello, get their certificate and finish their handshake (each within its own
+        bound, and all within ``timeout``), so that a restart or a worker replacement fails
+        none of them. Their application then serves them as a draining server does."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._unsettled() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for reader in [*self._young, *self._old]:
             reader.abort()
         self._young.clear()
@@ -387,6 +412,7 @@ class TlsFront:
         application = self._protocol_factory(name)
         if source is not None:
             self._carry(application, source)
+        self._handshakes[application] = transport
         tls = self._ssl_protocol(
             self._loop, application, context, None,
             server_side=True, ssl_handshake_timeout=self._options.handshake_timeout,

@@ -182,7 +182,7 @@ def _close(transport: asyncio.Transport | _Sink) -> None:
 class _Client(_Side):
     """The client end, the application protocol under the loop's TLS; it runs the relay."""
 
-    __slots__ = ("connecting", "front", "idle_checks", "name", "source", "timer")
+    __slots__ = ("__weakref__", "connecting", "front", "idle_checks", "name", "source", "timer")
 
     def __init__(self, front: PassthroughFront, name: str) -> None:
         super().__init__()

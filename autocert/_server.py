@@ -79,10 +79,10 @@ async def listeners(
     relays to a ``tcp://`` upstream.
     Each socket is popped from ``sockets`` once a listener owns it, so the caller closes only
     what a failed start did not hand on. ``announce`` prints one ready line per listener.
-    On the way out both listeners stop accepting, their connections drain (idle ones close at
-    once, responses in flight get ``shutdown_timeout``, WebSockets are closed with 1001), the
-    admin site stops, then connections still waiting for a ClientHello or a certificate are
-    dropped.
+    On the way out both listeners stop accepting and their connections drain: idle ones close
+    at once; connections already accepted finish their ClientHello, certificate wait and
+    handshake and get one response; responses in flight get ``shutdown_timeout``; WebSockets
+    are closed with 1001. Then the admin site stops.
     """
     loop = asyncio.get_running_loop()
     runners: list[web.AppRunner] = []
@@ -138,6 +138,10 @@ async def listeners(
             await asyncio.gather(accept_task, return_exceptions=True)
         for server in plain:
             server.close()
+        for server in servers:
+            server.start_draining()
+        if front is not None:  # connections accepted before the stop still get their handshake
+            await front.settle(options.hello_timeout + options.handshake_timeout)
         await asyncio.gather(*(server.shutdown(options.shutdown_timeout) for server in servers))
         for runner in reversed(runners):
             await runner.cleanup()

@@ -62,16 +62,18 @@ class WorkerSetup:
     sockets: dict[str, list[socket.socket]]
     board: Board
     ready_fd: int
+    #: The supervisor's pid, from before this process started: one that died while this
+    #: worker was still starting is noticed too.
+    supervisor: int
 
     async def watch_supervisor(self, stop: asyncio.Event) -> None:
         """Stop (gracefully) when the supervisor is gone: a worker it can no longer replace or
         stop would hold the ports against the next start."""
         import asyncio  # a worker's: the supervisor itself has no event loop
 
-        supervisor = os.getppid()
-        while os.getppid() == supervisor:
+        while os.getppid() == self.supervisor:
             await asyncio.sleep(SUPERVISOR_CHECK_INTERVAL)
-        log.warning("the supervisor (pid %d) is gone; stopping", supervisor)
+        log.warning("the supervisor (pid %d) is gone; stopping", self.supervisor)
         stop.set()
 
     def say_ready(self) -> None:
@@ -93,7 +95,7 @@ def worker_setup() -> WorkerSetup | None:
         for sock in socks:
             sock.setblocking(False)
     board = Board(int(fields["board"]), int(fields["slots"]), slot=int(fields["slot"]), expected=int(fields["workers"]))
-    return WorkerSetup(int(fields["index"]), int(fields["workers"]), sockets, board, int(fields["ready"]))
+    return WorkerSetup(int(fields["index"]), int(fields["workers"]), sockets, board, int(fields["ready"]), int(fields["supervisor"]))
 
 
 @dataclass
@@ -137,7 +139,7 @@ class Supervisor:
         read, write = os.pipe()
         slot = self._free_slot()
         fds = {label: [sock.fileno() for sock in socks] for label, socks in self.sockets[index].items() if socks}
-        setup = {"index": index, "workers": self.workers, "slot": slot, "slots": self.workers * 2,
+        setup = {"index": index, "workers": self.workers, "slot": slot, "slots": self.workers * 2, "supervisor": os.getpid(),
                  "board": self.board.fd, "ready": write, **{label: ":".join(map(str, each)) for label, each in fds.items()}}
         env = {**os.environ, WORKER_ENV: ",".join(f"{key}={value}" for key, value in setup.items())}
         inherited = [self.board.fd, write, *(fd for each in fds.values() for fd in each)]

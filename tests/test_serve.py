@@ -98,6 +98,8 @@ def test_issue_on_first_contact_serve_and_restart(pebble, root_ca: str, db: str,
 def test_unknown_name_gets_alert_112_and_leaves_no_trace(pebble, db: str, tmp_path: Path) -> None:
     assert run_cli("allow", "known.example.test", db=db).returncode == 0
     with ServeProcess(db, pebble, tmp_path) as server:
+        # The one row a start writes (the database-wide duties lease) comes a moment after ready.
+        wait_for(lambda: table_counts(db).get("leases") == 1, timeout=60, what="the duties lease")
         before = table_counts(db)
         output = openssl_s_client(server.https_port, "unknown.example.test")
         assert "alert number 112" in output, output
@@ -234,3 +236,35 @@ def test_serve_raises_its_open_file_limit_to_the_hard_limit(pebble, db: str, tmp
         assert line.split()[3:5] == [str(hard), str(hard)], line
     finally:
         assert server.stop() == 0
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting in the kernel for the listener on ``port`` to accept them."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def test_a_connection_accepted_before_sigterm_gets_its_handshake_and_a_response(pebble, root_ca: str, db: str, tmp_path: Path) -> None:
+    """A stop (or a worker's replacement) drops no connection it had accepted: one whose
+    ClientHello comes after the signal is still answered, then closed."""
+    assert run_cli("allow", "drain.example.test", db=db).returncode == 0
+    with ServeProcess(db, pebble, tmp_path) as server:
+        assert server.process is not None
+        served_certificate(server.https_port, "drain.example.test", root_ca)
+        raw = socket.create_connection(("127.0.0.1", server.https_port), timeout=30)
+        wait_for(lambda: accept_queue(server.https_port) == 0, timeout=30, what="serve to accept the connection")
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: "shutting down" in server.output(), timeout=30, what="serve to start its drain")
+        with client_context(root_ca).wrap_socket(raw, server_hostname="drain.example.test") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: drain.example.test\r\n\r\n")
+            response = b""
+            while chunk := tls.recv(65536):
+                response += chunk
+        head = response.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith(b"http/1.1 200"), response[:300]
+        assert b"connection: close" in head
+        assert server.process.wait(timeout=60) == 0

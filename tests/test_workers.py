@@ -3,6 +3,7 @@ and the duties lease, end to end with real processes, real TLS clients and Pebbl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -79,7 +80,8 @@ class Clients:
     def __init__(self, port: int, cafile: str, threads: int) -> None:
         self.port, self.cafile = port, cafile
         self.ok = 0
-        self.failures: list[float] = []
+        #: When each failed handshake failed, and with what.
+        self.failures: list[tuple[float, str]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
@@ -88,9 +90,9 @@ class Clients:
         while not self._stop.is_set():
             try:
                 handshake(self.port, NAME, cafile=self.cafile, timeout=60)
-            except OSError:
+            except OSError as exc:
                 with self._lock:
-                    self.failures.append(time.monotonic())
+                    self.failures.append((time.monotonic(), f"{type(exc).__name__}: {exc}"))
             else:
                 with self._lock:
                     self.ok += 1
@@ -146,7 +148,7 @@ def test_the_kernel_spreads_handshakes_over_the_workers_and_the_admin_listener_s
     count = 600
     with Clients(workers.https_port, workers.root_ca, threads=6) as clients:
         wait_for(lambda: clients.ok >= count, timeout=180, what=f"{count} handshakes")
-    assert not clients.failures
+    assert not clients.failures, clients.failures[:5]
     done = clients.ok
 
     def summed() -> bool:
@@ -183,7 +185,7 @@ def test_a_killed_worker_is_replaced_at_once_while_the_other_keeps_serving(worke
     assert replaced_in < 1.0, f"the replacement started {replaced_in:.2f} s after the kill"
     # Only connections the killed worker was in the middle of can fail: at most one per client thread.
     assert len(clients.failures) <= threads, f"{len(clients.failures)} handshakes failed"
-    assert all(at - killed < 1.0 for at in clients.failures), "a handshake failed long after the kill"
+    assert all(at - killed < 1.0 for at, _ in clients.failures), f"a handshake failed long after the kill: {clients.failures}"
     replacement = (children(supervisor) - before).pop()
     wait_for(lambda: replacement in per_worker(metrics(workers)), timeout=60, what="the replacement in /metrics")
 
@@ -222,7 +224,7 @@ def test_sighup_replaces_every_worker_while_clients_keep_being_served(workers: W
         wait_for(replaced, timeout=120, what="every worker replaced")
         served = clients.ok
         wait_for(lambda: clients.ok >= served + 100, timeout=120, what="handshakes after the replacement")
-    assert not clients.failures, f"{len(clients.failures)} handshakes failed during the replacement"
+    assert not clients.failures, f"{len(clients.failures)} handshakes failed during the replacement: {clients.failures[:5]}"
     assert value(metrics(workers), "autocert_workers") == 2
 
 
@@ -233,7 +235,30 @@ def test_workers_stop_when_their_supervisor_is_killed(workers: Workers) -> None:
     pids = children(workers.process.pid)
     workers.process.kill()
     workers.process.wait()
-    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=60, what="the orphaned workers to stop")
+    try:
+        wait_for(lambda: not any(alive(pid) for pid in pids), timeout=60, what="the orphaned workers to stop")
+    except TimeoutError:
+        raise AssertionError(f"still running: {[pid for pid in pids if alive(pid)]}\n{workers.output()[-4000:]}") from None
+
+
+def test_workers_still_starting_when_their_supervisor_is_killed_stop_too(pebble: Pebble, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'early.db'}"
+    server = ServeProcess(db, pebble, tmp_path, extra=["--workers", "2"], https_port=free_port(), http_port=free_port()).launch()
+    assert server.process is not None
+    supervisor = server.process.pid
+    pids: set[int] = set()
+    try:
+        wait_for(lambda: len(children(supervisor)) == 2, timeout=60, what="two workers spawned")
+        pids = children(supervisor)
+        server.process.kill()  # before the workers are ready: they are still importing
+        server.process.wait()
+        wait_for(lambda: not any(alive(pid) for pid in pids), timeout=120, what="the orphaned workers to stop")
+    finally:
+        server.process.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert "the supervisor (pid %d) is gone" % supervisor in server.output()
 
 
 def test_sigterm_to_the_supervisor_drains_every_worker_and_it_stays_small(pebble: Pebble, tmp_path: Path) -> None:

@@ -115,12 +115,19 @@ class HttpServer:
         if not self.connections:
             self._idle.set()
 
-    async def shutdown(self, timeout: float) -> None:
-        """Close idle connections, let responses in flight finish for up to ``timeout``, then cut."""
+    def start_draining(self) -> None:
+        """Close idle connections now; the others close after their response in flight, and
+        connections that come after this (handshakes finishing) after their first response."""
+        if self.draining:
+            return
         self.draining = True
-        self._idle.clear()
         for connection in list(self.connections):
             connection.drain()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Drain (see start_draining), let responses in flight finish for up to ``timeout``, then cut."""
+        self.start_draining()
+        self._idle.clear()
         if self.connections:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout)
@@ -153,7 +160,7 @@ class HttpConnection(asyncio.Protocol):
     """One client connection: parses requests, runs exchanges one at a time, enforces deadlines."""
 
     __slots__ = (
-        "_active", "_big", "_broken", "_chunked", "_continue", "_eof", "_head_size", "_headers", "_host", "_host_ok", "_idle", "_length",
+        "__weakref__", "_active", "_big", "_broken", "_chunked", "_continue", "_eof", "_head_size", "_headers", "_host", "_host_ok", "_idle", "_length",
         "_paused", "_queue", "_receiving", "_upgrade_buffer", "_url", "_write_paused", "deadline", "feeding", "out", "parser", "peer",
         "relay", "server", "server_name", "transport",
     )
@@ -196,7 +203,9 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         server = self.server
-        if server.draining or (server.guard is not None and not server.guard.admit(transport)):
+        # While draining too: a connection accepted before the stop gets its first request
+        # answered (with ``Connection: close``), as it would have been.
+        if server.guard is not None and not server.guard.admit(transport):
             transport.close()
             return
         server.connections[self] = None
