@@ -39,6 +39,7 @@ from ._config import (
     ready_line,
     tcp_upstream,
 )
+from ._handover import ListenerOffer, offer_name, offer_while_serving, take_over
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._cli_manager import db_url, issuers_from_args, manager_from_args, primary_directory
 from ._parser import REVOCATION_REASONS, env, parse_arguments
@@ -369,10 +370,13 @@ def supervise_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     settings = serve_settings(args)
     raise_open_file_limit()
-    sockets = bind_worker_listeners(settings.options, settings.workers)
+    handed = take_over(settings.options)
+    sockets = handed.regroup(settings.workers) if handed is not None else bind_worker_listeners(settings.options, settings.workers)
     try:
-        announce = [ready_line(label, sock) for label, socks in sockets[0].items() for sock in socks]
-        supervisor = Supervisor(argv, settings.workers, sockets, announce)
+        announce = list(dict.fromkeys(ready_line(label, sock) for label, socks in sockets[0].items() for sock in socks))
+        name = offer_name(settings.options)
+        offer = ListenerOffer(name, sockets) if name is not None else None
+        supervisor = Supervisor(argv, settings.workers, sockets, announce, offer=offer)
         log.info("serving with %d worker processes", settings.workers)
         return supervisor.run(stop_requested=release_stop_signals())
     finally:
@@ -401,7 +405,15 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         stop.set()
     # Bound before the server's modules load (about a second): a client that connects while
     # autocert starts or restarts waits in the kernel's queue instead of being refused.
-    sockets = bind_listeners(options) if worker is None else worker.sockets
+    offering: asyncio.Task[None] | None = None  # answers a new serve on the same listeners
+    if worker is not None:
+        sockets = worker.sockets
+    else:
+        handed = take_over(options)
+        sockets = handed.regroup(1)[0] if handed is not None else bind_listeners(options)
+        name = offer_name(options)
+        if name is not None:
+            offering = loop.create_task(offer_while_serving(ListenerOffer(name, [sockets]), stop))
     try:
         from ._server import serve
         from ._tls import DEFAULT_ALPN
@@ -418,6 +430,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
             loop.create_task(worker.watch_supervisor(stop))
         await serve(manager, options, sockets=sockets, stop=stop, ready=ready, announce=worker is None)
     finally:
+        if offering is not None:
+            offering.cancel()
         close_sockets(sockets)
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from ._board import Board
 from ._config import WORKER_ENV
+from ._handover import RETRY_LISTEN, ListenerOffer
 
 if TYPE_CHECKING:
     import asyncio
@@ -118,6 +119,8 @@ class Supervisor:
     workers: int
     sockets: list[dict[str, list[socket.socket]]]
     announce: list[str] = field(default_factory=list)
+    #: Hands the listeners to a new ``serve`` on the same ones (see :mod:`autocert._handover`).
+    offer: ListenerOffer | None = None
     running: dict[int, _Worker] = field(default_factory=dict)
     stopping: bool = False
     exit_code: int = 0
@@ -168,6 +171,7 @@ class Supervisor:
         if not self.stopping:
             log.info("stopping %d worker(s)", len(self.running))
         self.stopping = True
+        self._close_offer()
         self._restart_at.clear()
         self._signal_all(signal.SIGTERM)
 
@@ -239,6 +243,23 @@ class Supervisor:
             quick = time.monotonic() - worker.started < RESTART_PAUSE
             self._restart_at[worker.index] = time.monotonic() + (RESTART_PAUSE if quick else 0.0)
 
+    def _offer_due(self) -> float | None:
+        """Answer new ``serve`` processes once the name is free: seconds until the next try."""
+        offer = self.offer
+        if offer is None or offer.listener is not None or self.stopping:
+            return None
+        if not offer.try_listen():
+            return RETRY_LISTEN
+        assert offer.listener is not None
+        self._selector.register(offer.listener, selectors.EVENT_READ, offer)
+        return None
+
+    def _close_offer(self) -> None:
+        if self.offer is not None and self.offer.listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self.offer.listener)
+            self.offer.close()
+
     def _restart_due(self) -> float | None:
         """Start the replacements that are due; seconds until the next one, if any."""
         now = time.monotonic()
@@ -265,10 +286,12 @@ class Supervisor:
             if stop_requested:
                 self.stop()
             while self.running or (self._restart_at and not self.stopping):
-                timeout = self._restart_due()
-                for key, _ in self._selector.select(timeout):
+                timeouts = [due for due in (self._restart_due(), self._offer_due()) if due is not None]
+                for key, _ in self._selector.select(min(timeouts, default=None)):
                     if key.data is None:
                         self._on_signals(os.read(wake_read, 64))
+                    elif key.data is self.offer:
+                        self.offer.answer()  # type: ignore[union-attr]
                     else:
                         self._on_ready(key.data)
                 self._reap()
@@ -276,6 +299,7 @@ class Supervisor:
             signal.set_wakeup_fd(-1)
             for signum in handled:
                 signal.signal(signum, signal.SIG_DFL)
+            self._close_offer()
             self._signal_all(signal.SIGKILL)  # only if this loop itself failed
             for fd in (wake_read, wake_write):
                 os.close(fd)

@@ -14,10 +14,11 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from cryptography import x509
 
@@ -227,3 +228,63 @@ async def websocket_echo(request: Any) -> Any:
     async for message in ws:
         await ws.send_str(message.data)
     return ws
+
+
+def fetch(port: int, name: str, cafile: str) -> int:
+    """A new connection, a TLS handshake and one GET of ``/``: the status code."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
+        with client_context(cafile).wrap_socket(raw, server_hostname=name) as tls:
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+            response = b""
+            while chunk := tls.recv(65536):
+                response += chunk
+    return int(response.split(b" ", 2)[1])
+
+
+class Requests:
+    """Threads making new connections in a loop, each a TLS handshake and, unless
+    ``get=False``, one GET of ``/`` (see :func:`fetch`); they count the successes and keep
+    when each failure happened and what it was."""
+
+    def __init__(self, port: int, name: str, cafile: str, threads: int = 3, *, get: bool = True) -> None:
+        self.port, self.name, self.cafile, self.get = port, name, cafile, get
+        self.ok = 0
+        self.failures: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+
+    def _once(self) -> str | None:
+        """One connection: None if it went well, else what went wrong."""
+        try:
+            if not self.get:
+                handshake(self.port, self.name, cafile=self.cafile, timeout=60)
+                return None
+            status = fetch(self.port, self.name, self.cafile)
+        except (OSError, ValueError, IndexError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None if status == 200 else f"status {status}"
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            failure = self._once()
+            with self._lock:
+                if failure is None:
+                    self.ok += 1
+                else:
+                    self.failures.append((time.monotonic(), failure))
+
+    def more(self, count: int, what: str, *, timeout: float = 120) -> None:
+        """Wait until ``count`` more connections have gone well."""
+        target = self.ok + count
+        wait_for(lambda: self.ok >= target, timeout=timeout, what=what)
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=90)

@@ -15,11 +15,10 @@ import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Self
 
 import pytest
 from pebble import Pebble, free_port, wait_for
-from support import ServeProcess, client_context, handshake, run_cli, served_certificate
+from support import Requests, ServeProcess, client_context, run_cli, served_certificate
 
 from autocert._board import FIGURES, Board
 from autocert._config import Listen, ServeOptions, bind_worker_listeners, close_sockets
@@ -74,40 +73,6 @@ def duties_holder(db: str) -> int | None:
     return int(row[0].split(":")[1]) if row else None
 
 
-class Clients:
-    """Threads making full TLS handshakes to ``NAME`` in a loop, counting successes and failures."""
-
-    def __init__(self, port: int, cafile: str, threads: int) -> None:
-        self.port, self.cafile = port, cafile
-        self.ok = 0
-        #: When each failed handshake failed, and with what.
-        self.failures: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                handshake(self.port, NAME, cafile=self.cafile, timeout=60)
-            except OSError as exc:
-                with self._lock:
-                    self.failures.append((time.monotonic(), f"{type(exc).__name__}: {exc}"))
-            else:
-                with self._lock:
-                    self.ok += 1
-
-    def __enter__(self) -> Self:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=90)
-
-
 class Workers(ServeProcess):
     #: Pebble's root, which verifies what the server presents.
     root_ca: str
@@ -146,8 +111,8 @@ def test_the_kernel_spreads_handshakes_over_the_workers_and_the_admin_listener_s
         assert response.status == 200
     assert value(before, "autocert_context_cache_capacity") == 10000, "--cache-size is the whole server's, split among the workers"
     count = 600
-    with Clients(workers.https_port, workers.root_ca, threads=6) as clients:
-        wait_for(lambda: clients.ok >= count, timeout=180, what=f"{count} handshakes")
+    with Requests(workers.https_port, NAME, workers.root_ca, threads=6, get=False) as clients:
+        clients.more(count, f"{count} handshakes", timeout=180)
     assert not clients.failures, clients.failures[:5]
     done = clients.ok
 
@@ -172,15 +137,14 @@ def test_a_killed_worker_is_replaced_at_once_while_the_other_keeps_serving(worke
     supervisor = workers.process.pid
     before = children(supervisor)
     threads = 4
-    with Clients(workers.https_port, workers.root_ca, threads=threads) as clients:
-        wait_for(lambda: clients.ok >= 50, timeout=60, what="clients under way")
+    with Requests(workers.https_port, NAME, workers.root_ca, threads=threads, get=False) as clients:
+        clients.more(50, "clients under way")
         victim = max(before)
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: len(children(supervisor) - before) == 1, timeout=30, what="a replacement worker")
         replaced_in = time.monotonic() - killed
-        served = clients.ok
-        wait_for(lambda: clients.ok >= served + 200, timeout=120, what="handshakes after the replacement")
+        clients.more(200, "handshakes after the replacement")
     print(f"replacement started {replaced_in * 1000:.0f} ms after the kill; {len(clients.failures)} handshakes failed")
     assert replaced_in < 1.0, f"the replacement started {replaced_in:.2f} s after the kill"
     # Only connections the killed worker was in the middle of can fail: at most one per client thread.
@@ -213,8 +177,8 @@ def test_sighup_replaces_every_worker_while_clients_keep_being_served(workers: W
     assert workers.process is not None
     supervisor = workers.process.pid
     before = children(supervisor)
-    with Clients(workers.https_port, workers.root_ca, threads=4) as clients:
-        wait_for(lambda: clients.ok >= 50, timeout=60, what="clients under way")
+    with Requests(workers.https_port, NAME, workers.root_ca, threads=4) as clients:
+        clients.more(50, "clients under way")
         os.kill(supervisor, signal.SIGHUP)
 
         def replaced() -> bool:
@@ -222,9 +186,8 @@ def test_sighup_replaces_every_worker_while_clients_keep_being_served(workers: W
             return len(now) == 2 and not now & before
 
         wait_for(replaced, timeout=120, what="every worker replaced")
-        served = clients.ok
-        wait_for(lambda: clients.ok >= served + 100, timeout=120, what="handshakes after the replacement")
-    assert not clients.failures, f"{len(clients.failures)} handshakes failed during the replacement: {clients.failures[:5]}"
+        clients.more(100, "requests after the replacement")
+    assert not clients.failures, f"{len(clients.failures)} requests failed during the replacement: {clients.failures[:5]}"
     assert value(metrics(workers), "autocert_workers") == 2
 
 

@@ -483,10 +483,13 @@ class HttpConnection(asyncio.Protocol):
             self.transport.close()
 
     def drain(self) -> None:
-        """Shutdown: close now if idle; otherwise after the response in flight (or the relay's close)."""
+        """Shutdown: close now if kept alive after a response with nothing more sent; otherwise
+        after the response in flight (or the relay's close). A new connection keeps its first
+        request: its client may be sending it right now, and closing would fail it (a client
+        retries a request on a reused connection, not on a new one)."""
         if self.relay is not None:
             self.relay.going_away()
-        elif self._active is None:
+        elif self._idle:
             self.transport.close()
 
     def abort(self) -> None:
