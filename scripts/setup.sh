@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(pebble openssl curl ca-certificates python3-venv knot)
+packages=(pebble openssl curl ca-certificates python3-venv knot haproxy)
 [ "${AUTOCERT_SETUP_BROWSER:-0}" = 1 ] && packages+=(chromium)
 [ "${AUTOCERT_SETUP_STRESS:-0}" = 1 ] && packages+=(stress-ng)
 missing=()

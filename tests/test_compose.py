@@ -24,9 +24,13 @@ from typing import Any
 
 import pytest
 import yaml
-from support import REPO, free_port, wait_for
+from pebble import Pebble
+from support import REPO, ServeProcess, fetch, free_port, run_cli, served_certificate, wait_for
 
 COMPOSE = REPO / "docker-compose.yml"
+#: The autocert instances the compose file runs behind its balancer.
+INSTANCES = ("autocert-1", "autocert-2")
+BALANCER_CONFIG = REPO / "examples/compose/haproxy.cfg"
 
 
 def compose() -> dict[str, Any]:
@@ -139,11 +143,13 @@ def built_services() -> list[str]:
 
 def test_the_expected_services_use_the_expected_images() -> None:
     found = services()
-    assert {"pebble", "challtestsrv", "postgres", "autocert", "app"} <= set(found)
+    assert {"pebble", "challtestsrv", "postgres", "balancer", "app", *INSTANCES} <= set(found)
     assert found["pebble"]["image"].startswith("ghcr.io/letsencrypt/pebble:")
     assert found["challtestsrv"]["image"].startswith("ghcr.io/letsencrypt/pebble-challtestsrv:")
     assert found["postgres"]["image"].split(":")[0] == "postgres"
-    assert build_of(found["autocert"]) == (REPO, REPO / "Dockerfile")
+    assert found["balancer"]["image"].split(":")[0] == "haproxy"
+    for instance in INSTANCES:
+        assert build_of(found[instance]) == (REPO, REPO / "Dockerfile")
 
 
 @pytest.mark.parametrize("name", built_services())
@@ -194,9 +200,10 @@ def test_paths_in_commands_are_provided_by_a_mount_or_the_image() -> None:
                 assert host.exists(), f"{name}: {arg} comes from {host}, which does not exist"
 
 
-def test_paths_in_the_config_file_are_mounted_too() -> None:
-    service = services()["autocert"]
-    ca_bundle = primary_issuer(settings("autocert"))["ca_bundle"]
+@pytest.mark.parametrize("instance", INSTANCES)
+def test_paths_in_the_config_file_are_mounted_too(instance: str) -> None:
+    service = services()[instance]
+    ca_bundle = primary_issuer(settings(instance))["ca_bundle"]
     assert ca_bundle.startswith("/")
     targets = [PurePosixPath(target) for _kind, _source, target in mounts(service)]
     assert any(target in PurePosixPath(ca_bundle).parents for target in targets), "ca_bundle is not mounted"
@@ -224,11 +231,12 @@ def test_depends_on_names_real_services() -> None:
 # -- the services agree with each other --------------------------------------------------------------
 
 
-def test_autocert_commands_parse_and_point_at_the_other_services() -> None:
+@pytest.mark.parametrize("instance", INSTANCES)
+def test_autocert_commands_parse_and_point_at_the_other_services(instance: str) -> None:
     from autocert._parser import build_parser
 
     found = services()
-    args = settings("autocert")
+    args = settings(instance)
     assert args.command == "serve"
     assert args.config_file is not None, "serve's settings live in the mounted config file"
     assert args.upstream == "http://app:8000"
@@ -247,17 +255,63 @@ def test_autocert_commands_parse_and_point_at_the_other_services() -> None:
     assert "demo.autocert.test" in allow_args.names
 
 
+def balancer_backends() -> dict[int, list[tuple[str, int]]]:
+    """The balancer's frontends, by port, each with the servers its backend sends to."""
+    frontends: dict[str, int] = {}
+    backends: dict[str, list[tuple[str, int]]] = {}
+    uses: dict[str, str] = {}
+    section = ("", "")
+    for line in BALANCER_CONFIG.read_text().splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if not line.startswith((" ", "\t")):
+            section = (words[0], words[1] if len(words) > 1 else "")
+        elif section[0] == "frontend" and words[0] == "bind":
+            frontends[section[1]] = int(words[1].rsplit(":", 1)[1])
+        elif section[0] == "frontend" and words[0] == "default_backend":
+            uses[section[1]] = words[1]
+        elif section[0] == "backend" and words[0] == "server":
+            host, port = words[2].rsplit(":", 1)
+            backends.setdefault(section[1], []).append((host, int(port)))
+    return {port: backends[uses[frontend]] for frontend, port in frontends.items()}
+
+
+def test_every_instance_shares_the_database_and_the_balancer_reaches_both() -> None:
+    found = services()
+    dbs = {settings(instance).db for instance in INSTANCES}
+    assert len(dbs) == 1 and next(iter(dbs)).startswith("postgresql://") and "@postgres:" in next(iter(dbs))
+    balancer = found["balancer"]
+    assert ("bind", "./examples/compose/haproxy.cfg", "/usr/local/etc/haproxy/haproxy.cfg") in mounts(balancer)
+    published = {int(port.rsplit(":", 2)[-1]) for port in balancer["ports"]}
+    backends = balancer_backends()
+    assert set(backends) == published, "the balancer must publish each port it balances"
+    for instance in INSTANCES:
+        serve = settings(instance)
+        for label, listens in (("https", serve.https), ("http", serve.http)):
+            (port,) = [int(listen.rsplit(":", 1)[1]) for listen in listens]
+            assert (instance, port) in backends[port], f"the balancer does not send {label} to {instance}:{port}"
+        assert balancer["networks"]["acme"]["ipv4_address"] in serve.trusted_proxies, f"{instance} must trust the balancer's PROXY header"
+        assert set(found["balancer"]["depends_on"]) >= {instance}
+    assert "send-proxy-v2" in BALANCER_CONFIG.read_text()
+
+
 def test_pebble_validates_where_autocert_listens() -> None:
+    """Pebble's validator reaches the balancer (DNS), on the ports it forwards to autocert's
+    http-01 and tls-alpn-01 listeners."""
     found = services()
     config = json.loads((REPO / "examples/compose/pebble-config.json").read_text())["pebble"]
-    serve = settings("autocert")
-    assert [int(listen.rsplit(":", 1)[1]) for listen in serve.http] == [config["httpPort"]]
-    assert [int(listen.rsplit(":", 1)[1]) for listen in serve.https] == [config["tlsPort"]]
-    assert primary_issuer(serve)["directory"] == f"https://pebble:{config['listenAddress'].rsplit(':', 1)[1]}/dir"
+    backends = balancer_backends()
+    for instance in INSTANCES:
+        serve = settings(instance)
+        assert [int(listen.rsplit(":", 1)[1]) for listen in serve.http] == [config["httpPort"]]
+        assert [int(listen.rsplit(":", 1)[1]) for listen in serve.https] == [config["tlsPort"]]
+        assert primary_issuer(serve)["directory"] == f"https://pebble:{config['listenAddress'].rsplit(':', 1)[1]}/dir"
+    assert {config["httpPort"], config["tlsPort"]} <= set(backends)
 
-    autocert_ip = found["autocert"]["networks"]["acme"]["ipv4_address"]
+    balancer_ip = found["balancer"]["networks"]["acme"]["ipv4_address"]
     challtestsrv = argv(found["challtestsrv"]["command"])
-    assert option(challtestsrv, "-defaultIPv4") == autocert_ip, "DNS must send Pebble's validator to autocert"
+    assert option(challtestsrv, "-defaultIPv4") == balancer_ip, "DNS must send Pebble's validator to the balancer"
     assert option(challtestsrv, "-defaultIPv6") == ""
     dns_ip = found["challtestsrv"]["networks"]["acme"]["ipv4_address"]
     dns_port = option(challtestsrv, "-dns01").rsplit(":", 1)[1]
@@ -351,3 +405,61 @@ def test_the_files_the_dockerfile_copies_build_the_wheel(tmp_path: Path) -> None
     instructions = dockerfile_instructions(REPO / "Dockerfile")
     assert instructions[0] == ("FROM", "python:3.11-slim")
     assert ("ENTRYPOINT", '["autocert"]') in instructions
+
+
+def balancer_config_for(instances: list[ServeProcess], https_port: int, http_port: int) -> str:
+    """The compose file's haproxy.cfg with loopback addresses for the service names and ports."""
+    text = (REPO / "examples/compose/haproxy.cfg").read_text()
+    text = text.replace("bind :8443\n", f"bind 127.0.0.1:{https_port}\n").replace("bind :8080\n", f"bind 127.0.0.1:{http_port}\n")
+    for number, instance in enumerate(instances, 1):
+        text = text.replace(f" autocert-{number}:8443\n", f" 127.0.0.1:{instance.https_port}\n")
+        text = text.replace(f" autocert-{number}:8080\n", f" 127.0.0.1:{instance.http_port}\n")
+    # Addresses need no resolver (and nothing may leave loopback).
+    text = re.sub(r"\nresolvers compose\n(?:    .*\n)*", "\n", text).replace(" resolvers compose", "")
+    assert "autocert-1:" not in text and "autocert-2:" not in text and "bind :" not in text, text
+    return text
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (scripts/setup.sh installs it)")
+def test_the_compose_balancer_spreads_over_both_instances_on_one_postgres(pebble: Pebble, postgres_url: str, root_ca: str,
+                                                                          tmp_path: Path) -> None:
+    """The compose file's balancer config, run here by Debian's haproxy in front of two real
+    instances sharing one PostgreSQL database (as in the compose file): the CA's validations
+    and the clients come through it, both instances serve, and each sees the client's own
+    address from the PROXY header."""
+    name = "balanced.example.test"
+    assert run_cli("allow", name, db=postgres_url).returncode == 0  # creates the schema once
+    instances = [ServeProcess(postgres_url, pebble, tmp_path, https_port=free_port(), http_port=free_port(),
+                              extra=["--workers", "1", "--trusted-proxies", "127.0.0.1"]) for _ in range(2)]
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(balancer_config_for(instances, pebble.tlsalpn01_port, pebble.http01_port))
+    balancer = None
+    try:
+        for instance in instances:
+            instance.start(timeout=120)
+        with open(tmp_path / "haproxy.log", "wb") as log:
+            balancer = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: listening(pebble.tlsalpn01_port) and listening(pebble.http01_port), timeout=60, what="haproxy to listen")
+        served_certificate(pebble.tlsalpn01_port, name, root_ca)  # a first contact, validated through the balancer
+        for _ in range(20):
+            assert fetch(pebble.tlsalpn01_port, name, root_ca, source="127.0.0.2") == 200
+        for instance in instances:  # the access log is written in batches: wait for it
+            try:
+                wait_for(lambda: "127.0.0.2 [" in instance.stderr_path.read_text(), timeout=30, what="the client's requests in the log")
+            except TimeoutError:
+                raise AssertionError(f"an instance served no request of the client, or lost its address:\n{instance.output()}\n"
+                                     f"--- haproxy\n{(tmp_path / 'haproxy.log').read_text()[-3000:]}") from None
+    finally:
+        if balancer is not None:
+            balancer.terminate()
+            balancer.wait(timeout=30)
+        for instance in instances:
+            instance.stop()
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError:
+        return False
+    return True

@@ -307,5 +307,5 @@ def test_compose_stop_grace_covers_the_drain() -> None:
 
     from autocert._config import ServeOptions
 
-    grace = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["autocert"]["stop_grace_period"]
+    grace = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["autocert-1"]["stop_grace_period"]
     assert seconds(grace) > ServeOptions(https=(), http=(), admin=None).shutdown_timeout

@@ -19,15 +19,17 @@ def logged(server: ServeProcess) -> str:
     return server.stdout_path.read_text() + server.stderr_path.read_text()
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_second_serve_takes_over_the_listeners_and_stopping_the_first_drops_nothing(pebble: Pebble, tmp_path: Path, workers: str) -> None:
+@pytest.mark.parametrize(("workers", "then"), [("1", "1"), ("1", "2"), ("2", "1")])
+def test_a_second_serve_takes_over_the_listeners_and_stopping_the_first_drops_nothing(pebble: Pebble, tmp_path: Path, workers: str,
+                                                                                       then: str) -> None:
+    """Also from one process to a supervisor of two workers, and back."""
     db = f"sqlite:///{tmp_path / 'handover.db'}"
     assert run_cli("allow", NAME, db=db).returncode == 0
     root = tmp_path / "root.pem"
     root.write_bytes(pebble.root_pem())
     extra = ["--workers", workers]
     first = ServeProcess(db, pebble, tmp_path, extra=extra).start(timeout=120)
-    second = ServeProcess(db, pebble, tmp_path, extra=extra, admin_port=first.admin_port)
+    second = ServeProcess(db, pebble, tmp_path, extra=["--workers", then], admin_port=first.admin_port)
     try:
         assert first.process is not None
         served_certificate(first.https_port, NAME, str(root))
