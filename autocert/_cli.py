@@ -463,7 +463,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise
     if args.command != "serve" and release_stop_signals():
         return 130  # stopped while the command line was read
-    setup_logging(getattr(args, "log_format", "text"), logging.INFO if args.command == "serve" else logging.WARNING)
+    worker = None
+    if args.command == "serve":
+        from ._supervisor import worker_index
+
+        worker = worker_index()
+    setup_logging(getattr(args, "log_format", "text"), logging.INFO if args.command == "serve" else logging.WARNING, worker=worker)
     handler = cmd_db_upgrade if args.command == "db" else COMMANDS[args.command]
     try:
         if args.command == "serve" and WORKER_ENV not in os.environ and parse_workers(args.workers) > 1:

@@ -27,12 +27,15 @@ def print_table(rows: list[list[str]], headers: list[str]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
-def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+def setup_logging(log_format: str = "text", level: int = logging.INFO, *, worker: int | None = None) -> None:
+    """Log to stderr in ``log_format``; a worker of ``serve --workers`` says which it is on
+    every line (``[worker N]``, or ``"worker": N`` in JSON), as the workers share the stream."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
+        handler.setFormatter(JsonLogFormatter(worker=worker))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        tag = "" if worker is None else f"[worker {worker}] "
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -44,6 +47,10 @@ def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line; event lines also carry ``event``, ``name``, ``state``, ``error``."""
 
+    def __init__(self, *, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
             "time": isoformat(datetime.fromtimestamp(record.created, timezone.utc)),
@@ -51,6 +58,8 @@ class JsonLogFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            payload["worker"] = self.worker
         fields = getattr(record, "autocert_event", None)
         if isinstance(fields, dict):
             payload.update(fields)

@@ -83,12 +83,23 @@ class WorkerSetup:
         os.close(self.ready_fd)
 
 
+def _worker_fields() -> dict[str, str] | None:
+    text = os.environ.get(WORKER_ENV)
+    return dict(part.split("=", 1) for part in text.split(",")) if text else None
+
+
+def worker_index() -> int | None:
+    """Which worker of ``serve --workers`` this process is, if it is one (for its log lines)."""
+    fields = _worker_fields()
+    return None if fields is None else int(fields["index"])
+
+
 def worker_setup() -> WorkerSetup | None:
     """This process's worker setup, or None when it is not a supervisor's worker."""
-    text = os.environ.pop(WORKER_ENV, None)
-    if not text:
+    fields = _worker_fields()
+    os.environ.pop(WORKER_ENV, None)
+    if fields is None:
         return None
-    fields = dict(part.split("=", 1) for part in text.split(","))
     sockets: dict[str, list[socket.socket]] = {
         label: [socket.socket(fileno=int(fd)) for fd in fields[label].split(":")] for label in ("https", "http", "admin") if label in fields
     }

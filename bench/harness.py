@@ -105,14 +105,15 @@ def nginx_binary() -> str | None:
 
 
 def nginx_server(label: str, binary: str, prefix: Path, http: str, ports: Sequence[int], *, master: bool = True,
-                 head: str = "", tail: str = "", cpus: set[int] | None = None) -> Server | None:
-    """nginx in the foreground with one worker and everything under ``prefix``: ``http`` is
+                 head: str = "", tail: str = "", cpus: set[int] | None = None, workers: str = "1") -> Server | None:
+    """nginx in the foreground with ``workers`` worker processes (one unless told otherwise:
+    ``auto`` is one per CPU) and everything under ``prefix``: ``http`` is
     the inside of its ``http`` block, ``head`` and ``tail`` stand before and after it. None,
     said in one line, when ``nginx -t`` rejects the configuration."""
     (prefix / "logs").mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(f"""{head}
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 master_process {'on' if master else 'off'};
 error_log {prefix}/logs/error.log warn;
@@ -134,6 +135,24 @@ http {{
     if cpus is not None:
         server.cpus = cpus
     return server
+
+
+def caddy_server(label: str, binary: str, home: Path, sites: str, ports: Sequence[int], *, env: dict[str, str] | None = None) -> Server:
+    """Caddy in the foreground from a Caddyfile of ``sites`` (its admin endpoint and automatic
+    HTTPS off, HTTP/1.1 and HTTP/2), with its home and data under ``home``."""
+    home.mkdir(parents=True, exist_ok=True)
+    caddyfile = home / "Caddyfile"
+    caddyfile.write_text(f"""{{
+	admin off
+	auto_https off
+	servers {{
+		protocols h1 h2
+	}}
+}}
+{sites}""")
+    argv = probed([binary, "run", "--config", str(caddyfile), "--adapter", "caddyfile"], ports)
+    paths = {"HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"), "XDG_DATA_HOME": str(home / "data")}
+    return Server(label, argv, ports[0], "ready", env={**paths, **(env or {})})
 
 
 @dataclass

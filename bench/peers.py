@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from fixtures import UNREACHABLE_CA, Chain, build_database, make_chain, name_for
-from harness import (CLIENT_CPUS, SERVER_CPUS, Server, descendants, free_port, nginx_binary, nginx_server, pin, probed,
+from harness import (CLIENT_CPUS, SERVER_CPUS, Server, caddy_server, descendants, free_port, nginx_binary, nginx_server, pin,
                      print_table, run_clients, stop_servers, terminate_as_interrupt)
 
 NAME = name_for(0)
@@ -184,19 +184,9 @@ def nginx_peer(workdir: Path, binary: str, upstream: int) -> Peer | None:
 
 
 def caddy_peer(workdir: Path, binary: str, upstream: int) -> Peer:
-    home = workdir / "caddy"
-    home.mkdir()
     proxy, own = free_port(), free_port()
     tls = f"tls {workdir}/chain.pem {workdir}/key.pem"
-    caddyfile = home / "Caddyfile"
-    caddyfile.write_text(f"""{{
-	admin off
-	auto_https off
-	servers {{
-		protocols h1 h2
-	}}
-}}
-https://:{proxy} {{
+    sites = f"""https://:{proxy} {{
 	bind 127.0.0.1
 	{tls}
 	reverse_proxy 127.0.0.1:{upstream}
@@ -206,12 +196,9 @@ https://:{own} {{
 	{tls}
 	respond "ok" 200
 }}
-""")
-    argv = probed([binary, "run", "--config", str(caddyfile), "--adapter", "caddyfile"], [proxy, own])
+"""
     # Go sizes its scheduler from the CPUs it may use when it starts: say so rather than race the pinning.
-    env = {"HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"), "XDG_DATA_HOME": str(home / "data"),
-           "GOMAXPROCS": str(len(SERVER_CPUS))}
-    server = Server("Caddy", argv, proxy, "ready", env=env)
+    server = caddy_server("Caddy", binary, workdir / "caddy", sites, [proxy, own], env={"GOMAXPROCS": str(len(SERVER_CPUS))})
     return Peer("Caddy", [server], {"proxy": (server, proxy), "own": (server, own)}, {"tcp": "no built-in equivalent"})
 
 

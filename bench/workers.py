@@ -1,18 +1,23 @@
-"""``serve --workers 1`` against ``serve --workers auto`` at saturation: requests per second
-and server CPU per request.
+"""Every core at saturation: ``serve --workers 1`` and ``--workers auto`` side by side with
+nginx (``worker_processes auto``) and Caddy (Go's default GOMAXPROCS, every CPU).
 
-    .venv/bin/python bench/workers.py [--rounds 3] [--seconds 10] [--clients 4] [--markdown FILE]
+    .venv/bin/python bench/workers.py [--rounds 3] [--seconds 10] [--clients 4] [--keepalive 100]
+                                      [--no-nginx] [--no-caddy] [--markdown FILE]
 
-Each request is a new TLS 1.3 connection (ECDSA P-256, no resumption) carrying one GET that
-``serve`` answers itself (its confirmation page), so what is measured is the handshake and
-the small request, with nothing behind. Both servers start from copies of one database
-holding the certificate, on every CPU; ``--clients`` client processes (bench/client.py, not
-pinned either) then keep one server busy for about ``--seconds``, then the other, in turns
-over the rounds. A server's CPU is that of the supervisor and all its workers.
+Two kinds of load, each server in turn kept busy for about ``--seconds`` by ``--clients``
+client processes (bench/client.py), over the rounds:
 
-Clients and servers share the machine's CPUs: on a machine with few of them the clients'
-own handshakes take a large share, and the gain from more workers is bounded by what the
-clients leave over. Medians over the rounds are printed as one Markdown table.
+- **connect**: each request a new TLS 1.3 connection (ECDSA P-256, no resumption) carrying
+  one GET that the server answers itself (autocert's confirmation page, nginx's ``return 200``,
+  Caddy's ``respond``): the handshake and a small request, with nothing behind;
+- **keep-alive**: ``--keepalive`` GETs one after the other on each connection.
+
+Nothing is pinned: the servers need every CPU, and the clients share them, so the table
+gives the clients' share of the machine's CPU during each turn (after their warm-up):
+what the clients take, no server could have. A server's CPU is that of all its processes
+(autocert's supervisor and workers, nginx's master and workers). Medians over the rounds are
+printed as one Markdown table, with requests/s ÷ Caddy's, and autocert's CPU per request with
+every worker against one process (the cost of running several).
 """
 
 from __future__ import annotations
@@ -31,22 +36,45 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from fixtures import UNREACHABLE_CA, build_database, make_chain, name_for
-from harness import Server, cpu_seconds, descendants, free_port, print_table, stop_servers, terminate_as_interrupt
+from fixtures import UNREACHABLE_CA, Chain, build_database, make_chain, name_for
+from harness import (Server, caddy_server, cpu_seconds, descendants, free_port, nginx_binary, nginx_server, print_table, stop_servers,
+                     terminate_as_interrupt)
 
 NAME = name_for(0)
 ALL_CPUS = set(os.sched_getaffinity(0))
-SETTINGS = {"1": "--workers 1", "auto": f"--workers auto ({len(ALL_CPUS)} workers)"}
+SINGLE, AUTO = "autocert --workers 1", f"autocert --workers auto ({len(ALL_CPUS)})"
 
 
-def serve(label: str, workdir: Path, seeded: Path, workers: str) -> Server:
-    db = workdir / f"autocert-{label}.db"
-    shutil.copyfile(seeded, db)
+def autocert(label: str, workdir: Path, chain: Chain, workers: str) -> Server:
+    db = workdir / f"autocert-{workers}.db"
+    build_database(db, 10, chain, UNREACHABLE_CA)
     port = free_port()
     argv = [sys.executable, "-m", "autocert", "--db", f"sqlite:///{db}", "serve", "--https", f"127.0.0.1:{port}",
             "--http", "none", "--admin", "none", "--directory", UNREACHABLE_CA, "--access-log", "off", "--workers", workers]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
-    server = Server(label, argv, port, "https listening", env=env)
+    return Server(label, argv, port, "https listening", env=env, cpus=ALL_CPUS)
+
+
+def nginx(workdir: Path, binary: str) -> Server | None:
+    port = free_port()
+    return nginx_server("nginx", binary, workdir / "nginx", f"""
+    ssl_certificate {workdir}/chain.pem; ssl_certificate_key {workdir}/key.pem; ssl_protocols TLSv1.2 TLSv1.3;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        location / {{ return 200 "ok\\n"; }}
+    }}""", [port], cpus=ALL_CPUS, workers="auto")
+
+
+def caddy(workdir: Path, binary: str) -> Server:
+    port = free_port()
+    sites = f"""https://:{port} {{
+	bind 127.0.0.1
+	tls {workdir}/chain.pem {workdir}/key.pem
+	respond "ok" 200
+}}
+"""
+    server = caddy_server("Caddy", binary, workdir / "caddy", sites, [port])  # GOMAXPROCS: Go's default, every CPU
     server.cpus = ALL_CPUS
     return server
 
@@ -55,19 +83,21 @@ def server_cpu(server: Server) -> float:
     return sum(cpu_seconds(pid) for pid in [server.pid, *descendants(server.pid)])
 
 
-def saturate(server: Server, clients: int, seconds: float, rate_guess: float) -> tuple[int, int, float, float]:
-    """Keep ``server`` busy with ``clients`` processes for about ``seconds``: (ok, failed,
-    wall seconds, server CPU seconds)."""
-    count = max(20, int(rate_guess * seconds / clients))
+def saturate(server: Server, clients: int, seconds: float, rate_guess: float, requests: int) -> tuple[int, float, float, float]:
+    """Keep ``server`` busy with ``clients`` processes for about ``seconds``, ``requests`` GETs
+    per connection: (requests answered, wall seconds, server CPU seconds, client CPU seconds)."""
+    count = max(20, int(rate_guess * seconds / clients / requests))
     argv = [sys.executable, str(HERE / "client.py"), "--ports", str(server.port), "--count", str(count), "--names", "1",
-            "--warmup", "20", "--path", "/"]
+            "--warmup", str(max(2, 20 // requests)), "--path", "/", "--requests", str(requests)]
     processes = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(clients)]
+    client_cpu = 0.0
     try:
         for process in processes:
             assert process.stdout is not None
             if process.stdout.readline().strip() != "ready":
-                raise RuntimeError("a client failed during warm-up")
+                raise RuntimeError(f"{server.label}: a client failed during warm-up")
         before = server_cpu(server)
+        client_cpu = -sum(cpu_seconds(process.pid) for process in processes)  # start-up and warm-up left out
         started = time.perf_counter()
         for process in processes:
             assert process.stdin is not None
@@ -76,12 +106,21 @@ def saturate(server: Server, clients: int, seconds: float, rate_guess: float) ->
         results = [json.loads(process.stdout.readline())["results"][str(server.port)] for process in processes if process.stdout]
         wall = time.perf_counter() - started
         cpu = server_cpu(server) - before
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.close()
+            _pid, _status, usage = os.wait4(process.pid, 0)
+            process.returncode = 0
+            client_cpu += usage.ru_utime + usage.ru_stime
     finally:
         for process in processes:
-            if process.poll() is None:
+            if process.returncode is None and process.poll() is None:
                 process.kill()
-            process.wait()
-    return sum(r[0] for r in results), sum(r[1] for r in results), wall, cpu
+                process.wait()
+    ok, failed = sum(r[0] for r in results), sum(r[1] for r in results)
+    if failed or not ok:
+        raise RuntimeError(f"{server.label}: {ok} connections answered, {failed} failed")
+    return ok * requests, wall, cpu, client_cpu
 
 
 def main() -> None:
@@ -89,46 +128,70 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="turns of each server; medians are reported (3)")
     parser.add_argument("--seconds", type=float, default=10.0, help="about how long each turn keeps a server busy (10)")
     parser.add_argument("--clients", type=int, default=2 * len(ALL_CPUS), help="client processes (two per CPU)")
+    parser.add_argument("--keepalive", type=int, default=100, help="GETs per connection in the keep-alive load (100)")
+    parser.add_argument("--no-nginx", action="store_true")
+    parser.add_argument("--no-caddy", action="store_true")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args()
+    loads = {"connect": 1, "keep-alive": args.keepalive}
 
     workdir = Path(tempfile.mkdtemp(prefix="autocert-workers-"))
     servers: list[Server] = []
     try:
         with terminate_as_interrupt():
-            seeded = workdir / "seed.db"
-            build_database(seeded, 10, make_chain(NAME), UNREACHABLE_CA)
-            servers = [serve(label, workdir, seeded, label) for label in SETTINGS]
+            chain = make_chain(NAME)
+            chain.write(workdir)
+            servers = [autocert(SINGLE, workdir, chain, "1"), autocert(AUTO, workdir, chain, "auto")]
+            binary = None if args.no_nginx else nginx_binary()
+            if binary is not None and (peer := nginx(workdir, binary)) is not None:
+                servers.append(peer)
+            if not args.no_caddy and (binary := shutil.which("caddy")) is not None:
+                servers.append(caddy(workdir, binary))
             for server in servers:
                 server.start()
-            rates = {server.label: 200.0 for server in servers}
-            measured: dict[str, list[tuple[float, float]]] = {server.label: [] for server in servers}
+            rates = {(server.label, load): 500.0 * requests for server in servers for load, requests in loads.items()}
+            measured: dict[tuple[str, str], list[tuple[float, float, float]]] = {key: [] for key in rates}
+            cpus = len(ALL_CPUS)
             for round_index in range(args.rounds):
-                for server in servers:
-                    ok, failed, wall, cpu = saturate(server, args.clients, args.seconds, rates[server.label])
-                    if failed or not ok:
-                        raise RuntimeError(f"{server.label}: {ok} requests answered, {failed} failed")
-                    rates[server.label] = ok / wall
-                    measured[server.label].append((ok / wall, cpu / ok * 1e6))
-                    print(f"round {round_index + 1}/{args.rounds}: {SETTINGS[server.label]}: {ok / wall:.0f} requests/s",
-                          file=sys.stderr)
-            single = statistics.median(rate for rate, _ in measured["1"])
-            lines = [
-                (f"New TLS connection + one GET answered by `serve` itself; {args.clients} client processes on the same "
-                 f"{len(ALL_CPUS)} CPUs as the server; medians of {args.rounds} round(s) of about {args.seconds:.0f} s."),
-                "",
-                "| server | requests/s | server CPU µs per request | requests/s ÷ `--workers 1` |",
-                "|---|---|---|---|",
-            ]
-            for server in servers:
-                rate = statistics.median(value for value, _ in measured[server.label])
-                cpu = statistics.median(value for _, value in measured[server.label])
-                lines.append(f"| {SETTINGS[server.label]} | {rate:.0f} | {cpu:.0f} | {rate / single:.2f} |")
-            markdown = "\n".join(lines)
-            print_table(markdown, args.markdown)
+                for load, requests in loads.items():
+                    for server in servers:
+                        answered, wall, cpu, client_cpu = saturate(server, args.clients, args.seconds, rates[server.label, load], requests)
+                        rates[server.label, load] = answered / wall
+                        measured[server.label, load].append((answered / wall, cpu / answered * 1e6, client_cpu / (wall * cpus)))
+                        print(f"round {round_index + 1}/{args.rounds}: {load}: {server.label}: {answered / wall:.0f} requests/s",
+                              file=sys.stderr)
+            print_table(report(servers, loads, measured, args), args.markdown)
     finally:
         stop_servers(servers)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(servers: list[Server], loads: dict[str, int], measured: dict[tuple[str, str], list[tuple[float, float, float]]],
+           args: argparse.Namespace) -> str:
+    def median(label: str, load: str, index: int) -> float:
+        return statistics.median(sample[index] for sample in measured[label, load])
+
+    labels = [server.label for server in servers]
+    lines = [
+        (f"Each server in turn kept busy by {args.clients} client processes on the same {len(ALL_CPUS)} CPUs; medians of "
+         f"{args.rounds} round(s) of about {args.seconds:.0f} s. connect: a new TLS 1.3 connection per GET; keep-alive: "
+         f"{args.keepalive} GETs per connection. Client CPU: the clients' share of all {len(ALL_CPUS)} CPUs during the turn."),
+        "",
+        "| load | server | requests/s | server CPU µs per request | client CPU | requests/s ÷ Caddy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for load in loads:
+        caddy_rate = median("Caddy", load, 0) if "Caddy" in labels else None
+        for label in labels:
+            rate = median(label, load, 0)
+            versus = f"{rate / caddy_rate:.2f}" if caddy_rate else "–"
+            lines.append(f"| {load} | {label} | {rate:.0f} | {median(label, load, 1):.0f} | {median(label, load, 2):.0%} | {versus} |")
+    lines.append("")
+    for load in loads:
+        single, every = median(SINGLE, load, 1), median(AUTO, load, 1)
+        lines.append(f"{load}: autocert's CPU per request with every worker ÷ one process: {every / single:.2f} "
+                     f"(requests/s {median(AUTO, load, 0) / median(SINGLE, load, 0):.2f} ×).")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""bench/peers.py runs end to end: a quick pass against autocert alone, behind the bench's own
-static upstream. Only that it completes and prints autocert's rows; no number is checked."""
+"""The benches run end to end: bench/peers.py and bench/workers.py, quick passes against
+autocert alone (peers.py behind the bench's own static upstream). Only that they complete
+and print autocert's rows; no number is checked."""
 
 from __future__ import annotations
 
@@ -33,3 +34,21 @@ def test_peers_quick_autocert_only() -> None:
         measured = autocert.replace(".", "", 1).isdigit()
         # TCP pass-through is measured once autocert has it, and says so until then.
         assert measured or ("TCP pass-through" in title and autocert == "not supported by this autocert"), (title, autocert)
+
+
+@pytest.mark.timeout(180)
+def test_workers_bench_quick_autocert_only() -> None:
+    """bench/workers.py completes a short pass with both worker settings (no number checked)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    bench = subprocess.Popen([sys.executable, str(ROOT / "bench" / "workers.py"), "--rounds", "1", "--seconds", "1", "--clients", "2",
+                              "--keepalive", "5", "--no-nginx", "--no-caddy"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = bench.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        bench.terminate()
+        stdout, stderr = bench.communicate(timeout=30)
+        pytest.fail(f"bench/workers.py did not finish in 150 s:\n{stderr[-3000:]}")
+    assert bench.returncode == 0, stderr[-3000:]
+    rows = [line for line in stdout.splitlines() if line.startswith(("| connect", "| keep-alive"))]
+    assert len(rows) == 4, stdout
+    assert all(row.rstrip().endswith("| – |") for row in rows), "no Caddy, no ratio to it"

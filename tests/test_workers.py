@@ -235,7 +235,19 @@ def test_sigterm_to_the_supervisor_drains_every_worker_and_it_stays_small(pebble
     assert supervisor_kib < 40 * 1024
     assert server.stop(timeout=60) == 0
     assert not any(alive(pid) for pid in pids)
-    assert server.output().count("shutting down") == 2
+    stops = [line for line in server.output().splitlines() if "shutting down" in line]
+    assert sorted(re.search(r"\[worker (\d+)\] ", line).group(1) for line in stops) == ["0", "1"], stops  # type: ignore[union-attr]
+
+
+def test_json_log_lines_of_a_worker_say_which_it_is() -> None:
+    import json
+    import logging
+
+    from autocert._console import JsonLogFormatter
+
+    record = logging.LogRecord("autocert.server", logging.INFO, __file__, 1, "shutting down", None, None)
+    assert json.loads(JsonLogFormatter(worker=1).format(record))["worker"] == 1
+    assert "worker" not in json.loads(JsonLogFormatter().format(record))
 
 
 def test_a_worker_that_cannot_start_stops_the_server_with_its_status(tmp_path: Path) -> None:
