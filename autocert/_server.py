@@ -136,8 +136,8 @@ async def listeners(
         if accept_task is not None:
             accept_task.cancel()
             await asyncio.gather(accept_task, return_exceptions=True)
-        for server in plain:
-            server.close()
+        for listener in plain:
+            listener.close()
         for server in servers:
             server.start_draining()
         if front is not None:  # connections accepted before the stop still get their handshake

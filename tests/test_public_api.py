@@ -23,7 +23,7 @@ LAYERS = {
     "_store": 2,
     "_acme": 3, "_status": 3, "_ask": 3, "_caps": 3, "_dns": 3,
     "_worker": 4, "_scheduler": 4, "_ca": 4,
-    "_manager": 5,
+    "_manager": 5, "_watch": 5,
     "_front": 6, "web": 6, "_http": 6, "_proxy": 6, "_passthrough": 6, "_monitor": 6, "_metrics": 6, "_duties": 6,
     "_server": 7, "_supervisor": 7,
     "_cli": 8, "_cli_manager": 8, "_parser": 8, "_console": 7, "__main__": 9, "__init__": 9,
