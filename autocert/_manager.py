@@ -304,7 +304,19 @@ class Manager(Watching):
         host name off the allowlist (``fresh``: whatever it said before, as before a renewal)."""
         if certificate_name(name, self._allowed, self._wildcards) is not None:
             return True
-        return self.ask is not None and is_host_name(name) and await self.ask.ask(name, fresh=fresh)
+        if self.ask is None or not is_host_name(name):
+            return False
+        allowed = await self.ask.ask(name, fresh=fresh)
+        if not allowed and fresh:  # asked again (before a renewal) and refused: dropped
+            await self.store.forget_asked(name)
+        return allowed
+
+    async def _order(self, name: str) -> StoredCertificate:
+        """Order ``name`` now and wait; a name the ask endpoint allowed is recorded as such
+        first, so that status shows it allowed."""
+        if certificate_name(name, self._allowed, self._wildcards) is None:
+            await self.store.record_asked(name)
+        return await self.worker.issue(name)
 
     async def allow(self, *entries: str, cap: int | None = None, wildcard: bool = False) -> list[str]:
         """Allow names or ``*.patterns``; ``cap`` limits how many names a pattern may order;
@@ -336,7 +348,7 @@ class Manager(Watching):
             current = await self.store.current_certificate(name)
             if current is not None and not needs_order(current.not_after, current.renew_at, utcnow()):
                 return current
-        return await self.worker.issue(name)
+        return await self._order(name)
 
     async def renew(self, names: Sequence[str] | None = None, *, force: bool = False) -> dict[str, StoredCertificate | BaseException]:
         """Renew what is due (or ``names``); ``force`` renews now whatever ``renew_at`` says.
@@ -359,7 +371,7 @@ class Manager(Watching):
             if not await self.may_serve(name, fresh=True):
                 results[name] = IssuanceError(name, "no longer allowed; not renewed")
         pending = [name for name in due if name not in results]
-        outcomes = await asyncio.gather(*(self.worker.issue(name) for name in pending), return_exceptions=True)
+        outcomes = await asyncio.gather(*(self._order(name) for name in pending), return_exceptions=True)
         results.update(zip(pending, outcomes))
         return results
 
@@ -484,7 +496,7 @@ class Manager(Watching):
                 self._hold(name, None, "cap")
                 return None
             try:
-                certificate = await self.worker.issue(name)
+                certificate = await self._order(name)
             except AutocertError:
                 # Failed, or held back by a budget: the worker stored when to try again.
                 await self._held_by_state(name, utcnow())

@@ -214,8 +214,8 @@ SORTED_NAME = String(NAME_LENGTH).with_variant(String(NAME_LENGTH, collation="C"
 
 
 class NameRow(Base):
-    """The status index: one row per name the database knows (an exact allowlist entry, or any
-    certificate, attempt or scheduling state for it) with what the status queries filter, sort
+    """The status index: one row per name the database knows (an exact allowlist entry, a name
+    the ask endpoint allowed, or any certificate, attempt or scheduling state for it) with what the status queries filter, sort
     and count on, so that a page of 100 names out of 100,000 is a few index reads.
 
     Derived data: every write to the tables it summarises updates it in the same transaction
@@ -309,3 +309,14 @@ class LeaseRow(Base):
     name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     lease_owner: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     lease_until: Mapped[datetime | None]
+
+
+class AskedNameRow(Base):
+    """A name off the allowlist that the ask endpoint (``--ask``) allowed and that was ordered.
+    It makes the name allowed in the status index, as an allowlist entry would; it goes when
+    the endpoint refuses the name again (asked before each renewal)."""
+
+    __tablename__ = "asked_names"
+
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    allowed_at: Mapped[datetime] = mapped_column(default=utcnow)

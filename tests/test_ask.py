@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from ask_endpoint import AskEndpoint
 from pebble import Pebble, wait_for
-from support import ServeProcess, handshake, openssl_s_client, served_certificate
+from support import ServeProcess, cli_json, handshake, openssl_s_client, served_certificate
 from test_cli import snapshot
 
 from autocert._ask import AskGate
@@ -68,6 +68,10 @@ def test_an_allowed_name_is_ordered_on_first_contact_and_asked_once(server: Serv
         handshake(server.https_port, name, cafile=root)
     assert endpoint.calls[name] == 1
     assert "token=t&domain=shop.ask.test" in endpoint.queries, "the endpoint's own query is kept"
+    # Status, read from the database by another process, shows it allowed and served.
+    states = {item["name"]: item["state"] for item in cli_json("status", db=server.db)["certificates"]}
+    assert states[name] == "valid", states
+    assert cli_json("status", "--state", "valid", db=server.db)["certificates"][0]["name"] == name
 
 
 def test_a_refused_name_gets_alert_112_and_the_answer_is_cached(server: ServeProcess, endpoint: AskEndpoint) -> None:

@@ -33,6 +33,7 @@ async def test_renewal_asks_again_and_a_refusal_stops_serving(pebble: Pebble, en
     async with running_manager(pebble, f"sqlite:///{tmp_path / 'renew.db'}", renew=False, ask=endpoint.url) as manager:
         first = await manager.issue(name)
         assert manager.route(name)[0] is Route.SERVE and endpoint.calls[name] == 1
+        assert [item["state"] for item in await manager.status([name])] == ["valid"], "allowed by the endpoint, not disallowed"
         renewed = (await manager.renew([name], force=True))[name]
         assert not isinstance(renewed, BaseException) and renewed.serial != first.serial
         assert endpoint.calls[name] == 2, "asked again before renewing, whatever the cache says"
@@ -42,6 +43,8 @@ async def test_renewal_asks_again_and_a_refusal_stops_serving(pebble: Pebble, en
         assert endpoint.calls[name] == 3
         assert manager.route(name)[0] is Route.REFUSE, "dropped from what is served"
         assert await manager.store.attempt_count(name) == 2
+        assert [item["state"] for item in await manager.status([name])] == ["disallowed"], "and from what status calls allowed"
+        assert await manager.store.asked_names() == []
 
 
 async def test_embedded_sni_callback_refuses_then_serves_the_answer(pebble: Pebble, endpoint: AskEndpoint, tmp_path: Path, root_ca: str) -> None:

@@ -374,6 +374,9 @@ async def test_every_write_keeps_the_index_what_a_rebuild_makes(database_url: st
             lambda: store.allow(["*.wild.example"], wildcard=True),  # a wildcard pattern is a name of its own
             lambda: store.allow(["*.x.example"], wildcard=True),  # so is a pattern made one
             lambda: store.disallow(["*.wild.example"]),
+            lambda: store.record_asked("asked.q.example"),  # allowed by the ask endpoint
+            lambda: store.allow(["*.q.example"]),
+            lambda: store.disallow(["*.q.example"]),  # still allowed: the endpoint said so
         ]
         for step in steps:
             await step()
@@ -385,6 +388,13 @@ async def test_every_write_keeps_the_index_what_a_rebuild_makes(database_url: st
         assert "n0-none.x.example" in names, "one with history stays"
         assert {live, "new.x.example", "fresh.z.example", "order.z.example", "*.x.example"} <= names
         assert "*.wild.example" not in names and "*.p.example" not in names
+        allowed = {row[0]: row[2] for row in kept}  # name, listed, allowed, ...
+        assert allowed["asked.q.example"], "allowed by the endpoint, off the allowlist"
+        assert await store.forget_asked("asked.q.example") and not await store.forget_asked("asked.q.example")
+        assert "asked.q.example" not in {row[0] for row in await _index_rows(store)}, "refused again with no history: unknown"
+        kept = await _index_rows(store)
+        await store.rebuild_names()
+        assert await _index_rows(store) == kept
     finally:
         await store.close()
 
@@ -398,6 +408,7 @@ async def test_a_database_from_before_the_index_gets_it_filled(database_url: str
             await session.execute(text("UPDATE alembic_version SET version_num = '0007'"))
             await session.execute(text("DROP TABLE names"))
             await session.execute(text("DROP INDEX ix_name_states_lease_until"))
+            await session.execute(text("DROP TABLE asked_names"))  # and before 0012's asked names
             await session.execute(text("DROP TABLE leases"))  # and before 0011's job leases
             await session.execute(text("DROP TABLE dns_records"))  # and before 0010's wildcards
             await session.execute(text("ALTER TABLE allowed DROP COLUMN wildcard"))

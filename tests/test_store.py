@@ -201,7 +201,7 @@ async def test_sqlite_memory_database_works() -> None:
 
 def test_migrations_are_found_in_the_source_tree() -> None:
     assert migrations_path() == REPO / "migrations"
-    assert head_revision() == "0011"
+    assert head_revision() == "0012"
     assert store_engine._script_directory().get_heads() == [head_revision()], "the light reading agrees with Alembic's"
 
 

@@ -3,7 +3,8 @@ filter, sort and count on. Derived data, kept in step by every write that change
 summarises, in the same transaction; :meth:`NamesMixin.rebuild_names` recomputes it whole.
 
 Known means what it always meant for the status report: an exact allowlist entry, or any
-certificate, attempt or scheduling state for the name. Rows come into being when a name
+certificate, attempt or scheduling state for the name; and a name the ask endpoint allowed
+(``asked_names``), which is allowed as if it were listed until the endpoint refuses it. Rows come into being when a name
 becomes known (:meth:`~NamesMixin._know`) and leave only when ``disallow`` removes the entry of a
 name that has no history.
 
@@ -26,7 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from .._names import PATTERN_PREFIX, pattern_for
 from .._policy import expires_soon_from
 from .engine import _MIGRATION_LOCK_KEY, StoreBase, _chunks, _includes_revision
-from .records import _allowed, _attempts, _certificates, _is_current, _name_states, _names
+from .._timefmt import utcnow
+from .records import _allowed, _asked_names, _attempts, _certificates, _is_current, _name_states, _names
 
 #: The migration that created the index: a database migrated from before it gets it filled.
 _INDEX_REVISION = "0008"
@@ -138,21 +140,61 @@ class NamesMixin(StoreBase):
             if under is not None:
                 await session.execute(update(_names).where(under).values(allowed=_names.c.listed))
         if not exact:
+            await self._allow_asked(session)
             return
         patterns = await self._listed_and_patterns(session, exact)
         for allowed in (True, False):
             group = [name for name in exact if (pattern_for(name) in patterns) == allowed]
             for chunk in _chunks(group):
                 await session.execute(update(_names).where(_names.c.name.in_(chunk)).values(listed=False, allowed=allowed))
-        for chunk in _chunks(exact):
+        await self._allow_asked(session)
+        await self._forget_unknown(session, exact)
+
+    async def _forget_unknown(self, session: Executor, names: Sequence[str]) -> None:
+        """Drop the rows of ``names`` that nothing makes known any more."""
+        for chunk in _chunks(names):
             await session.execute(
                 delete(_names).where(
                     _names.c.name.in_(chunk),
+                    ~_names.c.listed,
+                    ~exists().where(_asked_names.c.name == _names.c.name),
                     ~exists().where(_certificates.c.name == _names.c.name),
                     ~exists().where(_attempts.c.name == _names.c.name),
                     ~exists().where(_name_states.c.name == _names.c.name),
                 )
             )
+
+    async def _allow_asked(self, session: Executor) -> None:
+        """Names the ask endpoint allowed are allowed, whatever the allowlist says."""
+        await session.execute(update(_names).where(_names.c.name.in_(select(_asked_names.c.name))).values(allowed=True))
+
+    async def record_asked(self, name: str) -> None:
+        """The ask endpoint allowed ``name``, which is off the allowlist, and it is being
+        ordered: it is known, and allowed in the status index, until :meth:`forget_asked`."""
+        now = utcnow()
+        async with self._writing() as session:
+            stmt = self._insert(_asked_names).values(name=name, allowed_at=now)
+            await session.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"allowed_at": now}))
+            await self._know(session, [name])
+            await session.execute(update(_names).where(_names.c.name == name).values(allowed=True))
+
+    async def forget_asked(self, name: str) -> bool:
+        """The ask endpoint refused ``name``: from now on it is allowed only if the allowlist
+        says so. False if it was not recorded as asked."""
+        async with self._writing() as session:
+            gone = (await session.execute(delete(_asked_names).where(_asked_names.c.name == name).returning(_asked_names.c.name))).first()
+            if gone is None:
+                return False
+            entries = await self._listed_and_patterns(session, [name])
+            allowed = name in entries or pattern_for(name) in entries
+            await session.execute(update(_names).where(_names.c.name == name).values(allowed=allowed))
+            await self._forget_unknown(session, [name])
+            return True
+
+    async def asked_names(self) -> list[str]:
+        """The names recorded by :meth:`record_asked`, sorted."""
+        async with self._reading() as session:
+            return list((await session.execute(select(_asked_names.c.name).order_by(_asked_names.c.name))).scalars())
 
     async def _after_migration(self, connection: AsyncConnection, previous: str | None) -> None:
         await super()._after_migration(connection, previous)
@@ -173,7 +215,7 @@ class NamesMixin(StoreBase):
         await session.execute(delete(_names))
         known = (
             select(_allowed.c.entry.label("name")).where(~_allowed.c.entry.startswith(PATTERN_PREFIX, autoescape=True) | _allowed.c.wildcard)
-            .union(select(_certificates.c.name), select(_attempts.c.name), select(_name_states.c.name))
+            .union(select(_certificates.c.name), select(_attempts.c.name), select(_name_states.c.name), select(_asked_names.c.name))
             .subquery()
         )
         def listed() -> Any:
@@ -190,6 +232,7 @@ class NamesMixin(StoreBase):
             under = _under(pattern)
             if under is not None:
                 await session.execute(update(_names).where(under).values(allowed=True))
+        await self._allow_asked(session)
         batch: list[dict[str, Any]] = []
         for row in (await session.execute(_current_certificates())).all():
             batch.append(_certificate_values(row.name, row))

@@ -16,6 +16,7 @@ from .._models import (
     AccountRow,
     AllowedRow,
     AllowlistVersionRow,
+    AskedNameRow,
     AttemptRow,
     CapClaimRow,
     CertificateRow,
@@ -37,6 +38,7 @@ _names: Table = NameRow.__table__  # type: ignore[assignment]
 _cap_claims: Table = CapClaimRow.__table__  # type: ignore[assignment]
 _dns_records: Table = DnsRecordRow.__table__  # type: ignore[assignment]
 _leases: Table = LeaseRow.__table__  # type: ignore[assignment]
+_asked_names: Table = AskedNameRow.__table__  # type: ignore[assignment]
 
 
 def _is_current() -> ColumnElement[bool]:
