@@ -40,6 +40,10 @@ log = logging.getLogger("autocert.manager")
 
 _REFUSED: tuple[Route, str, None] = (Route.REFUSE, "", None)
 
+#: The attribute the embedded ``sni_callback`` sets on a connection's SSL object: the name it
+#: served the connection for, which requests on it must name (else 421).
+SERVED_NAME = "autocert_served_name"
+
 #: At most this many held-back names are remembered; beyond it the oldest are forgotten (they
 #: are then looked up once more, and remembered again).
 HELD_NAMES_MAX = 100_000
@@ -440,6 +444,7 @@ class Manager(Watching):
         route, name, context = self.route(server_name)
         if route is Route.SERVE:
             ssl_object.context = context
+            setattr(ssl_object, SERVED_NAME, name)  # for the 421 check of autocert.web.setup
             return None
         if route is Route.LOAD:
             # Embedded mode cannot hold a handshake open: refuse this one, the next is served.

@@ -25,7 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ._errors import InvalidName, StoreError
 from ._issuers import ca_label
-from ._manager import Manager
+from ._http.hosts import MISDIRECTED_PAGE, misdirected
+from ._manager import SERVED_NAME, Manager
 from ._metrics import Metrics
 from ._monitor import ExpiryMonitor
 from ._names import normalize_name
@@ -33,7 +34,7 @@ from ._policy import STATES, expires_soon, needs_attention
 from ._status import QueryError, StatusQuery, parse_limit, parse_query, status_chunks, status_counts, status_page
 from ._timefmt import isoformat
 
-__all__ = ["MANAGER_KEY", "middleware", "setup", "status_app"]
+__all__ = ["MANAGER_KEY", "middleware", "refuse_misdirected", "setup", "status_app"]
 
 MANAGER_KEY: web.AppKey[Manager] = web.AppKey("autocert_manager", Manager)
 
@@ -72,10 +73,29 @@ def middleware(manager: Manager) -> Middleware:
     return autocert_challenges
 
 
-def setup(app: web.Application, manager: Manager) -> None:
-    """Answer http-01 on ``app`` and run the manager for the app's lifetime (``cleanup_ctx``)."""
+@web.middleware
+async def refuse_misdirected(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``421 Misdirected Request`` for a request whose host is not the name its TLS connection
+    was served for by :meth:`Manager.ssl_context` (as ``serve`` does); plain HTTP and other
+    contexts pass."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
+    name = getattr(ssl_object, SERVED_NAME, None)
+    if name is not None:
+        host = request.headers.get("Host")
+        if misdirected(None if host is None else host.encode("latin-1"), request.raw_path.encode("latin-1"), name):
+            return web.Response(status=421, body=MISDIRECTED_PAGE, content_type="text/html", charset="utf-8",
+                                headers={"Connection": "close"})
+    return await handler(request)
+
+
+def setup(app: web.Application, manager: Manager, *, host_check: bool = True) -> None:
+    """Answer http-01 on ``app``, answer 421 to requests for another host than their TLS
+    connection's (``host_check=False``: don't), and run the manager for the app's lifetime
+    (``cleanup_ctx``)."""
     app[MANAGER_KEY] = manager
     app.middlewares.append(middleware(manager))
+    if host_check:
+        app.middlewares.append(refuse_misdirected)
 
     async def manager_lifecycle(_app: web.Application) -> AsyncIterator[None]:
         monitor = ExpiryMonitor.of(manager)  # expiring/expired events even without a status page

@@ -230,12 +230,12 @@ async def websocket_echo(request: Any) -> Any:
     return ws
 
 
-def fetch(port: int, name: str, cafile: str, *, source: str | None = None) -> int:
-    """A new connection (from the loopback address ``source``, if given), a TLS handshake and
-    one GET of ``/``: the status code."""
+def fetch(port: int, name: str, cafile: str, *, source: str | None = None, host: str | None = None) -> int:
+    """A new connection (from the loopback address ``source``, if given), a TLS handshake for
+    ``name`` and one GET of ``/`` (``Host: host``, default ``name``): the status code."""
     with socket.create_connection(("127.0.0.1", port), timeout=60, source_address=(source, 0) if source else None) as raw:
         with client_context(cafile).wrap_socket(raw, server_hostname=name) as tls:
-            tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {host or name}\r\nConnection: close\r\n\r\n".encode())
             response = b""
             while chunk := tls.recv(65536):
                 response += chunk

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, ServeProcess, cli_env, free_port, openssl_s_client, run_cli, served_certificate, wait_for
+from support import REPO, ServeProcess, cli_env, fetch, free_port, openssl_s_client, run_cli, served_certificate, wait_for
 
 
 def port_open(port: int) -> bool:
@@ -25,7 +25,7 @@ def test_embedded_app_gets_certificates_and_refuses_unknown_names(pebble, tmp_pa
     db = f"sqlite:///{tmp_path / 'embed.db'}"
     root = tmp_path / "root.pem"
     root.write_bytes(pebble.root_pem())
-    assert run_cli("allow", "embedded.example.test", db=db).returncode == 0
+    assert run_cli("allow", "embedded.example.test", "other.example.test", db=db).returncode == 0
     port = free_port()
     env = cli_env({
         "AUTOCERT_DB": db,
@@ -47,6 +47,11 @@ def test_embedded_app_gets_certificates_and_refuses_unknown_names(pebble, tmp_pa
             certificate = served_certificate(port, "embedded.example.test", str(root), timeout=90)
             assert format(certificate.serial_number, "x")
             assert "alert number 112" in openssl_s_client(port, "unknown.example.test")
+            served_certificate(port, "other.example.test", str(root), timeout=90)
+            # A request for another allowed name on this name's connection: 421, as serve does.
+            assert fetch(port, "embedded.example.test", str(root)) == 200
+            assert fetch(port, "embedded.example.test", str(root), host="other.example.test:443") == 421
+            assert fetch(port, "other.example.test", str(root), host="OTHER.example.test.") == 200
         finally:
             port80.stop()
     finally:

@@ -56,7 +56,7 @@ def test_public_names_are_pinned() -> None:
     ]
     for name in autocert.__all__:
         assert hasattr(autocert, name)
-    assert sorted(autocert.web.__all__) == ["MANAGER_KEY", "middleware", "setup", "status_app"]
+    assert sorted(autocert.web.__all__) == ["MANAGER_KEY", "middleware", "refuse_misdirected", "setup", "status_app"]
 
 
 def test_imports_flow_one_way() -> None:

@@ -13,6 +13,10 @@ import re
 from typing import Final
 
 from .._names import authority_host
+from .heads import error_body
+
+#: The page a misdirected request gets, with status 421.
+MISDIRECTED_PAGE: Final = error_body(421, "This connection was made for another host name. Please connect again for this one.")
 
 #: The authority of an absolute-form target (``https://shop.example:8443/path``).
 _ABSOLUTE: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)")

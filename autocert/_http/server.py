@@ -24,8 +24,8 @@ import httptools
 
 from .access import AccessLog
 from .exchange import PAUSE_PIPELINE, PAUSE_UPGRADE, Exchange, Handler
-from .heads import Origin, error_body, own_response, unmapped
-from .hosts import misdirected
+from .heads import Origin, own_response, unmapped
+from .hosts import MISDIRECTED_PAGE, misdirected
 
 if TYPE_CHECKING:
     from .._descriptors import DescriptorGuard
@@ -385,7 +385,7 @@ class HttpConnection(asyncio.Protocol):
         if exchange.misdirected:
             exchange.close = True
             exchange.upgrade = False
-            exchange.respond(421, _MISDIRECTED, content_type=b"text/html; charset=utf-8")
+            exchange.respond(421, MISDIRECTED_PAGE, content_type=b"text/html; charset=utf-8")
             return
         try:
             self.server.handler(exchange)
@@ -536,7 +536,6 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
 
-_MISDIRECTED: Final = error_body(421, "This connection was made for another host name. Please connect again for this one.")
 
 
 def _header(headers: list[tuple[bytes, bytes]], lower: bytes) -> bytes | None:
