@@ -29,9 +29,10 @@ A_HOST, B_HOST = "127.0.0.1", "127.0.0.2"
 
 @pytest.fixture
 def pair(pebble, postgres_url: str, tmp_path: Path) -> Iterator[tuple[ServeProcess, ServeProcess]]:
-    """Two serve instances sharing one empty PostgreSQL database."""
+    """Two serve instances sharing one empty PostgreSQL database, each with two workers."""
     asyncio.run(_migrate(postgres_url))  # once, before both start
-    instances = [ServeProcess(postgres_url, pebble, tmp_path, host=host, env={"AUTOCERT_LEASE_SECONDS": "5"}) for host in (A_HOST, B_HOST)]
+    instances = [ServeProcess(postgres_url, pebble, tmp_path, host=host, env={"AUTOCERT_LEASE_SECONDS": "5"}, extra=["--workers", "2"])
+                 for host in (A_HOST, B_HOST)]
     try:
         for instance in instances:
             instance.launch()
