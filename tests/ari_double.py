@@ -117,8 +117,12 @@ class AriDouble:
     async def _relay(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
         body = await request.read()
+        placed: dict[str, Any] | None = None  # a new-order request
         if request.method == "POST" and request.path.endswith("/order-plz"):
             payload = json.loads(base64.urlsafe_b64decode(json.loads(body)["payload"] + "=="))
+            placed = payload
+            # Counted, unless Pebble refuses its nonce (it does so at random, 5 % by default):
+            # the client sends the same order again with a new one, and that is one order.
             self.orders.append(payload)
             if self.refuse_replaces and "replaces" in payload:
                 problem = {"type": "urn:ietf:params:acme:error:alreadyReplaced", "detail": "already replaced"}
@@ -138,6 +142,8 @@ class AriDouble:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
         async with self._session.request(request.method, target, data=body or None, headers=headers, allow_redirects=False) as upstream:
             content = await upstream.read()
+            if placed is not None and b"badNonce" in content:
+                self.orders.remove(placed)
             if request.path == "/dir" and upstream.status == 200:
                 directory = json.loads(content)
                 directory["renewalInfo"] = f"https://127.0.0.1:{self.port}/renewal-info"
