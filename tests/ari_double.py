@@ -142,8 +142,8 @@ class AriDouble:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
         async with self._session.request(request.method, target, data=body or None, headers=headers, allow_redirects=False) as upstream:
             content = await upstream.read()
-            if placed is not None and b"badNonce" in content:
-                self.orders.remove(placed)
+            if placed is not None and b"badNonce" in content:  # this very request, not an equal earlier one
+                self.orders = [order for order in self.orders if order is not placed]
             if request.path == "/dir" and upstream.status == 200:
                 directory = json.loads(content)
                 directory["renewalInfo"] = f"https://127.0.0.1:{self.port}/renewal-info"
