@@ -17,7 +17,8 @@ gives the clients' share of the machine's CPU during each turn (after their warm
 what the clients take, no server could have. A server's CPU is that of all its processes
 (autocert's supervisor and workers, nginx's master and workers). Medians over the rounds are
 printed as one Markdown table, with requests/s ÷ Caddy's, and autocert's CPU per request with
-every worker against one process (the cost of running several).
+every worker against one process (the cost of running several), and each server's resident
+memory per process after its rounds.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from fixtures import UNREACHABLE_CA, Chain, build_database, make_chain, name_for
-from harness import (Server, caddy_server, cpu_seconds, descendants, free_port, nginx_binary, nginx_server, print_table, stop_servers,
+from harness import (Server, caddy_server, cpu_seconds, descendants, free_port, nginx_binary, nginx_server, print_table, rss_mib, stop_servers,
                      terminate_as_interrupt)
 
 NAME = name_for(0)
@@ -160,10 +161,29 @@ def main() -> None:
                         measured[server.label, load].append((answered / wall, cpu / answered * 1e6, client_cpu / (wall * cpus)))
                         print(f"round {round_index + 1}/{args.rounds}: {load}: {server.label}: {answered / wall:.0f} requests/s",
                               file=sys.stderr)
-            print_table(report(servers, loads, measured, args), args.markdown)
+            memory = {server.label: memory_of(server) for server in servers}
+            print_table(report(servers, loads, measured, args) + "\n\n" + memory_table(memory), args.markdown)
     finally:
         stop_servers(servers)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def memory_of(server: Server) -> list[tuple[str, float]]:
+    """Resident memory (MiB) of each process of ``server`` after the rounds, by role."""
+    pids = descendants(server.pid)
+    if server.argv[0] == "bash":  # nginx or Caddy under the probing shell: its processes, not the shell
+        return [("process", rss_mib(pid)[0]) for pid in pids]
+    if not pids:
+        return [("process", rss_mib(server.pid)[0])]
+    return [("supervisor", rss_mib(server.pid)[0]), *(("worker", rss_mib(pid)[0]) for pid in pids)]
+
+
+def memory_table(memory: dict[str, list[tuple[str, float]]]) -> str:
+    lines = ["| server | RSS after the rounds, MiB: each process | total |", "|---|---|---|"]
+    for label, processes in memory.items():
+        each = ", ".join(f"{role} {mib:.0f}" for role, mib in processes)
+        lines.append(f"| {label} | {each} | {sum(mib for _, mib in processes):.0f} |")
+    return "\n".join(lines)
 
 
 def report(servers: list[Server], loads: dict[str, int], measured: dict[tuple[str, str], list[tuple[float, float, float]]],

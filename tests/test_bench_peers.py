@@ -52,3 +52,10 @@ def test_workers_bench_quick_autocert_only() -> None:
     rows = [line for line in stdout.splitlines() if line.startswith(("| connect", "| keep-alive"))]
     assert len(rows) == 4, stdout
     assert all(row.rstrip().endswith("| – |") for row in rows), "no Caddy, no ratio to it"
+    memory = [line.split("|")[2] for line in stdout.splitlines() if line.startswith("| autocert") and "MiB" not in line and " | " in line
+              and ("process " in line or "supervisor " in line)]
+    assert len(memory) == 2, stdout
+    single, every = memory
+    cpus = len(os.sched_getaffinity(0))  # `auto` on one CPU is a single process too
+    assert single.strip().startswith("process ") and every.strip().startswith("supervisor " if cpus > 1 else "process "), stdout
+    assert every.count("worker ") == (cpus if cpus > 1 else 0), "the RSS of each worker"
