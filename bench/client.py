@@ -1,6 +1,6 @@
 """One benchmark client process: sequential full TLS 1.3 handshakes, no session resumption.
 
-    python bench/client.py --ports PORT[,PORT...] --count N [--names K] [--unknown] [--warmup W]
+    python bench/client.py --ports PORT[,PORT...] --count N [--names K] [--random] [--unknown] [--warmup W]
                            [--path /PATH [--requests R] [--expect-size BYTES]]
 
 With several ports, consecutive connections go to the next port in turn, so every server is
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import socket
 import ssl
 import sys
@@ -132,11 +134,13 @@ def get(port: int, name: str, context: ssl.SSLContext, path: str, requests: int,
             return False
 
 
-def run(ports: list[int], count: int, names: list[str], connect: Callable[[int, str], bool]) -> dict[int, list[int]]:
-    """``count`` connections per port, interleaved; returns {port: [ok, failed]}."""
+def run(ports: list[int], count: int, names: list[str], connect: Callable[[int, str], bool],
+        pick: random.Random | None = None) -> dict[int, list[int]]:
+    """``count`` connections per port, interleaved, to the names in turn (or drawn at random
+    by ``pick``); returns {port: [ok, failed]}."""
     results = {port: [0, 0] for port in ports}
     for index in range(count):
-        name = names[index % len(names)]
+        name = names[index % len(names)] if pick is None else pick.choice(names)
         for port in ports:
             results[port][0 if connect(port, name) else 1] += 1
     return results
@@ -154,6 +158,7 @@ def main() -> None:
     parser.add_argument("--path", help="send HTTP GETs for this path after the handshake")
     parser.add_argument("--requests", type=int, default=1, help="GETs per connection (keep-alive)")
     parser.add_argument("--expect-size", type=int, help="body size every response must have")
+    parser.add_argument("--random", action="store_true", help="draw each connection's name at random (uniform) instead of in turn")
     args = parser.parse_args()
     if args.unknown:
         names = [f"u{i}.unknown.test" for i in range(args.names)]
@@ -169,11 +174,12 @@ def main() -> None:
             return one(port, name, context)
         return get(port, name, context, args.path, args.requests, args.expect_size)
 
-    run(ports, args.warmup, names, connect)
+    pick = random.Random(os.getpid()) if args.random else None
+    run(ports, args.warmup, names, connect, pick)
     print("ready", flush=True)
     sys.stdin.readline()
     started = time.perf_counter()
-    results = run(ports, args.count, names, connect)
+    results = run(ports, args.count, names, connect, pick)
     print(json.dumps({"results": results, "seconds": time.perf_counter() - started}), flush=True)
 
 

@@ -2,7 +2,7 @@
 nginx (``worker_processes auto``) and Caddy (Go's default GOMAXPROCS, every CPU).
 
     .venv/bin/python bench/workers.py [--rounds 3] [--seconds 10] [--clients 4] [--keepalive 100]
-                                      [--no-nginx] [--no-caddy] [--markdown FILE]
+                                      [--spread 2000] [--cache 1000] [--no-nginx] [--no-caddy] [--markdown FILE]
 
 Two kinds of load, each server in turn kept busy for about ``--seconds`` by ``--clients``
 client processes (bench/client.py), over the rounds:
@@ -17,8 +17,10 @@ gives the clients' share of the machine's CPU during each turn (after their warm
 what the clients take, no server could have. A server's CPU is that of all its processes
 (autocert's supervisor and workers, nginx's master and workers). Medians over the rounds are
 printed as one Markdown table, with requests/s ÷ Caddy's, and autocert's CPU per request with
-every worker against one process (the cost of running several), and each server's resident
-memory per process after its rounds.
+every worker against one process (the cost of running several), each server's resident
+memory per process after its rounds, and what splitting ``--cache-size`` among the workers
+costs: the context cache's hit ratio when connections go to ``--spread`` names drawn at
+random, more than a worker's share of ``--cache`` holds.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,12 +50,17 @@ ALL_CPUS = set(os.sched_getaffinity(0))
 SINGLE, AUTO = "autocert --workers 1", f"autocert --workers auto ({len(ALL_CPUS)})"
 
 
-def autocert(label: str, workdir: Path, chain: Chain, workers: str) -> Server:
+#: The admin port of each autocert server, by label: its /metrics gives the cache's hits.
+ADMIN: dict[str, int] = {}
+
+
+def autocert(label: str, workdir: Path, chain: Chain, workers: str, names: int, cache: int) -> Server:
     db = workdir / f"autocert-{workers}.db"
-    build_database(db, 10, chain, UNREACHABLE_CA)
-    port = free_port()
+    build_database(db, names, chain, UNREACHABLE_CA)
+    port, ADMIN[label] = free_port(), free_port()
     argv = [sys.executable, "-m", "autocert", "--db", f"sqlite:///{db}", "serve", "--https", f"127.0.0.1:{port}",
-            "--http", "none", "--admin", "none", "--directory", UNREACHABLE_CA, "--access-log", "off", "--workers", workers]
+            "--http", "none", "--admin", f"127.0.0.1:{ADMIN[label]}", "--directory", UNREACHABLE_CA, "--access-log", "off",
+            "--workers", workers, "--cache-size", str(cache)]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
     return Server(label, argv, port, "https listening", env=env, cpus=ALL_CPUS)
 
@@ -84,12 +93,13 @@ def server_cpu(server: Server) -> float:
     return sum(cpu_seconds(pid) for pid in [server.pid, *descendants(server.pid)])
 
 
-def saturate(server: Server, clients: int, seconds: float, rate_guess: float, requests: int) -> tuple[int, float, float, float]:
+def saturate(server: Server, clients: int, seconds: float, rate_guess: float, requests: int, *, names: int = 1) -> tuple[int, float, float, float]:
     """Keep ``server`` busy with ``clients`` processes for about ``seconds``, ``requests`` GETs
-    per connection: (requests answered, wall seconds, server CPU seconds, client CPU seconds)."""
+    per connection, each connection to one of ``names`` names drawn at random: (requests
+    answered, wall seconds, server CPU seconds, client CPU seconds)."""
     count = max(20, int(rate_guess * seconds / clients / requests))
-    argv = [sys.executable, str(HERE / "client.py"), "--ports", str(server.port), "--count", str(count), "--names", "1",
-            "--warmup", str(max(2, 20 // requests)), "--path", "/", "--requests", str(requests)]
+    argv = [sys.executable, str(HERE / "client.py"), "--ports", str(server.port), "--count", str(count), "--names", str(names),
+            "--warmup", str(max(2, 20 // requests)), "--path", "/", "--requests", str(requests), *(["--random"] if names > 1 else [])]
     processes = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(clients)]
     client_cpu = 0.0
     try:
@@ -130,6 +140,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="about how long each turn keeps a server busy (10)")
     parser.add_argument("--clients", type=int, default=2 * len(ALL_CPUS), help="client processes (two per CPU)")
     parser.add_argument("--keepalive", type=int, default=100, help="GETs per connection in the keep-alive load (100)")
+    parser.add_argument("--spread", type=int, default=2000, help="names in the cache split load (2000)")
+    parser.add_argument("--cache", type=int, default=1000, help="autocert's --cache-size, the whole server's (1000)")
     parser.add_argument("--no-nginx", action="store_true")
     parser.add_argument("--no-caddy", action="store_true")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
@@ -142,7 +154,7 @@ def main() -> None:
         with terminate_as_interrupt():
             chain = make_chain(NAME)
             chain.write(workdir)
-            servers = [autocert(SINGLE, workdir, chain, "1"), autocert(AUTO, workdir, chain, "auto")]
+            servers = [autocert(SINGLE, workdir, chain, "1", args.spread, args.cache), autocert(AUTO, workdir, chain, "auto", args.spread, args.cache)]
             binary = None if args.no_nginx else nginx_binary()
             if binary is not None and (peer := nginx(workdir, binary)) is not None:
                 servers.append(peer)
@@ -162,10 +174,41 @@ def main() -> None:
                         print(f"round {round_index + 1}/{args.rounds}: {load}: {server.label}: {answered / wall:.0f} requests/s",
                               file=sys.stderr)
             memory = {server.label: memory_of(server) for server in servers}
-            print_table(report(servers, loads, measured, args) + "\n\n" + memory_table(memory), args.markdown)
+            split = cache_split(servers[:2], args)
+            print_table(report(servers, loads, measured, args) + "\n\n" + memory_table(memory) + "\n\n" + split, args.markdown)
     finally:
         stop_servers(servers)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def cache_counts(label: str) -> tuple[float, float]:
+    """The whole server's context cache hits and misses so far, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN[label]}/metrics", timeout=30) as response:
+        text = response.read().decode()
+
+    def value(series: str) -> float:
+        found = re.search(rf"^{series} (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    return value("autocert_context_cache_hits_total"), value("autocert_context_cache_misses_total")
+
+
+def cache_split(servers: list[Server], args: argparse.Namespace) -> str:
+    """What splitting ``--cache-size`` among the workers costs: each autocert server in turn
+    gets new connections to names drawn at random from ``--spread`` names, more than a
+    worker's share of the cache holds; the hit ratio is that of the turn (the caches start
+    empty of those names, so it includes their filling)."""
+    lines = [f"New connections to {args.spread} names drawn at random, `--cache-size {args.cache}` (the whole server's), one turn of about "
+             f"{args.seconds:.0f} s each:", "",
+             "| server | contexts per worker | cache hit ratio | requests/s | server CPU µs per request |", "|---|---|---|---|---|"]
+    for server, workers in zip(servers, (1, len(ALL_CPUS))):
+        hits, misses = cache_counts(server.label)
+        answered, wall, cpu, _clients = saturate(server, args.clients, args.seconds, 300.0, 1, names=args.spread)
+        more_hits, more_misses = cache_counts(server.label)
+        lookups = (more_hits - hits) + (more_misses - misses)
+        ratio = (more_hits - hits) / lookups if lookups else float("nan")
+        lines.append(f"| {server.label} | {args.cache // workers} | {ratio:.2f} | {answered / wall:.0f} | {cpu / answered * 1e6:.0f} |")
+    return "\n".join(lines)
 
 
 def memory_of(server: Server) -> list[tuple[str, float]]:

@@ -41,7 +41,7 @@ def test_workers_bench_quick_autocert_only() -> None:
     """bench/workers.py completes a short pass with both worker settings (no number checked)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     bench = subprocess.Popen([sys.executable, str(ROOT / "bench" / "workers.py"), "--rounds", "1", "--seconds", "1", "--clients", "2",
-                              "--keepalive", "5", "--no-nginx", "--no-caddy"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                              "--keepalive", "5", "--spread", "40", "--cache", "20", "--no-nginx", "--no-caddy"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         stdout, stderr = bench.communicate(timeout=150)
     except subprocess.TimeoutExpired:
@@ -59,3 +59,6 @@ def test_workers_bench_quick_autocert_only() -> None:
     cpus = len(os.sched_getaffinity(0))  # `auto` on one CPU is a single process too
     assert single.strip().startswith("process ") and every.strip().startswith("supervisor " if cpus > 1 else "process "), stdout
     assert every.count("worker ") == (cpus if cpus > 1 else 0), "the RSS of each worker"
+    split = [line.split("|")[2:4] for line in stdout.splitlines() if line.startswith("| autocert") and line.count("|") == 6]
+    assert [int(per_worker) for per_worker, _ in split] == [20, 20 // cpus], stdout
+    assert all(0.0 <= float(ratio) <= 1.0 for _, ratio in split), "a hit ratio for each setting"
