@@ -22,7 +22,6 @@ from ._config import (
     ServeOptions,
     WORKER_ENV,
     bind_listeners,
-    bind_worker_listeners,
     check_admin_binding,
     close_sockets,
     parse_alpn,
@@ -39,7 +38,7 @@ from ._config import (
     ready_line,
     tcp_upstream,
 )
-from ._handover import ListenerOffer, offer_name, offer_while_serving, take_over
+from ._handover import acquire_listeners, offer_while_serving
 from ._errors import AcmeError, AutocertError, ConfigError, InvalidName, IssuanceError
 from ._cli_manager import db_url, issuers_from_args, manager_from_args, primary_directory
 from ._parser import REVOCATION_REASONS, env, parse_arguments
@@ -370,12 +369,9 @@ def supervise_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     settings = serve_settings(args)
     raise_open_file_limit()
-    handed = take_over(settings.options)
-    sockets = handed.regroup(settings.workers) if handed is not None else bind_worker_listeners(settings.options, settings.workers)
+    sockets, offer = acquire_listeners(settings.options, settings.workers)
     try:
         announce = list(dict.fromkeys(ready_line(label, sock) for label, socks in sockets[0].items() for sock in socks))
-        name = offer_name(settings.options)
-        offer = ListenerOffer(name, sockets) if name is not None else None
         supervisor = Supervisor(argv, settings.workers, sockets, announce, offer=offer)
         log.info("serving with %d worker processes", settings.workers)
         return supervisor.run(stop_requested=release_stop_signals())
@@ -409,11 +405,9 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     if worker is not None:
         sockets = worker.sockets
     else:
-        handed = take_over(options)
-        sockets = handed.regroup(1)[0] if handed is not None else bind_listeners(options)
-        name = offer_name(options)
-        if name is not None:
-            offering = loop.create_task(offer_while_serving(ListenerOffer(name, [sockets]), stop))
+        (sockets,), offer = acquire_listeners(options, 1)
+        if offer is not None:
+            offering = loop.create_task(offer_while_serving(offer, stop))
     try:
         from ._server import serve
         from ._tls import DEFAULT_ALPN

@@ -31,14 +31,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ._config import LISTENER_LABELS, configured_listeners
+from ._config import LISTENER_LABELS, bind_listeners, bind_worker_listeners, configured_listeners
 
 if TYPE_CHECKING:
     import asyncio
 
     from ._config import ServeOptions
 
-__all__ = ["RETRY_LISTEN", "Handed", "ListenerOffer", "offer_name", "offer_while_serving", "take_over"]
+__all__ = ["RETRY_LISTEN", "Handed", "ListenerOffer", "acquire_listeners", "offer_name", "offer_while_serving", "take_over"]
 
 log = logging.getLogger("autocert.handover")
 
@@ -103,12 +103,23 @@ class Handed:
         return grouped
 
 
-def take_over(options: ServeOptions) -> Handed | None:
-    """The listening sockets of a running ``serve`` with the same listeners, or None when no
-    such ``serve`` answers (then the caller binds its own)."""
+def acquire_listeners(options: ServeOptions, workers: int) -> tuple[Sets, ListenerOffer | None]:
+    """The listening sockets of a ``serve`` with ``workers`` workers (one set each; a single
+    process has one): taken over from a running ``serve`` on the same listeners, else bound
+    here (:func:`autocert._config.bind_listeners`, or ``bind_worker_listeners`` for several);
+    with the offer that hands them on to the next ``serve`` (None for a port 0 listener)."""
     name = offer_name(options)
-    if name is None:
-        return None
+    handed = None if name is None else take_over(name)
+    if handed is not None:
+        sets = handed.regroup(workers)
+    else:
+        sets = [bind_listeners(options)] if workers == 1 else bind_worker_listeners(options, workers)
+    return sets, None if name is None else ListenerOffer(name, sets)
+
+
+def take_over(name: bytes) -> Handed | None:
+    """The listening sockets of the running ``serve`` that answers on ``name`` (see
+    :func:`offer_name`), or None when none does (then the caller binds its own)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as control:
         try:
             control.connect(name)

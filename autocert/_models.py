@@ -215,8 +215,9 @@ SORTED_NAME = String(NAME_LENGTH).with_variant(String(NAME_LENGTH, collation="C"
 
 class NameRow(Base):
     """The status index: one row per name the database knows (an exact allowlist entry, a name
-    the ask endpoint allowed, or any certificate, attempt or scheduling state for it) with what the status queries filter, sort
-    and count on, so that a page of 100 names out of 100,000 is a few index reads.
+    the ask endpoint allowed, or any certificate, attempt or scheduling state for it) with
+    what the status queries filter, sort and count on, so that a page of 100 names out of
+    100,000 is a few index reads.
 
     Derived data: every write to the tables it summarises updates it in the same transaction
     (:mod:`autocert._store.names`), and ``Store.rebuild_names`` recomputes it from them.

@@ -301,8 +301,8 @@ class Supervisor:
                 for key, _ in self._selector.select(min(timeouts, default=None)):
                     if key.data is None:
                         self._on_signals(os.read(wake_read, 64))
-                    elif key.data is self.offer:
-                        self.offer.answer()  # type: ignore[union-attr]
+                    elif isinstance(key.data, ListenerOffer):
+                        key.data.answer()
                     else:
                         self._on_ready(key.data)
                 self._reap()

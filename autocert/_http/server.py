@@ -536,8 +536,6 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
 
-
-
 def _header(headers: list[tuple[bytes, bytes]], lower: bytes) -> bytes | None:
     for name, value in headers:
         if len(name) == len(lower) and name.lower() == lower:

@@ -4,9 +4,10 @@ summarises, in the same transaction; :meth:`NamesMixin.rebuild_names` recomputes
 
 Known means what it always meant for the status report: an exact allowlist entry, or any
 certificate, attempt or scheduling state for the name; and a name the ask endpoint allowed
-(``asked_names``), which is allowed as if it were listed until the endpoint refuses it. Rows come into being when a name
-becomes known (:meth:`~NamesMixin._know`) and leave only when ``disallow`` removes the entry of a
-name that has no history.
+(``asked_names``), which is allowed as if it were listed until the endpoint refuses it. Rows
+come into being when a name becomes known (:meth:`~NamesMixin._know`) and leave when nothing
+makes the name known any more (``disallow`` of an entry without history, a refusal by the ask
+endpoint).
 
 Concurrency: on SQLite every write transaction holds the write lock. On PostgreSQL the rows
 summarising one name are serialised by the row locks of the writes themselves; and because a
@@ -139,14 +140,12 @@ class NamesMixin(StoreBase):
             under = _under(pattern) if pattern.startswith(PATTERN_PREFIX) else None
             if under is not None:
                 await session.execute(update(_names).where(under).values(allowed=_names.c.listed))
-        if not exact:
-            await self._allow_asked(session)
-            return
-        patterns = await self._listed_and_patterns(session, exact)
-        for allowed in (True, False):
-            group = [name for name in exact if (pattern_for(name) in patterns) == allowed]
-            for chunk in _chunks(group):
-                await session.execute(update(_names).where(_names.c.name.in_(chunk)).values(listed=False, allowed=allowed))
+        if exact:
+            patterns = await self._listed_and_patterns(session, exact)
+            for allowed in (True, False):
+                group = [name for name in exact if (pattern_for(name) in patterns) == allowed]
+                for chunk in _chunks(group):
+                    await session.execute(update(_names).where(_names.c.name.in_(chunk)).values(listed=False, allowed=allowed))
         await self._allow_asked(session)
         await self._forget_unknown(session, exact)
 
