@@ -230,6 +230,15 @@ async def websocket_echo(request: Any) -> Any:
     return ws
 
 
+def port_open(port: int, *, timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections on ``port`` of 127.0.0.1."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def fetch(port: int, name: str, cafile: str, *, source: str | None = None, host: str | None = None) -> int:
     """A new connection (from the loopback address ``source``, if given), a TLS handshake for
     ``name`` and one GET of ``/`` (``Host: host``, default ``name``): the status code."""

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from pebble import Pebble
-from support import REPO, ServeProcess, fetch, free_port, run_cli, served_certificate, wait_for
+from support import REPO, ServeProcess, fetch, free_port, port_open, run_cli, served_certificate, wait_for
 
 COMPOSE = REPO / "docker-compose.yml"
 #: The autocert instances the compose file runs behind its balancer.
@@ -439,7 +439,8 @@ def test_the_compose_balancer_spreads_over_both_instances_on_one_postgres(pebble
             instance.start(timeout=120)
         with open(tmp_path / "haproxy.log", "wb") as log:
             balancer = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: listening(pebble.tlsalpn01_port) and listening(pebble.http01_port), timeout=60, what="haproxy to listen")
+        wait_for(lambda: port_open(pebble.tlsalpn01_port, timeout=5) and port_open(pebble.http01_port, timeout=5), timeout=60,
+                 what="haproxy to listen")
         served_certificate(pebble.tlsalpn01_port, name, root_ca)  # a first contact, validated through the balancer
         for _ in range(20):
             assert fetch(pebble.tlsalpn01_port, name, root_ca, source="127.0.0.2") == 200
@@ -456,10 +457,3 @@ def test_the_compose_balancer_spreads_over_both_instances_on_one_postgres(pebble
         for instance in instances:
             instance.stop()
 
-
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    except OSError:
-        return False
-    return True

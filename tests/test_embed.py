@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from support import REPO, ServeProcess, cli_env, fetch, free_port, openssl_s_client, run_cli, served_certificate, wait_for
-
-
-def port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+from support import REPO, ServeProcess, cli_env, fetch, free_port, openssl_s_client, port_open, run_cli, served_certificate, wait_for
 
 
 def test_embedded_app_gets_certificates_and_refuses_unknown_names(pebble, tmp_path: Path) -> None:

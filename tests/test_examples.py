@@ -14,7 +14,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,19 +25,12 @@ from support import (
     ServeProcess,
     cli_env,
     free_port,
+    port_open,
     run_cli,
     wait_for,
 )
 
 EXAMPLES = REPO / "examples"
-
-
-def port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def curl(name: str, port: int, path: str, root: Path | str, *extra: str) -> subprocess.CompletedProcess[str]:
