@@ -17,7 +17,8 @@ from typing import Any
 
 from ._errors import InvalidName
 from ._names import normalize_name
-from ._policy import STATES, name_status
+from ._policy import STATES
+from ._status_rules import status_item
 from ._store import SORTS, NameStatus, Position, StatusBatch, StatusCounts, StatusQuery, Store
 from ._timefmt import utcnow
 
@@ -87,25 +88,6 @@ def parse_limit(value: str | None, parameter: str = "limit") -> int | None:
     if limit < 1:
         raise QueryError(parameter, f"{limit} is not a count of names (1 or more)")
     return limit
-
-
-def status_item(row: NameStatus, *, ordering: bool, directory: str, now: datetime) -> dict[str, Any]:
-    """The STATUS object of one row."""
-    return {
-        "name": row.name,
-        "state": name_status(allowed=row.allowed, not_after=row.expires, ordering=ordering, failures=row.failures, now=now),
-        "not_before": row.not_before,
-        "not_after": row.not_after,
-        "renew_at": row.renew_at,
-        "serial": row.serial,
-        "issuer": row.issuer,
-        "directory": row.directory if row.expires is not None and row.directory else directory,
-        # The CA that issued the current certificate, whichever of several it was (None without one).
-        "ca": row.directory if row.expires is not None else None,
-        "attempts": row.attempts,
-        "last_error": row.last_error,
-        "next_attempt_at": row.next_attempt_at,
-    }
 
 
 async def _ordering(store: Store, in_flight: Collection[str], now: datetime) -> frozenset[str]:

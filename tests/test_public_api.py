@@ -17,10 +17,10 @@ PACKAGE = Path(autocert.__file__).parent
 # subpackage (``_store``, ``_acme``) counts as one module; its files may import each other.
 LAYERS = {
     "_errors": 0, "_names": 0, "_config": 0, "_config_file": 0, "_sealing": 0, "_timefmt": 0, "_version": 0, "_models": 0, "_crypto": 0, "_events": 0, "_signals": 0,
-    "_proxy_protocol": 0, "_descriptors": 0, "_issuers": 0,
+    "_proxy_protocol": 0, "_descriptors": 0, "_issuers": 0, "_schema": 0,
     "_handover": 1,
-    "_policy": 1, "_notify": 1, "_tls": 1, "_board": 1,
-    "_store": 2,
+    "_policy": 1, "_notify": 1, "_tls": 1, "_board": 1, "_status_rules": 1,
+    "_store": 2, "_listing": 2,
     "_acme": 3, "_status": 3, "_ask": 3, "_caps": 3, "_dns": 3,
     "_worker": 4, "_scheduler": 4, "_ca": 4,
     "_manager": 5, "_watch": 5,

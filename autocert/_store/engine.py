@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import logging
 import os
-import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -33,6 +32,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from .._errors import ConfigError, StoreError
+from .._schema import SQLITE_BUSY_TIMEOUT, head_revision, migrations_path
 from .._sealing import KeySealer
 from .listener import CHANNEL, ChangeListener
 from .records import Account, StoredCertificate, _accounts, _certificates
@@ -51,10 +51,6 @@ class _CancelledResetFilter(logging.Filter):
 
 # The pool logs through a logger named after its class; filters do not reach child loggers.
 logging.getLogger(f"{AsyncAdaptedQueuePool.__module__}.{AsyncAdaptedQueuePool.__name__}").addFilter(_CancelledResetFilter())
-
-#: How long a SQLite writer waits for another process's write lock before giving up.
-#: Writes take milliseconds; the margin covers a migration running in another process.
-SQLITE_BUSY_TIMEOUT = 30.0
 
 # Advisory lock keys (PostgreSQL): fixed numbers, so every instance contends for the same lock.
 _MIGRATION_LOCK_KEY = 0x6175746F63657274  # "autocert"
@@ -105,15 +101,6 @@ def _parse_url(url: str) -> URL:
     raise ConfigError(f"unsupported database URL scheme {driver!r}: {hint}")
 
 
-def migrations_path() -> Path:
-    """Where the Alembic scripts are: packaged in the wheel, or the top-level source folder."""
-    package_dir = Path(__file__).resolve().parent.parent  # autocert/, above this subpackage
-    packaged = package_dir / "_migrations"
-    if packaged.is_dir():
-        return packaged
-    return package_dir.parent / "migrations"
-
-
 def _alembic_config(connection: Connection | None = None) -> Any:
     from alembic.config import Config
 
@@ -129,31 +116,6 @@ def _script_directory() -> Any:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(_alembic_config())
-
-
-_REVISION_LINE = re.compile(r"""^(down_revision|revision)\s*(?::[^=]*)?=\s*(?:["']([^"']+)["']|None)""", re.MULTILINE)
-
-
-@functools.cache
-def head_revision() -> str:
-    """The newest schema revision this version of autocert knows.
-
-    Read from the migration scripts' ``revision``/``down_revision`` lines rather than through
-    Alembic: every start checks the schema, and Alembic (with Mako) is ~0.1 s of imports that
-    are needed only when there is something to migrate. A test holds this to Alembic's answer.
-    """
-    revisions: set[str] = set()
-    parents: set[str] = set()
-    for script in sorted((migrations_path() / "versions").glob("*.py")):
-        found = dict((key, value) for key, value in _REVISION_LINE.findall(script.read_text(encoding="utf-8")))
-        if found.get("revision"):
-            revisions.add(found["revision"])
-        if found.get("down_revision"):
-            parents.add(found["down_revision"])
-    heads = sorted(revisions - parents)
-    if len(heads) != 1:
-        raise StoreError(f"migrations in {migrations_path()} have {len(heads)} heads; expected exactly one")
-    return heads[0]
 
 
 def _current_revision(connection: Connection) -> str | None:

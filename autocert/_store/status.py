@@ -1,10 +1,9 @@
 """Status queries: names filtered, counted and sorted in the database over the status index
 (:mod:`.names`), a page or a batch at a time, so that 100,000 names cost what 100 do. The
-predicates come from the state rules themselves (:mod:`.rules`).
+predicates and sorts come from the state rules themselves (:mod:`autocert._status_rules`).
 
-A sort is a sequence of parts: groups of state classes in rank order, each in the order of one
-column (rows without a value last) and then of name. A page reads the parts from where its
-cursor (:class:`Position`) points, each with one query on one index, until it has enough rows.
+A page reads the parts of a sort from where its cursor (:class:`Position`) points, each with
+one query on one index, until it has enough rows.
 """
 
 from __future__ import annotations
@@ -12,82 +11,35 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import itertools
 import json
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import String, and_, func, or_, select, tuple_, type_coerce
+from sqlalchemy import String, func, select, tuple_, type_coerce
 
 from .._names import pattern_for
-from .._policy import SEVERITY, STATES, needs_attention
-from .._timefmt import isoformat
-from .engine import StoreBase, _aware, _chunks
-from .records import _allowed, _name_states, _names
-from .rules import (
-    CERT,
-    CERTIFICATE,
-    DOMAINS,
-    FAILING,
-    ORDERING,
-    Box,
+from .._policy import STATES, needs_attention
+from .._status_rules import (
+    NULL_WITHOUT_CERTIFICATE,
+    ROW_COLUMNS,
+    SORTED_TIMES,
+    SORTS,
     Class,
     Facts,
-    box_sql,
+    NameStatus,
+    Part,
+    Plan,
+    StatusQuery,
     boxes,
     classes,
-    columns,
     driver,
-    prefix_range,
-    unindexed,
+    status_record,
 )
-
-# --------------------------------------------------------------------------------------------
-# Queries and sorts
-
-
-@dataclass(frozen=True)
-class StatusQuery:
-    """Which names to show and in what order. Empty ``states``: every state."""
-
-    states: frozenset[str] = frozenset()
-    failing: bool = False  # consecutive failures since the last success, whatever the state
-    expiring: bool = False  # flagged as expiring soon (policy.expires_soon), not disallowed
-    expired: bool = False  # the current certificate has expired, whatever the state
-    prefix: str | None = None
-    issuer: str | None = None
-    sort: str = "name"  # a key of SORTS; a leading "-" reverses the order
-
-    def __post_init__(self) -> None:
-        unknown = set(self.states) - set(STATES)
-        if unknown:
-            raise ValueError(f"unknown state {sorted(unknown)[0]!r}")
-        if self.sort.removeprefix("-") not in SORTS:
-            raise ValueError(f"unknown sort {self.sort!r}")
-
-
-@dataclass(frozen=True)
-class Sort:
-    """Rows in groups ranked by their class, then by ``column`` (missing values last), then name."""
-
-    rank: Callable[[str, bool], tuple[int, ...]] | None
-    column: str
-
-
-SORTS: dict[str, Sort] = {
-    "attention": Sort(lambda state, soon: (int(not needs_attention(state, soon)), SEVERITY[state]), "not_after"),
-    "name": Sort(None, "name"),
-    "state": Sort(lambda state, soon: (SEVERITY[state],), "name"),
-    "expires": Sort(None, "not_after"),
-    "renew": Sort(None, "renew_at"),
-    "attempts": Sort(None, "attempts"),
-    "next": Sort(None, "next_attempt_at"),
-}
-_TIMES = ("not_after", "renew_at", "next_attempt_at")
-_NULL_WITHOUT_CERTIFICATE = ("not_after", "renew_at")
-
+from .engine import StoreBase, _aware, _chunks
+from .records import _allowed, _name_states, _names
+from .rules import AlchemyColumns, unindexed
 
 @dataclass(frozen=True)
 class Position:
@@ -118,7 +70,7 @@ class Position:
                 raise ValueError
             if null or column == "name":
                 value = None
-            elif column in _TIMES:
+            elif column in SORTED_TIMES:
                 value = _aware(datetime.fromisoformat(value), "cursor")
             elif not isinstance(value, int):
                 raise ValueError
@@ -127,34 +79,13 @@ class Position:
             raise ValueError("not a cursor of this listing (it belongs to another sort, or was cut short)") from None
 
 
-class NameStatus(NamedTuple):
-    """One name's row of the status index as the report shows it: times already in the
-    contract's ISO 8601 form (a stream turns 100,000 of them into JSON, and parsing each time
-    to print it again was most of the cost), and ``expires``, the certificate's ``not_after``
-    as a time, for the state rule. Whether an order is under way is the caller's to say."""
-
-    name: str
-    allowed: bool
-    not_before: str | None
-    not_after: str | None
-    renew_at: str | None
-    serial: str | None
-    issuer: str | None
-    directory: str | None
-    attempts: int
-    failures: int
-    last_error: str | None
-    next_attempt_at: str | None
-    expires: datetime | None
-
-
 @dataclass(frozen=True)
 class StatusBatch:
     """Rows read together, all from one part of the sort."""
 
     rows: list[NameStatus]
     column: str
-    part: _Part
+    part: Part
 
     def position(self, row: NameStatus) -> Position:
         value: Any = None
@@ -182,93 +113,13 @@ class StatusCounts:
     soonest: tuple[str, datetime] | None  # name and not_after of the earliest expiry among allowed names
 
 
-@dataclass(frozen=True)
-class _Part:
-    rank: tuple[int, ...]
-    null: bool
-    boxes: tuple[Box, ...]
-
-
-class _Plan:
-    """One query's parts in reading order, with what rendering them needs."""
-
-    def __init__(self, query: StatusQuery, ordering: Sequence[str], now: datetime) -> None:
-        self.query, self.ordering, self.now = query, ordering, now
-        # The values each fact can take in the database now: with nobody ordering, the
-        # ordering fact needs no SQL. Filters only narrow the combinations wanted.
-        domains = list(DOMAINS)
-        if not ordering:
-            domains[ORDERING] = (False,)
-        self.domains = domains
-        table = classes()
-        self.combos = {
-            facts for facts in itertools.product(*domains)
-            if (not query.states or table[facts][0] in query.states) and (not query.expiring or table[facts][1])
-            and (not query.failing or facts[FAILING]) and (not query.expired or facts[CERT] == "expired")
-        }
-
-    def where(self, selected: Sequence[Box], c: Any) -> Any:
-        terms = [or_(*(box_sql(box, self.domains, c, self.now, self.ordering) for box in selected))]
-        if self.query.prefix:
-            terms.append(prefix_range(self.query.prefix, c))
-        if self.query.issuer:
-            terms.append(c("issuer") == self.query.issuer)
-        return and_(*terms)
-
-    def parts(self, sort: Sort) -> list[_Part]:
-        """Parts in ascending order: by group rank, then values before missing values."""
-        table = classes()
-        groups: dict[tuple[int, ...], set[Facts]] = {}
-        for facts in self.combos:
-            rank = sort.rank(*table[facts]) if sort.rank else ()
-            groups.setdefault(rank, set()).add(facts)
-        parts = []
-        for rank in sorted(groups):
-            found = boxes(groups[rank], self.domains)
-            if sort.column not in _TIMES:
-                parts.append(_Part(rank, False, tuple(found)))
-                continue
-            for null in (False, True):
-                fitting = found
-                if sort.column in _NULL_WITHOUT_CERTIFICATE:  # missing exactly when there is no certificate
-                    fitting = [box[:CERT] + (box[CERT] & ({"none"} if null else set(CERTIFICATE) - {"none"}),) + box[CERT + 1 :] for box in found]
-                    fitting = [box for box in fitting if box[CERT]]
-                if fitting:
-                    parts.append(_Part(rank, null, tuple(fitting)))
-        return parts
-
-
 def _raw(column: Any) -> Any:
     """A time column as the driver returns it: SQLite's stored text, asyncpg's datetime."""
     return type_coerce(column, String()).label(column.name)
 
 
-_ROW_COLUMNS = (
-    _names.c.name, _names.c.allowed, _raw(_names.c.not_before), _raw(_names.c.not_after), _raw(_names.c.renew_at),
-    _names.c.serial, _names.c.issuer, _names.c.directory, _names.c.attempts, _names.c.failures, _names.c.last_error,
-    _raw(_names.c.next_attempt_at),
-)
-
-
-def _iso(value: str | datetime | None) -> str | None:
-    """:func:`autocert._timefmt.isoformat` of a raw time, without making a datetime of the
-    text SQLite stores (``YYYY-MM-DD HH:MM:SS.ffffff``, naive UTC)."""
-    if value is None or not isinstance(value, str):
-        return isoformat(value)
-    text = value.replace(" ", "T", 1)
-    return (text[:-7] if text.endswith(".000000") else text) + "Z"
-
-
-def _time(value: str | datetime | None) -> datetime | None:
-    if value is None or isinstance(value, datetime):
-        return value.astimezone(UTC) if value is not None else None
-    return datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
-def _record(row: Any) -> NameStatus:
-    name, allowed, not_before, not_after, renew_at, serial, issuer, directory, attempts, failures, last_error, next_attempt_at = row
-    return NameStatus(name, allowed, _iso(not_before), _iso(not_after), _iso(renew_at), serial, issuer, directory, attempts, failures,
-                      last_error, _iso(next_attempt_at), _time(not_after))
+_ROW_COLUMNS = tuple(_raw(_names.c[name]) if name in ("not_before", "not_after", "renew_at", "next_attempt_at") else _names.c[name]
+                     for name in ROW_COLUMNS)
 
 
 class StatusMixin(StoreBase):
@@ -307,7 +158,7 @@ class StatusMixin(StoreBase):
         async with self._reading() as session:
             for chunk in _chunks(wanted):
                 rows = (await session.execute(select(*_ROW_COLUMNS).where(_names.c.name.in_(chunk)))).all()
-                found.update((row.name, _record(row)) for row in rows)
+                found.update((row.name, status_record(row)) for row in rows)
             unknown = [name for name in wanted if name not in found]
             entries: set[str] = set()
             candidates = sorted({*unknown, *(pattern for pattern in map(pattern_for, unknown) if pattern)})
@@ -323,7 +174,7 @@ class StatusMixin(StoreBase):
         snapshot, each from an index range: the largest class (valid, not expiring soon) is
         the total less the others, so no query reads every name."""
         now = _aware(now, "now")
-        plan = _Plan(StatusQuery(), sorted(ordering), now)
+        plan = Plan(StatusQuery(), sorted(ordering), now)
         table = classes()
         by_class: dict[Class, set[Facts]] = {}
         for facts in plan.combos:
@@ -342,7 +193,7 @@ class StatusMixin(StoreBase):
                 if klass == rest:
                     continue
                 found = boxes(combos, plan.domains)
-                c = columns(driver(found, None, prefix=bool(plan.query.prefix), issuer=bool(plan.query.issuer)))
+                c = AlchemyColumns(driver(found, None, prefix=bool(plan.query.prefix), issuer=bool(plan.query.issuer)))
                 stmt = select(func.count()).select_from(_names).where(plan.where(found, c))
                 counts[klass] = int((await session.execute(stmt)).scalar_one())
             soonest = (await session.execute(soonest_query)).first()
@@ -370,7 +221,7 @@ class StatusMixin(StoreBase):
         (``contextlib.aclosing``) when stopping early.
         """
         now = _aware(now, "now")
-        plan = _Plan(query, sorted(ordering), now)
+        plan = Plan(query, sorted(ordering), now)
         sort = SORTS[query.sort.removeprefix("-")]
         ascending = not query.sort.startswith("-")
         parts = plan.parts(sort)
@@ -388,7 +239,7 @@ class StatusMixin(StoreBase):
                 try:
                     async for rows in result.partitions():
                         taken = rows if left is None else rows[:left]
-                        yield StatusBatch([_record(row) for row in taken], sort.column, part)
+                        yield StatusBatch([status_record(row) for row in taken], sort.column, part)
                         if left is not None:
                             left -= len(taken)
                             if left <= 0:
@@ -418,12 +269,12 @@ class StatusMixin(StoreBase):
             more=more,
         )
 
-    def _part_query(self, plan: _Plan, part: _Part, column: str, up: bool, after: Position | None, limit: int | None) -> Any:
+    def _part_query(self, plan: Plan, part: Part, column: str, up: bool, after: Position | None, limit: int | None) -> Any:
         ordered = column if not part.null and column != "name" else None
         indexed = driver(part.boxes, ordered, prefix=bool(plan.query.prefix), issuer=bool(plan.query.issuer))
-        c = columns(indexed)
+        c = AlchemyColumns(indexed)
         terms = [plan.where(part.boxes, c)]
-        if column in _TIMES and column not in _NULL_WITHOUT_CERTIFICATE:  # else the boxes say it already
+        if column in SORTED_TIMES and column not in NULL_WITHOUT_CERTIFICATE:  # else the boxes say it already
             terms.append(c(column).is_(None) if part.null else c(column).is_not(None))
         if after is not None and (part.rank, part.null) == after.key():
             if ordered:
