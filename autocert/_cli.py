@@ -13,7 +13,7 @@ import logging
 import os
 import resource
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -162,18 +162,41 @@ async def cmd_status(args: argparse.Namespace) -> int:
     limit = parse_positive_int(args.limit, option="--limit") if args.limit is not None else None
     names = normalise_all(args.names, patterns=True) if args.names else None
     directory = primary_directory(args)
-    from ._status import parse_query, status_chunks, status_report
+    from ._listing import open_listing
+    from ._status_rules import StatusQuery
+
+    query = StatusQuery(states=frozenset(states))
+    listing = await open_listing(db_url(args))
+    if listing is not None:  # the common case, read without importing SQLAlchemy
+        async with listing:
+            await _print_report(
+                args, names, states, limit, named=lambda wanted: listing.named(wanted, directory=directory),
+                chunks=lambda: listing.chunks(query, directory=directory, limit=limit, chunk=STATUS_CHUNK), widths=listing.widths,
+            )
+        return EXIT_OK
+    from ._status import status_chunks, status_report
 
     async with open_store(args) as store:
-        if names is not None:
-            report = [item for item in await status_report(store, directory=directory, names=names) if not states or item["state"] in states]
-            await print_status(_once(report[:limit]), as_json=wants_json(args))
-            return EXIT_OK
-        query = parse_query(states=states)
-        chunks = status_chunks(store, query, directory=directory, limit=limit, chunk=STATUS_CHUNK)
-        async with contextlib.aclosing(chunks):
-            await print_status(chunks, as_json=wants_json(args), widths=store.status_widths)
+        await _print_report(
+            args, names, states, limit, named=lambda wanted: status_report(store, directory=directory, names=wanted),
+            chunks=lambda: status_chunks(store, query, directory=directory, limit=limit, chunk=STATUS_CHUNK), widths=store.status_widths,
+        )
     return EXIT_OK
+
+
+async def _print_report(
+    args: argparse.Namespace, names: list[str] | None, states: list[str], limit: int | None, *,
+    named: Callable[[list[str]], Awaitable[list[dict[str, Any]]]], chunks: Callable[[], AsyncGenerator[list[dict[str, Any]], None]],
+    widths: Callable[[], Awaitable[tuple[int, int]]],
+) -> None:
+    """Named names at once (those in ``states``, at most ``limit``); else the listing, streamed."""
+    if names is not None:
+        report = [item for item in await named(names) if not states or item["state"] in states]
+        await print_status(_once(report[:limit]), as_json=wants_json(args))
+        return
+    listed = chunks()
+    async with contextlib.aclosing(listed):
+        await print_status(listed, as_json=wants_json(args), widths=widths)
 
 
 async def _once(items: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any]]]:

@@ -1,19 +1,34 @@
-"""Where the migration scripts are and which schema revision is the newest, read without
-SQLAlchemy or Alembic: every command checks the schema, and the commands that only read
-(``autocert status``) must not pay for importing either.
+"""Facts about the database that need neither SQLAlchemy nor Alembic: where the migration
+scripts are and which schema revision is the newest (every command checks the schema, and
+``autocert status`` must not pay for importing either), and the limits that bound a query.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from ._errors import StoreError
 
 #: How long SQLite waits for another process's lock before giving up. Writes take
 #: milliseconds; the margin covers a migration running in another process.
 SQLITE_BUSY_TIMEOUT = 30.0
+
+#: Values bound per ``IN (...)`` query: well under the bound-parameter limits of SQLite (32766)
+#: and asyncpg (32767).
+PARAMETERS_PER_QUERY = 500
+
+_T = TypeVar("_T")
+
+
+def chunked(items: Iterable[_T], size: int = PARAMETERS_PER_QUERY) -> Iterator[list[_T]]:
+    """The distinct items, in their first order, a bounded number per ``IN (...)`` query."""
+    distinct = list(dict.fromkeys(items))
+    for start in range(0, len(distinct), size):
+        yield distinct[start : start + size]
 
 
 def migrations_path() -> Path:

@@ -10,7 +10,7 @@ the same ``now`` and the same set of names being ordered that the query used.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncGenerator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -128,7 +128,7 @@ async def status_chunks(
     limit: int | None = None,
     cursor: str | None = None,
     where: list[str | None] | None = None,
-) -> AsyncIterator[list[dict[str, Any]]]:
+) -> AsyncGenerator[list[dict[str, Any]], None]:
     """Every row ``query`` selects (at most ``limit``, from ``cursor``), in its order, as
     STATUS objects ``chunk`` at a time, from one snapshot of the database read in batches.
 

@@ -27,11 +27,12 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
+from ._names import pattern_for
 from ._policy import SEVERITY, STATES, expires_soon, expires_soon_from, name_status, needs_attention
 from ._timefmt import isoformat
 
@@ -328,6 +329,22 @@ def status_record(row: Sequence[Any]) -> NameStatus:
     name, allowed, not_before, not_after, renew_at, serial, issuer, directory, attempts, failures, last_error, next_attempt_at = row
     return NameStatus(name, bool(allowed), _iso(not_before), _iso(not_after), _iso(renew_at), serial, issuer, directory, attempts, failures,
                       last_error, _iso(next_attempt_at), _time(not_after))
+
+
+def allowlist_candidates(unknown: Collection[str]) -> list[str]:
+    """The allowlist entries that could allow names the status index does not hold."""
+    return sorted({*unknown, *(pattern for pattern in map(pattern_for, unknown) if pattern)})
+
+
+def named_rows(wanted: Sequence[str], found: dict[str, NameStatus], entries: Collection[str]) -> list[NameStatus]:
+    """The rows of ``wanted`` names in the order given, from those ``found`` in the index; a
+    name the database does not know gets a row of its own: nothing stored, allowed as the
+    allowlist ``entries`` (those of :func:`allowlist_candidates`) say."""
+    for name in wanted:
+        if name not in found:
+            allowed = name in entries or pattern_for(name) in entries
+            found[name] = NameStatus(name, allowed, None, None, None, None, None, None, 0, 0, None, None, None)
+    return [found[name] for name in wanted]
 
 
 def status_item(row: NameStatus, *, ordering: bool, directory: str, now: datetime) -> dict[str, Any]:

@@ -12,18 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import secrets
+import sqlite3
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import String, Table, cast, insert, literal, select, text, true, union
 
 from conftest import POSTGRES_SKIP_REASON, POSTGRES_URL_ENV, _plain_postgres_dsn, _postgres_execute
+from support import cli_env
 
+from autocert._listing import open_listing
 from autocert._models import Base
 from autocert._policy import SEVERITY, STATES, expires_soon, is_allowed, lease_held, name_status, needs_attention
 from autocert._status import (
@@ -337,6 +344,78 @@ async def test_bad_queries_name_the_parameter(fleet: Any) -> None:
         with pytest.raises(QueryError) as raised:
             await status_page(store, parse_query(sort="name"), directory=DIRECTORY, limit=10, cursor=cursor, now=now)
         assert raised.value.parameter == "cursor"
+
+
+# -- the listing read without SQLAlchemy (autocert status) ---------------------------------------------
+
+
+async def test_the_listing_read_without_sqlalchemy_is_the_stores(fleet_database: tuple[str, Any]) -> None:
+    """``autocert status`` reads through the driver alone; for every state filter and limit it
+    must give the chunks the store gives, names being ordered (held leases) included."""
+    url, (reference, _in_flight, now) = fleet_database
+    store = await Store.open(url)
+    listing = await open_listing(url)
+    assert listing is not None, "a database at the current schema is read directly"
+    try:
+        seen = 0
+        for query in [parse_query(), *(parse_query(states=[state]) for state in STATES), parse_query(states=["failed", "expired", "issuing"])]:
+            for limit in (None, 1, 97):
+                expected = [chunk async for chunk in status_chunks(store, query, directory=DIRECTORY, now=now, chunk=250, limit=limit)]
+                got = [chunk async for chunk in listing.chunks(query, directory=DIRECTORY, now=now, chunk=250, limit=limit)]
+                assert got == expected, (query, limit)
+                if limit is None and len(query.states) == 1:
+                    assert expected, f"the fleet has {query.states} names"
+                    seen += sum(map(len, expected))
+        assert seen == len(reference)
+        assert await listing.widths() == await store.status_widths()
+        wanted = [reference[5]["item"]["name"], "unknown.p.example", "unknown.elsewhere.example", reference[1]["item"]["name"],
+                  "pending-only.x.example", reference[5]["item"]["name"], *(r["item"]["name"] for r in reference[::5])]
+        named = await listing.named(wanted, directory=DIRECTORY, now=now)
+        assert named == await status_report(store, directory=DIRECTORY, names=wanted, now=now)
+        assert [item["state"] for item in named[1:3]] == ["pending", "disallowed"], "a pattern allows a name never seen"
+        assert len(wanted) > 500, "more names than one query binds"
+    finally:
+        await listing.close()
+        await store.close()
+
+
+def test_status_prints_the_listing_without_importing_sqlalchemy(fleet_database: tuple[str, Any]) -> None:
+    url, (_reference, _in_flight, _now) = fleet_database
+    code = ("import sys; from autocert._cli import run; status = run(sys.argv[1:]); sys.stdout.flush(); "
+            "assert not [m for m in sys.modules if m.startswith('sqlalchemy')], 'SQLAlchemy was imported'; sys.exit(status)")
+    argv = [sys.executable, "-c", code, "--db", url, "status", "--state", "failed", "--state", "pending", "--json"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=cli_env({"AUTOCERT_DIRECTORY": DIRECTORY}))
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)["certificates"]
+    assert printed and {item["state"] for item in printed} == {"failed", "pending"}
+    expected = asyncio.run(_all_chunks(url, parse_query(states=["failed", "pending"])))
+    # The CLI reads the clock itself: only a state at a boundary could differ, and none is near one.
+    assert printed == expected
+
+
+async def _all_chunks(url: str, query: StatusQuery) -> list[dict[str, Any]]:
+    async with await Store.open(url) as store:
+        return [item async for chunk in status_chunks(store, query, directory=DIRECTORY) for item in chunk]
+
+
+async def test_the_listing_leaves_to_the_store_what_it_does_not_read(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    assert await open_listing(f"sqlite:///{missing}") is None
+    assert not missing.exists(), "only the store creates the file, owner-only"
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    assert await open_listing(f"sqlite:///{garbage}") is None
+    older = tmp_path / "older.db"
+    store = await Store.open(f"sqlite:///{older}")
+    await store.close()
+    listing = await open_listing(f"sqlite:///{older}")
+    assert listing is not None
+    await listing.close()
+    with sqlite3.connect(older) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '0001'")
+    assert await open_listing(f"sqlite:///{older}") is None, "a schema to migrate is the store's to migrate"
+    for url in (f"sqlite:///{older}?mode=ro", "sqlite://", "sqlite:///:memory:", "mysql://u@h/db", "postgresql://postgres@127.0.0.1:1/test"):
+        assert await open_listing(url) is None, url
 
 
 # -- the index itself ---------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from .._errors import StoreError
 from .._names import is_pattern, normalize_entry, pattern_for
 from .._policy import within_cap
 from .._timefmt import utcnow
-from .engine import _chunks, _short_error
+from .._schema import chunked
+from .engine import _short_error
 from .names import NamesMixin
 from .records import AllowedEntry, ChangeMarks, _allowed, _allowlist_version, _attempts, _cap_claims, _certificates
 
@@ -48,7 +49,7 @@ class AllowlistMixin(NamesMixin):
         added: set[str] = set()
         async with self._writing() as session:
             await self._lock_names(session, exclusive=True)
-            for chunk in _chunks(wanted):
+            for chunk in chunked(wanted):
                 rows = [{"entry": entry, "added_at": now, "cap": cap, "wildcard": wildcard} for entry in chunk]
                 stmt = self._insert(_allowed).values(rows).on_conflict_do_nothing(index_elements=["entry"]).returning(_allowed.c.entry)
                 added.update((await session.execute(stmt)).scalars())
@@ -111,7 +112,7 @@ class AllowlistMixin(NamesMixin):
         removed: set[str] = set()
         async with self._writing() as session:
             await self._lock_names(session, exclusive=True)
-            for chunk in _chunks(wanted):
+            for chunk in chunked(wanted):
                 stmt = delete(_allowed).where(_allowed.c.entry.in_(chunk)).returning(_allowed.c.entry)
                 removed.update((await session.execute(stmt)).scalars())
             await self._allowlist_removed(session, [entry for entry in wanted if entry in removed])

@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from .._errors import StoreError
 from .._timefmt import utcnow
-from .engine import _BUDGET_LOCK_KEY, _aware, _chunks
+from .._schema import chunked
+from .engine import _BUDGET_LOCK_KEY, _aware
 from .leases import lease_until, lease_upsert
 from .names import NamesMixin
 from .records import Attempt, NameState, _attempt, _attempts, _certificates, _is_current, _name_state, _name_states
@@ -154,7 +155,7 @@ class AttemptsMixin(NamesMixin):
         """:meth:`attempt_count` for many names, one query per chunk; names never tried are absent."""
         counts: dict[str, int] = {}
         async with self._reading() as session:
-            for chunk in _chunks(names):
+            for chunk in chunked(names):
                 stmt = select(_attempts.c.name, func.count()).where(_attempts.c.name.in_(chunk)).group_by(_attempts.c.name)
                 counts.update((name, int(count)) for name, count in (await session.execute(stmt)).all())
         return counts
@@ -205,7 +206,7 @@ class AttemptsMixin(NamesMixin):
         """:meth:`name_state` for many names, one query per chunk; names without state are absent."""
         found: dict[str, NameState] = {}
         async with self._reading() as session:
-            for chunk in _chunks(names):
+            for chunk in chunked(names):
                 rows = (await session.execute(select(_name_states).where(_name_states.c.name.in_(chunk)))).all()
                 found.update((row.name, _name_state(row)) for row in rows)
         return found

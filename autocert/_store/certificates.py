@@ -9,7 +9,8 @@ from datetime import datetime
 from sqlalchemy import and_, func, select, text, update
 
 from .._timefmt import utcnow
-from .engine import _CERTIFICATE_LOCK_KEY, _CHUNK, _as_bytes, _aware, _chunks
+from .._schema import PARAMETERS_PER_QUERY, chunked
+from .engine import _CERTIFICATE_LOCK_KEY, _as_bytes, _aware
 from .names import NamesMixin
 from .records import (
     CertificateTimes,
@@ -109,7 +110,7 @@ class CertificatesMixin(NamesMixin):
 
     async def current_certificates(self, names: Sequence[str] | None = None) -> list[StoredCertificate]:
         """:meth:`current_certificate` for every name (or the given ones), in one query per chunk."""
-        chunks: list[list[str]] | list[None] = list(_chunks(names)) if names is not None else [None]
+        chunks: list[list[str]] | list[None] = list(chunked(names)) if names is not None else [None]
         if not chunks:
             return []
         found: list[StoredCertificate] = []
@@ -144,7 +145,7 @@ class CertificatesMixin(NamesMixin):
         async with self._reading() as session:
             certified, soonest = (await session.execute(listed)).one()
             certified = int(certified)
-            async for name, not_after in await session.stream(unlisted.execution_options(yield_per=_CHUNK)):
+            async for name, not_after in await session.stream(unlisted.execution_options(yield_per=PARAMETERS_PER_QUERY)):
                 if is_allowed(name):
                     certified += 1
                     soonest = not_after if soonest is None else min(soonest, not_after)

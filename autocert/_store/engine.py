@@ -11,7 +11,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing, suppress
 from datetime import datetime
 from pathlib import Path
@@ -57,12 +57,9 @@ _MIGRATION_LOCK_KEY = 0x6175746F63657274  # "autocert"
 _CERTIFICATE_LOCK_KEY = _MIGRATION_LOCK_KEY + 1
 _BUDGET_LOCK_KEY = _MIGRATION_LOCK_KEY + 3
 
-# Keep statements well under the bound-parameter limits of SQLite (32766) and asyncpg (32767).
-_CHUNK = 500
 
 _BEGIN_MODE = "autocert_sqlite_begin"
 
-_T = TypeVar("_T")
 _Keyed = TypeVar("_Keyed", Account, StoredCertificate)
 
 
@@ -214,13 +211,6 @@ def _short_error(exc: BaseException) -> str:
         exc = exc.orig
     message = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
-
-
-def _chunks(items: Iterable[_T], size: int = _CHUNK) -> Iterator[list[_T]]:
-    """The distinct items, in their first order, a bounded number per ``IN (...)`` query."""
-    distinct = list(dict.fromkeys(items))
-    for start in range(0, len(distinct), size):
-        yield distinct[start : start + size]
 
 
 def _aware(value: datetime, what: str) -> datetime:

@@ -27,7 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from .._names import PATTERN_PREFIX, pattern_for
 from .._policy import expires_soon_from
-from .engine import _MIGRATION_LOCK_KEY, StoreBase, _chunks, _includes_revision
+from .._schema import chunked
+from .engine import _MIGRATION_LOCK_KEY, StoreBase, _includes_revision
 from .._timefmt import utcnow
 from .records import _allowed, _asked_names, _attempts, _certificates, _is_current, _name_states, _names
 
@@ -70,7 +71,7 @@ class NamesMixin(StoreBase):
         """Which of ``names`` and of the patterns that could cover them are on the allowlist."""
         wanted = {*names, *(pattern for pattern in map(pattern_for, names) if pattern)}
         found: set[str] = set()
-        for chunk in _chunks(sorted(wanted)):
+        for chunk in chunked(sorted(wanted)):
             found.update((await session.execute(select(_allowed.c.entry).where(_allowed.c.entry.in_(chunk)))).scalars())
         return found
 
@@ -81,7 +82,7 @@ class NamesMixin(StoreBase):
             return
         await self._lock_names(session, exclusive=False)
         present: set[str] = set()
-        for chunk in _chunks(wanted):
+        for chunk in chunked(wanted):
             present.update((await session.execute(select(_names.c.name).where(_names.c.name.in_(chunk)))).scalars())
         new = [name for name in wanted if name not in present]
         if not new:
@@ -97,7 +98,7 @@ class NamesMixin(StoreBase):
 
     async def _refresh_certificates(self, session: Executor, names: Iterable[str]) -> None:
         """Copy each name's current certificate (or none) into its row."""
-        for chunk in _chunks(names):
+        for chunk in chunked(names):
             stmt = _current_certificates().where(_certificates.c.name.in_(chunk))
             current = {row.name: row for row in (await session.execute(stmt)).all()}
             await session.execute(_SET_CERTIFICATE, [_certificate_values(name, current.get(name)) for name in chunk])
@@ -109,7 +110,7 @@ class NamesMixin(StoreBase):
         def copied(column: str) -> Any:
             return select(state.c[column]).where(state.c.name == _names.c.name).scalar_subquery()
 
-        for chunk in _chunks(names):
+        for chunk in chunked(names):
             await session.execute(
                 update(_names).where(_names.c.name.in_(chunk)).values(
                     failures=func.coalesce(copied("failures"), 0), last_error=copied("last_error"), next_attempt_at=copied("next_attempt_at"),
@@ -123,7 +124,7 @@ class NamesMixin(StoreBase):
         """Entries were added: exact names become listed (and known), names under a pattern
         allowed; a wildcard pattern is known itself, as its certificate's name."""
         exact = [entry for entry in entries if wildcard or not entry.startswith(PATTERN_PREFIX)]
-        for chunk in _chunks(exact):
+        for chunk in chunked(exact):
             rows = [{"name": name, "listed": True, "allowed": True, "attempts": 0, "failures": 0} for name in chunk]
             stmt = self._insert(_names).values(rows)
             await session.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"listed": True, "allowed": True}))
@@ -144,14 +145,14 @@ class NamesMixin(StoreBase):
             patterns = await self._listed_and_patterns(session, exact)
             for allowed in (True, False):
                 group = [name for name in exact if (pattern_for(name) in patterns) == allowed]
-                for chunk in _chunks(group):
+                for chunk in chunked(group):
                     await session.execute(update(_names).where(_names.c.name.in_(chunk)).values(listed=False, allowed=allowed))
         await self._allow_asked(session)
         await self._forget_unknown(session, exact)
 
     async def _forget_unknown(self, session: Executor, names: Sequence[str]) -> None:
         """Drop the rows of ``names`` that nothing makes known any more."""
-        for chunk in _chunks(names):
+        for chunk in chunked(names):
             await session.execute(
                 delete(_names).where(
                     _names.c.name.in_(chunk),

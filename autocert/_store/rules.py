@@ -40,7 +40,7 @@ class AlchemyColumns:
     """Columns of the status index by name (:class:`autocert._status_rules.Columns`), those
     not in ``indexed`` kept from SQLite's planner."""
 
-    zero = literal_column("0")
+    zero: Any = literal_column("0")
     and_ = staticmethod(and_)
     or_ = staticmethod(or_)
     true = staticmethod(true)

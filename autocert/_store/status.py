@@ -12,14 +12,13 @@ import base64
 import binascii
 import contextlib
 import json
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import String, func, select, tuple_, type_coerce
 
-from .._names import pattern_for
 from .._policy import STATES, needs_attention
 from .._status_rules import (
     NULL_WITHOUT_CERTIFICATE,
@@ -32,12 +31,15 @@ from .._status_rules import (
     Part,
     Plan,
     StatusQuery,
+    allowlist_candidates,
     boxes,
     classes,
     driver,
+    named_rows,
     status_record,
 )
-from .engine import StoreBase, _aware, _chunks
+from .._schema import chunked
+from .engine import StoreBase, _aware
 from .records import _allowed, _name_states, _names
 from .rules import AlchemyColumns, unindexed
 
@@ -156,18 +158,13 @@ class StatusMixin(StoreBase):
         wanted = list(dict.fromkeys(names))
         found: dict[str, NameStatus] = {}
         async with self._reading() as session:
-            for chunk in _chunks(wanted):
+            for chunk in chunked(wanted):
                 rows = (await session.execute(select(*_ROW_COLUMNS).where(_names.c.name.in_(chunk)))).all()
                 found.update((row.name, status_record(row)) for row in rows)
-            unknown = [name for name in wanted if name not in found]
             entries: set[str] = set()
-            candidates = sorted({*unknown, *(pattern for pattern in map(pattern_for, unknown) if pattern)})
-            for chunk in _chunks(candidates):
+            for chunk in chunked(allowlist_candidates([name for name in wanted if name not in found])):
                 entries.update((await session.execute(select(_allowed.c.entry).where(_allowed.c.entry.in_(chunk)))).scalars())
-        for name in unknown:
-            allowed = name in entries or pattern_for(name) in entries
-            found[name] = NameStatus(name, allowed, None, None, None, None, None, None, 0, 0, None, None, None)
-        return [found[name] for name in wanted]
+        return named_rows(wanted, found, entries)
 
     async def status_counts(self, ordering: Collection[str], now: datetime) -> StatusCounts:
         """How many names are in each state, expiring soon and needing attention, in one
@@ -212,7 +209,7 @@ class StatusMixin(StoreBase):
     async def status_rows(
         self, query: StatusQuery, *, ordering: Collection[str], now: datetime, after: Position | None = None,
         forward: bool = True, limit: int | None = None, batch: int = 500,
-    ) -> AsyncIterator[StatusBatch]:
+    ) -> AsyncGenerator[StatusBatch, None]:
         """The rows ``query`` selects in ``query.sort`` order from ``after`` (None: the start),
         or with ``forward`` False backwards from it, at most ``limit``, ``batch`` at a time.
 
