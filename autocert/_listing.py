@@ -23,6 +23,7 @@ from ._schema import SQLITE_BUSY_TIMEOUT, chunked, head_revision
 from ._status_rules import (
     ROW_COLUMNS,
     SORTS,
+    NameStatus,
     Plan,
     StatusQuery,
     allowlist_candidates,
@@ -178,6 +179,7 @@ class Listing:
         return int(row[0]), int(row[1])
 
     async def _ordering(self, now: datetime) -> frozenset[str]:
+        """Names whose order lease some process holds at ``now`` (see ``Store.ordering_names``)."""
         return frozenset(await self._column(_ORDERING, [TextColumns((), sqlite=self.sqlite).bind(now)]))
 
     async def named(self, names: Sequence[str], *, directory: str, now: datetime | None = None) -> list[dict[str, Any]]:
@@ -186,10 +188,11 @@ class Listing:
         now = now or utcnow()
         ordering = await self._ordering(now)
         wanted = list(dict.fromkeys(names))
-        found: dict[str, Any] = {}
+        found: dict[str, NameStatus] = {}
         for chunk in chunked(wanted):
             where = TextColumns(("name",), sqlite=self.sqlite)("name").in_(chunk)
-            found.update((record.name, record) for record in map(status_record, await self._all(f"{_SELECT_ROW} WHERE {where.text}", where.params)))
+            rows = await self._all(f"{_SELECT_ROW} WHERE {where.text}", where.params)
+            found.update((record.name, record) for record in map(status_record, rows))
         entries: set[str] = set()
         for chunk in chunked(allowlist_candidates([name for name in wanted if name not in found])):
             where = TextColumns(("entry",), sqlite=self.sqlite)("entry").in_(chunk)

@@ -17,7 +17,10 @@ gives the clients' share of the machine's CPU during each turn (after their warm
 what the clients take, no server could have. A server's CPU is that of all its processes
 (autocert's supervisor and workers, nginx's master and workers). Medians over the rounds are
 printed as one Markdown table, with requests/s ÷ Caddy's, and autocert's CPU per request with
-every worker against one process (the cost of running several), each server's resident
+every worker against one process (the cost of running several) and against a control: as
+many separate single-process autocerts as there are workers, each client's connections going
+to each in turn, which is what running that many processes costs on this machine with
+nothing of ``--workers`` in the way; each server's resident
 memory per process after its rounds, and what splitting ``--cache-size`` among the workers
 costs: the context cache's hit ratio when connections go to ``--spread`` names drawn at
 random, more than a worker's share of ``--cache`` holds.
@@ -36,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +52,26 @@ from harness import (Server, caddy_server, cpu_seconds, descendants, free_port, 
 NAME = name_for(0)
 ALL_CPUS = set(os.sched_getaffinity(0))
 SINGLE, AUTO = "autocert --workers 1", f"autocert --workers auto ({len(ALL_CPUS)})"
+PAIR = f"control: {len(ALL_CPUS)} separate autocert --workers 1"
+
+
+@dataclass
+class Separate:
+    """The control for ``--workers auto``: as many single-process autocerts as it has workers,
+    each on its own port and database, sharing nothing, every client's connections going to
+    each in turn. What several processes cost on this machine with nothing of the supervisor,
+    the shared listeners or the board: the rest of what ``--workers`` costs is its own."""
+
+    label: str
+    members: list[Server]
+
+    @property
+    def ports(self) -> list[int]:
+        return [member.port for member in self.members]
+
+    @property
+    def pid(self) -> int:
+        return self.members[0].pid
 
 
 #: The admin port of each autocert server, by label: its /metrics gives the cache's hits.
@@ -56,6 +80,7 @@ ADMIN: dict[str, int] = {}
 
 def autocert(label: str, workdir: Path, chain: Chain, workers: str, names: int, cache: int) -> Server:
     db = workdir / f"autocert-{workers}.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
     build_database(db, names, chain, UNREACHABLE_CA)
     port, ADMIN[label] = free_port(), free_port()
     argv = [sys.executable, "-m", "autocert", "--db", f"sqlite:///{db}", "serve", "--https", f"127.0.0.1:{port}",
@@ -89,16 +114,23 @@ def caddy(workdir: Path, binary: str) -> Server:
     return server
 
 
-def server_cpu(server: Server) -> float:
+def server_cpu(server: Server | Separate) -> float:
+    if isinstance(server, Separate):
+        return sum(map(server_cpu, server.members))
     return sum(cpu_seconds(pid) for pid in [server.pid, *descendants(server.pid)])
 
 
-def saturate(server: Server, clients: int, seconds: float, rate_guess: float, requests: int, *, names: int = 1) -> tuple[int, float, float, float]:
+def ports_of(server: Server | Separate) -> list[int]:
+    return server.ports if isinstance(server, Separate) else [server.port]
+
+
+def saturate(server: Server | Separate, clients: int, seconds: float, rate_guess: float, requests: int, *, names: int = 1) -> tuple[int, float, float, float]:
     """Keep ``server`` busy with ``clients`` processes for about ``seconds``, ``requests`` GETs
     per connection, each connection to one of ``names`` names drawn at random: (requests
     answered, wall seconds, server CPU seconds, client CPU seconds)."""
-    count = max(20, int(rate_guess * seconds / clients / requests))
-    argv = [sys.executable, str(HERE / "client.py"), "--ports", str(server.port), "--count", str(count), "--names", str(names),
+    ports = ports_of(server)
+    count = max(20, int(rate_guess * seconds / clients / requests / len(ports)))  # per port
+    argv = [sys.executable, str(HERE / "client.py"), "--ports", ",".join(map(str, ports)), "--count", str(count), "--names", str(names),
             "--warmup", str(max(2, 20 // requests)), "--path", "/", "--requests", str(requests), *(["--random"] if names > 1 else [])]
     processes = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(clients)]
     client_cpu = 0.0
@@ -114,7 +146,8 @@ def saturate(server: Server, clients: int, seconds: float, rate_guess: float, re
             assert process.stdin is not None
             process.stdin.write("go\n")
             process.stdin.flush()
-        results = [json.loads(process.stdout.readline())["results"][str(server.port)] for process in processes if process.stdout]
+        lines = [json.loads(process.stdout.readline())["results"] for process in processes if process.stdout]
+        results = [line[str(port)] for line in lines for port in ports]
         wall = time.perf_counter() - started
         cpu = server_cpu(server) - before
         for process in processes:
@@ -150,24 +183,28 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="autocert-workers-"))
     servers: list[Server] = []
+    separate: Separate | None = None
     try:
         with terminate_as_interrupt():
             chain = make_chain(NAME)
             chain.write(workdir)
             servers = [autocert(SINGLE, workdir, chain, "1", args.spread, args.cache), autocert(AUTO, workdir, chain, "auto", args.spread, args.cache)]
+            separate = Separate(PAIR, [autocert(f"{PAIR} #{index}", workdir / f"separate-{index}", chain, "1", args.spread, args.cache)
+                                       for index in range(len(ALL_CPUS))])
             binary = None if args.no_nginx else nginx_binary()
             if binary is not None and (peer := nginx(workdir, binary)) is not None:
                 servers.append(peer)
             if not args.no_caddy and (binary := shutil.which("caddy")) is not None:
                 servers.append(caddy(workdir, binary))
-            for server in servers:
+            for server in [*servers, *separate.members]:
                 server.start()
-            rates = {(server.label, load): 500.0 * requests for server in servers for load, requests in loads.items()}
+            measured_servers: list[Server | Separate] = [*servers[:2], separate, *servers[2:]]
+            rates = {(server.label, load): 500.0 * requests for server in measured_servers for load, requests in loads.items()}
             measured: dict[tuple[str, str], list[tuple[float, float, float]]] = {key: [] for key in rates}
             cpus = len(ALL_CPUS)
             for round_index in range(args.rounds):
                 for load, requests in loads.items():
-                    for server in servers:
+                    for server in measured_servers:
                         answered, wall, cpu, client_cpu = saturate(server, args.clients, args.seconds, rates[server.label, load], requests)
                         rates[server.label, load] = answered / wall
                         measured[server.label, load].append((answered / wall, cpu / answered * 1e6, client_cpu / (wall * cpus)))
@@ -175,9 +212,9 @@ def main() -> None:
                               file=sys.stderr)
             memory = {server.label: memory_of(server) for server in servers}
             split = cache_split(servers[:2], args)
-            print_table(report(servers, loads, measured, args) + "\n\n" + memory_table(memory) + "\n\n" + split, args.markdown)
+            print_table(report(measured_servers, loads, measured, args) + "\n\n" + memory_table(memory) + "\n\n" + split, args.markdown)
     finally:
-        stop_servers(servers)
+        stop_servers([*servers, *(separate.members if separate else [])])
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -229,7 +266,7 @@ def memory_table(memory: dict[str, list[tuple[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def report(servers: list[Server], loads: dict[str, int], measured: dict[tuple[str, str], list[tuple[float, float, float]]],
+def report(servers: list[Server | Separate], loads: dict[str, int], measured: dict[tuple[str, str], list[tuple[float, float, float]]],
            args: argparse.Namespace) -> str:
     def median(label: str, load: str, index: int) -> float:
         return statistics.median(sample[index] for sample in measured[label, load])
@@ -251,9 +288,10 @@ def report(servers: list[Server], loads: dict[str, int], measured: dict[tuple[st
             lines.append(f"| {load} | {label} | {rate:.0f} | {median(label, load, 1):.0f} | {median(label, load, 2):.0%} | {versus} |")
     lines.append("")
     for load in loads:
-        single, every = median(SINGLE, load, 1), median(AUTO, load, 1)
+        single, every, control = median(SINGLE, load, 1), median(AUTO, load, 1), median(PAIR, load, 1)
         lines.append(f"{load}: autocert's CPU per request with every worker ÷ one process: {every / single:.2f} "
-                     f"(requests/s {median(AUTO, load, 0) / median(SINGLE, load, 0):.2f} ×).")
+                     f"(requests/s {median(AUTO, load, 0) / median(SINGLE, load, 0):.2f} ×); the control's ÷ one process: "
+                     f"{control / single:.2f}; so what --workers itself costs, every worker ÷ the control: {every / control:.2f}.")
     return "\n".join(lines)
 
 

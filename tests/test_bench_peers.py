@@ -5,6 +5,7 @@ and print autocert's rows; no number is checked."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,10 @@ def test_workers_bench_quick_autocert_only() -> None:
         pytest.fail(f"bench/workers.py did not finish in 150 s:\n{stderr[-3000:]}")
     assert bench.returncode == 0, stderr[-3000:]
     rows = [line for line in stdout.splitlines() if line.startswith(("| connect", "| keep-alive"))]
-    assert len(rows) == 4, stdout
+    assert len(rows) == 6, stdout
     assert all(row.rstrip().endswith("| – |") for row in rows), "no Caddy, no ratio to it"
+    assert sum("| control: " in row for row in rows) == 2, "the separate processes are measured under both loads"
+    assert len(re.findall(r"every worker ÷ the control: \d+\.\d\d", stdout)) == 2, stdout
     memory = [line.split("|")[2] for line in stdout.splitlines() if line.startswith("| autocert") and "MiB" not in line and " | " in line
               and ("process " in line or "supervisor " in line)]
     assert len(memory) == 2, stdout
