@@ -8,6 +8,7 @@ and idle clients, autocert's own answers, and how a malformed request is turned 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import time
@@ -22,6 +23,7 @@ from aiohttp.test_utils import TestServer
 from support import free_port, websocket_echo
 
 from autocert._http import HttpServer
+from autocert._http.server import HttpConnection
 from autocert._http.pages import confirmation_handler, redirect_handler
 from autocert._proxy import ProxyHandler
 
@@ -304,3 +306,36 @@ async def test_a_request_for_another_host_than_the_tls_name_gets_421(serve_http)
     finally:
         server.close()
         await off.shutdown(5)
+
+
+async def test_a_finished_connection_is_freed_at_once_not_by_the_cyclic_collector() -> None:
+    """A connection's objects (behind the front: its TLS state too) must go when it closes, by
+    reference counting: left in a cycle, they wait for a collection, and a busy server then
+    runs full collections that hold its loop for a tenth of a second each."""
+    http = HttpServer(confirmation_handler(), tls=False)
+    server = await asyncio.get_running_loop().create_server(http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            status, _, _ = await exchange(port, b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+            assert status.startswith(b"HTTP/1.1 200 ")
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HT")  # half a head, then gone
+        await writer.drain()
+        writer.close()
+        deadline = time.monotonic() + 30
+        while http.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not http.connections
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = sum(isinstance(thing, HttpConnection) for thing in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        server.close()
+        await http.shutdown(5)
+    assert left == 0, f"{left} connections were left to the cyclic collector"

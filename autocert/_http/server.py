@@ -268,6 +268,10 @@ class HttpConnection(asyncio.Protocol):
             if exchange is not None and exchange.source is not None:
                 exchange.source.client_gone()
         self._active = self._receiving = self._queue = None
+        # The parser holds this connection's callbacks: without it the connection, its
+        # transport and (behind the front) its TLS objects are freed now, by reference
+        # counting, instead of by the cyclic collector, whose full passes stall a busy loop.
+        self.parser = None  # type: ignore[assignment]
 
     def pause_writing(self) -> None:
         self._write_paused = True
