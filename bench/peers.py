@@ -17,8 +17,10 @@ processes is counted. Rows (per request, TLS 1.3, no resumption):
    ``--upstream tcp://`` when this autocert has it; Caddy has no built-in equivalent.
 
 Prints one Markdown table (µs of server CPU per request, medians over the rounds, and the
-ratios autocert ÷ Caddy and autocert ÷ nginx with their range over the rounds). See
-bench/README.md for the method.
+ratios autocert ÷ Caddy and autocert ÷ nginx with their range over the rounds), then the
+handshake alone of two Python floors measured in the same rounds (bench/floor_server.py: what
+uvloop's own TLS server and a blocking ``SSLSocket`` loop cost, with nothing of autocert's).
+See bench/README.md for the method.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ SMALL_PATH, LARGE_PATH = "/small", "/large"
 SMALL_SIZE, LARGE_SIZE = 2, 256 * 1024
 CLIENTS = 2
 PEERS = ("nginx", "Caddy", "autocert")
+#: Python's floors for the handshake alone (bench/floor_server.py), as peers with only that row.
+FLOORS = {"uvloop floor": "uvloop", "blocking floor": "blocking"}
 #: serve's exit status for a usage error: what an ``--upstream`` it does not understand gets.
 EXIT_USAGE = 2
 
@@ -222,6 +226,17 @@ def autocert_peer(workdir: Path, chain: Chain, upstream: int) -> Peer:
     return peer
 
 
+def floor_peers(workdir: Path) -> list[Peer]:
+    """The Python floors: each a peer with one listener, measured in the handshake row only."""
+    peers = []
+    for label, kind in FLOORS.items():
+        port = free_port()
+        argv = [sys.executable, str(HERE / "floor_server.py"), kind, str(port), str(workdir / "chain.pem"), str(workdir / "key.pem")]
+        server = Server(label, argv, port, "floor listening")
+        peers.append(Peer(label, [server], {"handshake": (server, port)}))
+    return peers
+
+
 def start(peers: list[Peer]) -> None:
     """Start every peer's processes at once, on every CPU, then pin each to the servers' CPU
     once it is ready (every thread it has; later ones inherit it). An autocert that refuses
@@ -261,8 +276,9 @@ def measure(peers: list[Peer], row: Row, warmup: int) -> dict[str, float]:
     Each client first makes about ``warmup`` requests per server that are not counted."""
     targets = {}
     for peer in peers:
-        if row.listener in peer.listeners:
-            server, port = peer.listeners[row.listener]
+        listener = "handshake" if row.key == "handshake" and "handshake" in peer.listeners else row.listener
+        if listener in peer.listeners:
+            server, port = peer.listeners[listener]
             targets[peer.label] = (port, peer.pids[server.label])
     if not targets:
         return {}
@@ -302,11 +318,7 @@ def report(table: list[Row], per_round: dict[str, dict[str, list[float]]], peers
         ours, theirs = per_round[row.key].get("autocert"), per_round[row.key].get(base)
         if not ours or not theirs:
             return ""
-        ratios = [a / b for a, b in zip(ours, theirs) if b]
-        if not ratios:
-            return "under a clock tick"
-        spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
-        return f"{statistics.median(ratios):.2f}{spread}"
+        return _ratio(ours, theirs) or "under a clock tick"
 
     lines = [
         f"µs of server CPU per request, median of {args.rounds} round(s); in brackets the range of the per-round ratios. "
@@ -321,7 +333,26 @@ def report(table: list[Row], per_round: dict[str, dict[str, list[float]]], peers
                      f"{ratio(row, 'Caddy')} | {ratio(row, 'nginx')} |")
     tcp = [label for label in PEERS if per_round["tcp"].get(label)]
     lines += ["", f"TCP pass-through measured for: {', '.join(tcp) if tcp else 'none'}."]
+    floors = [label for label in FLOORS if per_round["handshake"].get(label)]
+    if floors:
+        lines += ["", "The TLS handshake alone, the same rounds, Python's floors (bench/floor_server.py) beside the servers:", "",
+                  "| server | µs | ÷ Caddy | ÷ nginx |", "|---|---|---|---|"]
+        handshake = next(row for row in table if row.key == "handshake")
+        for label in ["autocert", *floors]:
+            values = per_round["handshake"].get(label)
+            if values:
+                versus = [_ratio(values, per_round["handshake"].get(base)) for base in ("Caddy", "nginx")]
+                lines.append(f"| {label} | {cell(handshake, label)} | {versus[0]} | {versus[1]} |")
     return "\n".join(lines)
+
+
+def _ratio(ours: list[float], theirs: list[float] | None) -> str:
+    """The median of the per-round ratios, with their range."""
+    ratios = [a / b for a, b in zip(ours, theirs or []) if b]
+    if not ratios:
+        return ""
+    spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):.2f}{spread}"
 
 
 def size_pair(text: str) -> tuple[int, int]:
@@ -391,6 +422,7 @@ def main() -> None:
             if caddy is not None:
                 peers.append(caddy_peer(workdir, caddy, upstream.port))
             peers.append(autocert_peer(workdir, chain, upstream.port))
+            peers += floor_peers(workdir)
             started += [server for peer in peers for server in peer.servers]
             print(f"upstream and database ready in {time.perf_counter() - began:.1f} s", file=sys.stderr)
             start(peers)

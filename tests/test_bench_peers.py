@@ -27,9 +27,12 @@ def test_peers_quick_autocert_only() -> None:
         stdout, stderr = bench.communicate(timeout=30)
         pytest.fail(f"bench/peers.py --quick did not finish in 100 s:\n{stderr[-3000:]}")
     assert bench.returncode == 0, stderr[-3000:]
+    main, _, floors = stdout.partition("Python's floors")
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
-            for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| request")}
+            for line in main.splitlines() if line.startswith("| ") and not line.startswith("| request")}
     assert len(rows) == 6, stdout
+    floor_rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in floors.splitlines() if line.startswith("| ")}
+    assert {label for label, value in floor_rows.items() if value.replace(".", "", 1).isdigit()} >= {"autocert", "uvloop floor", "blocking floor"}, stdout
     for title, (nginx, caddy, autocert, *_ratios) in rows.items():
         assert nginx == "skipped (--no-nginx)" and caddy == "skipped (--no-caddy)", title
         measured = autocert.replace(".", "", 1).isdigit()
