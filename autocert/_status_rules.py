@@ -99,7 +99,9 @@ def boxes(combos: set[Facts], domains: Sequence[tuple[Any, ...]]) -> list[Box]:
 
 class Columns(Protocol):
     """How a query builder writes the status index's columns (``c("name")``, compared with
-    Python's operators, ``is_``/``is_not``/``in_``/``not_in``, ``~``) and joins terms."""
+    Python's operators, ``is_``/``is_not``/``in_``/``not_in``, ``~``) and joins terms. A builder
+    is made for a set of indexable columns (:func:`driver`); it keeps SQLite's planner off
+    the others."""
 
     zero: Any  # the integer 0, written literally
 
@@ -155,8 +157,8 @@ def box_sql(box: Box, domains: Sequence[tuple[Any, ...]], c: Columns, now: datet
 
 
 def driver(selected: Sequence[Box], column: str | None, *, prefix: bool, issuer: bool) -> set[str]:
-    """The columns left indexable (see :func:`columns`): those of the one index a query for
-    the ``selected`` boxes ordered by ``column`` (None: not ordered) should read."""
+    """The columns a :class:`Columns` builder leaves indexable: those of the one index a query
+    for the ``selected`` boxes ordered by ``column`` (None: not ordered) should read."""
     box = selected[0] if len(selected) == 1 else None
     if box is not None and box[ORDERING] == {True}:
         return {"name"}  # the few names being ordered
