@@ -110,10 +110,12 @@ def test_concurrent_handshakes_for_one_name_make_one_ask(server: ServeProcess, e
 
 
 def test_refused_names_leave_no_trace_in_the_database(server: ServeProcess, endpoint: AskEndpoint) -> None:
-    before = snapshot(server.db)
+    # The serving process renews its duties lease (table leases) every few seconds, whatever
+    # its clients do: that row is its own, not a trace of any name.
+    before = snapshot(server.db, skip=("leases",))
     for index in range(40):
         assert refused(server.https_port, f"made-up-{index}.ask.test")
-    assert snapshot(server.db) == before
+    assert snapshot(server.db, skip=("leases",)) == before
     assert endpoint.calls["made-up-39.ask.test"] == 1
 
 
