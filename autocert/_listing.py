@@ -19,14 +19,14 @@ from collections.abc import AsyncGenerator, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from ._schema import SQLITE_BUSY_TIMEOUT, chunked, head_revision
+from ._policy import allowlist_candidates
+from ._schema import POSTGRES_SCHEMES, SQLITE_BUSY_TIMEOUT, SQLITE_SCHEMES, chunked, head_revision
 from ._status_rules import (
     ROW_COLUMNS,
     SORTS,
     NameStatus,
     Plan,
     StatusQuery,
-    allowlist_candidates,
     driver,
     named_rows,
     status_item,
@@ -86,14 +86,15 @@ class _Column(_Sql):
         return _Sql(f"{self.text} IS NOT NULL")
 
     def in_(self, values: Collection[str]) -> _Sql:
-        if not values:
-            return _Sql("1 != 1")
-        return _Sql(f"{self.text} IN ({', '.join('?' * len(values))})", tuple(values))
+        return self._among("IN", values, "1 != 1")
 
     def not_in(self, values: Collection[str]) -> _Sql:
+        return self._among("NOT IN", values, "1 = 1")
+
+    def _among(self, operator: str, values: Collection[str], empty: str) -> _Sql:
         if not values:
-            return _Sql("1 = 1")
-        return _Sql(f"{self.text} NOT IN ({', '.join('?' * len(values))})", tuple(values))
+            return _Sql(empty)
+        return _Sql(f"{self.text} {operator} ({', '.join('?' * len(values))})", tuple(values))
 
     # A boolean column (``allowed``) standing as a term, or negated: SQLite stores 0 and 1,
     # and its partial index on disallowed names matches ``allowed = 0`` as written.
@@ -285,20 +286,16 @@ class _PostgresListing(Listing):
 
 def _sqlite_path(url: str) -> str | None:
     """The file of a ``sqlite:///PATH`` URL in the forms the store reads the same way, else None."""
-    for scheme in ("sqlite:///", "sqlite+aiosqlite:///"):
-        if url.startswith(scheme):
-            path = url[len(scheme) :]
-            if not path or path == ":memory:" or path.startswith("file:") or any(char in path for char in "?#%"):
-                return None
-            return os.path.expanduser(path)
-    return None
+    scheme, separator, path = url.partition(":///")
+    if not separator or scheme not in SQLITE_SCHEMES or not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return None if any(char in path for char in "?#%") else os.path.expanduser(path)
 
 
 def _postgres_dsn(url: str) -> str | None:
-    for scheme in ("postgresql://", "postgres://", "postgresql+asyncpg://", "postgres+asyncpg://"):
-        if url.startswith(scheme) and "?" not in url:
-            return "postgresql://" + url[len(scheme) :]
-    return None
+    """A ``postgresql://`` DSN for asyncpg from a URL without options, else None."""
+    scheme, separator, rest = url.partition("://")
+    return f"postgresql://{rest}" if separator and scheme in POSTGRES_SCHEMES and "?" not in rest else None
 
 
 async def open_listing(url: str) -> Listing | None:

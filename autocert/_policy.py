@@ -79,6 +79,12 @@ def is_allowed(name: str, allowed_entries: Collection[str]) -> bool:
     return certificate_name(name, allowed_entries, allowed_entries) is not None
 
 
+def allowlist_candidates(names: Collection[str]) -> list[str]:
+    """The allowlist entries that could allow ``names`` (see :func:`is_allowed`): the names
+    themselves and the one pattern over each, sorted, for a look-up in the database."""
+    return sorted({*names, *(pattern for pattern in map(pattern_for, names) if pattern)})
+
+
 def certificate_name(name: str, allowed_entries: Collection[str], wildcards: Collection[str]) -> str | None:
     """The name of the certificate that serves ``name``: its own, the wildcard certificate
     of the pattern covering it when that pattern is in ``wildcards``, or None when ``name``

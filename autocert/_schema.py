@@ -17,6 +17,10 @@ from ._errors import StoreError
 #: milliseconds; the margin covers a migration running in another process.
 SQLITE_BUSY_TIMEOUT = 30.0
 
+#: The URL schemes users write for each backend; autocert picks the (async) driver itself.
+SQLITE_SCHEMES = ("sqlite", "sqlite+aiosqlite")
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "postgres+asyncpg")
+
 #: Values bound per ``IN (...)`` query: well under the bound-parameter limits of SQLite (32766)
 #: and asyncpg (32767).
 PARAMETERS_PER_QUERY = 500

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
-from ._names import pattern_for
-from ._policy import SEVERITY, STATES, expires_soon, expires_soon_from, name_status, needs_attention
+from ._policy import SEVERITY, STATES, expires_soon, expires_soon_from, is_allowed, name_status, needs_attention
 from ._timefmt import isoformat
 
 # --------------------------------------------------------------------------------------------
@@ -114,6 +113,9 @@ class Columns(Protocol):
 #: The status index's columns a report row is made of, in :class:`NameStatus` order.
 ROW_COLUMNS = ("name", "allowed", "not_before", "not_after", "renew_at", "serial", "issuer", "directory", "attempts", "failures",
                "last_error", "next_attempt_at")
+#: Of those, the times: read as the driver hands them over (SQLite's text, asyncpg's
+#: datetime), which :func:`status_record` turns into the report's form.
+TIME_COLUMNS = ("not_before", "not_after", "renew_at", "next_attempt_at")
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,19 +335,13 @@ def status_record(row: Sequence[Any]) -> NameStatus:
                       last_error, _iso(next_attempt_at), _time(not_after))
 
 
-def allowlist_candidates(unknown: Collection[str]) -> list[str]:
-    """The allowlist entries that could allow names the status index does not hold."""
-    return sorted({*unknown, *(pattern for pattern in map(pattern_for, unknown) if pattern)})
-
-
 def named_rows(wanted: Sequence[str], found: dict[str, NameStatus], entries: Collection[str]) -> list[NameStatus]:
     """The rows of ``wanted`` names in the order given, from those ``found`` in the index; a
     name the database does not know gets a row of its own: nothing stored, allowed as the
-    allowlist ``entries`` (those of :func:`allowlist_candidates`) say."""
+    allowlist ``entries`` (those of :func:`autocert._policy.allowlist_candidates`) say."""
     for name in wanted:
         if name not in found:
-            allowed = name in entries or pattern_for(name) in entries
-            found[name] = NameStatus(name, allowed, None, None, None, None, None, None, 0, 0, None, None, None)
+            found[name] = NameStatus(name, is_allowed(name, entries), None, None, None, None, None, None, 0, 0, None, None, None)
     return [found[name] for name in wanted]
 
 

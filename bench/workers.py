@@ -20,10 +20,10 @@ printed as one Markdown table, with requests/s ÷ Caddy's, and autocert's CPU pe
 every worker against one process (the cost of running several) and against a control: as
 many separate single-process autocerts as there are workers, each client's connections going
 to each in turn, which is what running that many processes costs on this machine with
-nothing of ``--workers`` in the way; each server's resident
-memory per process after its rounds, and what splitting ``--cache-size`` among the workers
-costs: the context cache's hit ratio when connections go to ``--spread`` names drawn at
-random, more than a worker's share of ``--cache`` holds.
+nothing of ``--workers`` in the way. Then each server's resident memory per process after
+its rounds, and what splitting ``--cache-size`` among the workers costs: the context cache's
+hit ratio when connections go to ``--spread`` names drawn at random, more than a worker's
+share of ``--cache`` holds.
 """
 
 from __future__ import annotations
@@ -68,10 +68,6 @@ class Separate:
     @property
     def ports(self) -> list[int]:
         return [member.port for member in self.members]
-
-    @property
-    def pid(self) -> int:
-        return self.members[0].pid
 
 
 #: The admin port of each autocert server, by label: its /metrics gives the cache's hits.

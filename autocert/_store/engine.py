@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from .._errors import ConfigError, StoreError
-from .._schema import SQLITE_BUSY_TIMEOUT, head_revision, migrations_path
+from .._schema import POSTGRES_SCHEMES, SQLITE_BUSY_TIMEOUT, SQLITE_SCHEMES, head_revision, migrations_path
 from .._sealing import KeySealer
 from .listener import CHANNEL, ChangeListener
 from .records import Account, StoredCertificate, _accounts, _certificates
@@ -56,7 +56,6 @@ logging.getLogger(f"{AsyncAdaptedQueuePool.__module__}.{AsyncAdaptedQueuePool.__
 _MIGRATION_LOCK_KEY = 0x6175746F63657274  # "autocert"
 _CERTIFICATE_LOCK_KEY = _MIGRATION_LOCK_KEY + 1
 _BUDGET_LOCK_KEY = _MIGRATION_LOCK_KEY + 3
-
 
 _BEGIN_MODE = "autocert_sqlite_begin"
 
@@ -86,14 +85,14 @@ def _parse_url(url: str) -> URL:
     except (ArgumentError, ValueError):
         raise ConfigError(f"database URL is not a valid URL: {hint}") from None
     driver = parsed.drivername
-    if driver in ("sqlite", "sqlite+aiosqlite"):
+    if driver in SQLITE_SCHEMES:
         database = parsed.database
         if not database or database == ":memory:":
             return URL.create("sqlite+aiosqlite", query=parsed.query)  # in-memory
         if not database.startswith("file:"):
             database = os.path.expanduser(database)
         return parsed.set(drivername="sqlite+aiosqlite", database=database)
-    if driver in ("postgresql", "postgres", "postgresql+asyncpg", "postgres+asyncpg"):
+    if driver in POSTGRES_SCHEMES:
         return parsed.set(drivername="postgresql+asyncpg")
     raise ConfigError(f"unsupported database URL scheme {driver!r}: {hint}")
 
@@ -270,7 +269,7 @@ class StoreBase:
             await asyncio.to_thread(_prepare_sqlite_file, target.database or ":memory:")
             options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT}
             # A file has no connection to lose: the ping before each use (one more trip to
-            # aiosqlite's thread) only cost about 7 % of every read.
+            # aiosqlite's thread) only cost about a tenth of every read.
             options["pool_pre_ping"] = False
         try:
             engine = create_async_engine(target, **options)

@@ -26,7 +26,7 @@ from sqlalchemy import and_, bindparam, delete, exists, func, insert, select, te
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from .._names import PATTERN_PREFIX, pattern_for
-from .._policy import expires_soon_from
+from .._policy import allowlist_candidates, expires_soon_from, is_allowed
 from .._schema import chunked
 from .engine import _MIGRATION_LOCK_KEY, StoreBase, _includes_revision
 from .._timefmt import utcnow
@@ -69,9 +69,8 @@ class NamesMixin(StoreBase):
 
     async def _listed_and_patterns(self, session: Executor, names: Sequence[str]) -> set[str]:
         """Which of ``names`` and of the patterns that could cover them are on the allowlist."""
-        wanted = {*names, *(pattern for pattern in map(pattern_for, names) if pattern)}
         found: set[str] = set()
-        for chunk in chunked(sorted(wanted)):
+        for chunk in chunked(allowlist_candidates(names)):
             found.update((await session.execute(select(_allowed.c.entry).where(_allowed.c.entry.in_(chunk)))).scalars())
         return found
 
@@ -89,7 +88,7 @@ class NamesMixin(StoreBase):
             return
         entries = await self._listed_and_patterns(session, new)
         rows = [
-            {"name": name, "listed": name in entries, "allowed": name in entries or pattern_for(name) in entries, "attempts": 0, "failures": 0}
+            {"name": name, "listed": name in entries, "allowed": is_allowed(name, entries), "attempts": 0, "failures": 0}
             for name in new
         ]
         for start in range(0, len(rows), 500):
@@ -186,8 +185,7 @@ class NamesMixin(StoreBase):
             if gone is None:
                 return False
             entries = await self._listed_and_patterns(session, [name])
-            allowed = name in entries or pattern_for(name) in entries
-            await session.execute(update(_names).where(_names.c.name == name).values(allowed=allowed))
+            await session.execute(update(_names).where(_names.c.name == name).values(allowed=is_allowed(name, entries)))
             await self._forget_unknown(session, [name])
             return True
 

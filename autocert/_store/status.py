@@ -19,19 +19,19 @@ from typing import Any
 
 from sqlalchemy import String, func, select, tuple_, type_coerce
 
-from .._policy import STATES, needs_attention
+from .._policy import STATES, allowlist_candidates, needs_attention
 from .._status_rules import (
     NULL_WITHOUT_CERTIFICATE,
     ROW_COLUMNS,
     SORTED_TIMES,
     SORTS,
+    TIME_COLUMNS,
     Class,
     Facts,
     NameStatus,
     Part,
     Plan,
     StatusQuery,
-    allowlist_candidates,
     boxes,
     classes,
     driver,
@@ -42,6 +42,7 @@ from .._schema import chunked
 from .engine import StoreBase, _aware
 from .records import _allowed, _name_states, _names
 from .rules import AlchemyColumns, unindexed
+
 
 @dataclass(frozen=True)
 class Position:
@@ -120,8 +121,7 @@ def _raw(column: Any) -> Any:
     return type_coerce(column, String()).label(column.name)
 
 
-_ROW_COLUMNS = tuple(_raw(_names.c[name]) if name in ("not_before", "not_after", "renew_at", "next_attempt_at") else _names.c[name]
-                     for name in ROW_COLUMNS)
+_ROW_COLUMNS = tuple(_raw(_names.c[name]) if name in TIME_COLUMNS else _names.c[name] for name in ROW_COLUMNS)
 
 
 class StatusMixin(StoreBase):
